@@ -1,0 +1,1 @@
+"""Study analysis: from a CT series to per-disc findings."""

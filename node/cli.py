@@ -1,0 +1,197 @@
+"""The ``idaics`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _studies_in(paths: list[Path]) -> list[Path]:
+    from node.phantom.generate import TRUTH_FILE
+
+    found: list[Path] = []
+    for p in paths:
+        if (p / TRUTH_FILE).is_file():
+            found.append(p)
+        else:
+            found.extend(sorted(q.parent for q in p.glob(f"*/{TRUTH_FILE}")))
+    return found
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from node.phantom.generate import generate_studies
+
+    if args.studies < 1:
+        raise ValueError(f"--studies must be at least 1, got {args.studies}")
+    if args.slices is not None and not 150 <= args.slices <= 500:
+        raise ValueError(f"--slices must be within 150-500, got {args.slices}")
+    folders = generate_studies(
+        args.out, args.studies, args.seed, workers=args.workers, slices=args.slices,
+        co_occurrence=args.co_occurrence,
+    )
+    print(f"{len(folders)} studies written under {args.out}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from node.phantom.preview import render_study
+
+    studies = _studies_in(args.studies)
+    if not studies:
+        print("no phantom studies found", file=sys.stderr)
+        return 2
+    for s in studies:
+        print(render_study(s, args.out))
+    return 0
+
+
+def cmd_dataset_build(args: argparse.Namespace) -> int:
+    from node.training import importers
+    from node.training.from_phantoms import build_from_phantoms
+
+    if args.source == "phantoms":
+        studies = _studies_in(args.input)
+        writer = build_from_phantoms(studies, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    elif args.source == "labelme":
+        writer = importers.build_from_labelme(args.input, args.out, mapping=args.mapping,
+                                              val_fraction=args.val_fraction, seed=args.seed)
+    else:
+        writer = importers.build_from_seg(args.input, args.out, mapping=args.mapping, ct=args.ct,
+                                          val_fraction=args.val_fraction, seed=args.seed)
+    print(writer.summary())
+    print(f"data.yaml: {args.out / 'data.yaml'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from node.training.evaluate import evaluate_dataset
+    from node.training.train import TrainOptions, train, update_card
+
+    opts = TrainOptions(epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, lr0=args.lr0, seed=args.seed,
+                        device=args.device, workers=args.workers, fraction=args.fraction)
+    card = train(args.data, args.out, from_weights=args.from_weights, options=opts,
+                 description=args.description or "", command="idaics " + " ".join(sys.argv[1:]))
+    metrics, _ = evaluate_dataset(args.out, args.data, out=args.out, device=args.device)
+    update_card(args.out, metrics={"per_image_val": _card_metrics(metrics)})
+    print(metrics.table())
+    print(f"model card: {card}")
+    return 0
+
+
+def _card_metrics(m) -> dict:
+    return {
+        "images": m.n, "accuracy": round(m.accuracy, 4), "kappa": round(m.kappa, 4),
+        "kappa_ci95": [round(x, 4) for x in m.kappa_ci95],
+        "per_class": {c.label: {k: round(getattr(c, k), 4) for k in ("sensitivity", "specificity", "ppv", "npv", "youden")}
+                      for c in m.per_class},
+        "confusion": [list(r) for r in m.confusion], "labels": list(m.labels),
+    }
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from node.training.evaluate import evaluate_dataset
+
+    if args.studies:
+        print("idaics evaluate: --studies needs the study analysis (idaics analyze), not available yet",
+              file=sys.stderr)
+        return 2
+    if not args.data:
+        print("idaics evaluate: give --data DATA.yaml", file=sys.stderr)
+        return 2
+    metrics, _ = evaluate_dataset(args.model, args.data, split=args.split, out=args.out, device=args.device)
+    print(metrics.table())
+    if args.out:
+        print(f"written: {args.out / 'metrics.json'}, {args.out / 'confusion_matrix.png'}")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from node.training.metrics import compute, parse_confusion
+
+    labels = [x.strip() for x in args.labels.split(",")]
+    m = compute(parse_confusion(args.confusion), labels)
+    print(json.dumps(m.to_dict(), indent=1) if args.json else m.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idaics", description="IDAICS lumbar disc node")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate phantom lumbar CT studies with known disc conditions")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--studies", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--slices", type=int, default=None, help="force the slice count (150-500)")
+    s.add_argument("--co-occurrence", type=float, default=0.15,
+                   help="rate of a Schmorl's node beside a bulge or protrusion")
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=cmd_synth)
+
+    r = sub.add_parser("render", help="axial and sagittal pictures of phantom studies with truth overlays")
+    r.add_argument("studies", type=Path, nargs="+", help="study folders or folders of studies")
+    r.add_argument("--out", type=Path, default=Path("previews"))
+    r.set_defaults(func=cmd_render)
+
+    d = sub.add_parser("dataset", help="training datasets")
+    dsub = d.add_subparsers(dest="dataset_command", required=True)
+    b = dsub.add_parser("build", help="build a YOLO-seg dataset")
+    b.add_argument("--source", choices=["phantoms", "labelme", "seg"], default="phantoms")
+    b.add_argument("input", type=Path, nargs="+",
+                   help="phantom study folders, LabelMe folders, or DICOM SEG files/folders")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--mapping", type=Path, help="YAML/JSON: source label name -> class (labelme, seg)")
+    b.add_argument("--ct", type=Path, nargs="*", default=[], help="CT series folders for --source seg")
+    b.add_argument("--val-fraction", type=float, default=0.15)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_dataset_build)
+
+    t = sub.add_parser("train", help="train a YOLOv8-seg disc model (defaults follow the IDAICS paper)")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/NAME")
+    t.add_argument("--from", dest="from_weights", type=Path, help="weights to fine-tune from")
+    t.add_argument("--epochs", type=int, default=150)
+    t.add_argument("--imgsz", type=int, default=512)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--lr0", type=float, default=0.001)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="cpu, 0, ... (default: GPU if there is one)")
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--fraction", type=float, default=1.0, help="share of the training images to use")
+    t.add_argument("--description", help="what the training data is, for the model card")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="per-image metrics of a model on a dataset split")
+    e.add_argument("--model", type=Path, required=True)
+    e.add_argument("--data", type=Path)
+    e.add_argument("--studies", type=Path, help="per-disc evaluation against truth.json (needs analyze)")
+    e.add_argument("--split", default="val", choices=["train", "val"])
+    e.add_argument("--out", type=Path)
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("metrics", help="accuracy, kappa and per-class metrics from a confusion matrix")
+    m.add_argument("--confusion", required=True, help='rows true, columns predicted: "19,2;2,26"')
+    m.add_argument("--labels", required=True, help="comma-separated class labels in matrix order")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_metrics)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"idaics {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Voxel grids in patient space (DICOM LPS) and oblique planes through them.
+
+A `Grid` maps array indices ``(k, r, c)`` (slice, row, column) of a volume to patient
+coordinates in millimetres. A `Plane` is a 2D sampling grid in patient space; `sample_plane`
+reads a volume on it, which is how both the dataset builders and the analysis cut slices
+parallel to a disc rather than to the scanner's axial plane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular voxel grid: ``lps = affine @ (k, r, c, 1)``."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray  # 4x4, index (k, r, c) -> LPS mm
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along k, r and c in mm."""
+        cols = self.affine[:3, :3]
+        return tuple(float(np.linalg.norm(cols[:, i])) for i in range(3))  # type: ignore[return-value]
+
+    def to_patient(self, index: np.ndarray) -> np.ndarray:
+        """Map ``(..., 3)`` indices (k, r, c) to LPS."""
+        index = np.asarray(index, dtype=float)
+        return index @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def to_index(self, lps: np.ndarray) -> np.ndarray:
+        """Map ``(..., 3)`` LPS points to fractional indices (k, r, c)."""
+        inv = np.linalg.inv(self.affine)
+        lps = np.asarray(lps, dtype=float)
+        return lps @ inv[:3, :3].T + inv[:3, 3]
+
+
+def axial_grid(
+    *,
+    rows: int,
+    columns: int,
+    slices: int,
+    pixel_spacing: tuple[float, float],
+    slice_spacing: float,
+    first_position: tuple[float, float, float],
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+) -> Grid:
+    """The grid of a CT series whose slices go along the negative slice normal.
+
+    ``pixel_spacing`` is (row spacing, column spacing) as in DICOM PixelSpacing;
+    ``first_position`` is ImagePositionPatient of slice k = 0. Slice k lies at
+    ``first_position - k * slice_spacing * normal``: the first slice is the most cranial
+    one, as scanners usually store a supine spine series.
+    """
+    row_dir = np.array(orientation[:3], dtype=float)  # direction of increasing column
+    col_dir = np.array(orientation[3:], dtype=float)  # direction of increasing row
+    normal = np.cross(row_dir, col_dir)
+    affine = np.eye(4)
+    affine[:3, 0] = -normal * slice_spacing
+    affine[:3, 1] = col_dir * pixel_spacing[0]
+    affine[:3, 2] = row_dir * pixel_spacing[1]
+    affine[:3, 3] = first_position
+    return Grid(shape=(slices, rows, columns), affine=affine)
+
+
+@dataclass(frozen=True)
+class Plane:
+    """A square 2D sampling grid in patient space.
+
+    Pixel ``(i, j)`` (row, column) lies at ``centre + (j - (size-1)/2) * pixel_mm * u
+    + (i - (size-1)/2) * pixel_mm * v``.
+    """
+
+    centre: np.ndarray  # LPS mm
+    u: np.ndarray  # unit vector along columns
+    v: np.ndarray  # unit vector along rows
+    size: int
+    pixel_mm: float
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.u, self.v)
+
+    def pixel_to_patient(self, ij: np.ndarray) -> np.ndarray:
+        """Map ``(..., 2)`` pixel coordinates (row, column) to LPS."""
+        ij = np.asarray(ij, dtype=float)
+        half = (self.size - 1) / 2.0
+        return (
+            self.centre
+            + ((ij[..., 1:2] - half) * self.pixel_mm) * self.u
+            + ((ij[..., 0:1] - half) * self.pixel_mm) * self.v
+        )
+
+    def patient_to_pixel(self, lps: np.ndarray) -> np.ndarray:
+        """Map ``(..., 3)`` LPS points to (row, column, distance from the plane in mm)."""
+        d = np.asarray(lps, dtype=float) - self.centre
+        half = (self.size - 1) / 2.0
+        return np.stack(
+            [d @ self.v / self.pixel_mm + half, d @ self.u / self.pixel_mm + half, d @ self.normal],
+            axis=-1,
+        )
+
+    def shifted(self, mm: float) -> "Plane":
+        """The parallel plane ``mm`` along the normal."""
+        return Plane(self.centre + mm * self.normal, self.u, self.v, self.size, self.pixel_mm)
+
+
+def sample_plane(
+    volume: np.ndarray, grid: Grid, plane: Plane, *, order: int = 1, fill: float = 0.0
+) -> np.ndarray:
+    """Resample ``volume`` on ``plane``; ``order`` 0 for label volumes, 1 for images."""
+    i, j = np.mgrid[0 : plane.size, 0 : plane.size]
+    lps = plane.pixel_to_patient(np.stack([i, j], axis=-1).reshape(-1, 2))
+    idx = grid.to_index(lps).T
+    out = ndimage.map_coordinates(volume, idx, order=order, mode="constant", cval=fill, prefilter=False)
+    return out.reshape(plane.size, plane.size)

@@ -1,0 +1,1 @@
+"""Synthetic lumbar spine CT studies with known disc conditions (phantoms, not patients)."""

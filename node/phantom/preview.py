@@ -1,0 +1,77 @@
+"""Pictures of phantom studies with their truth drawn on, to judge realism by eye."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from node.analysis.views import View, ViewSpec, Windowing, disc_plane
+from node.analysis.volume import Volume, load_folder
+from node.classes import CLASS_COLOURS, CLASS_NAMES, DiscClass
+from node.geometry import Plane, sample_plane
+from node.phantom.generate import SERIES_DIR, TRUTH_FILE, Labels, load_labels
+
+TILE = 320
+
+
+def overlay(grey: np.ndarray, class_map: np.ndarray) -> np.ndarray:
+    """RGB image with the outline of every labelled class drawn in its colour."""
+    rgb = np.repeat(grey[..., None], 3, axis=2).copy()
+    for cid, name in enumerate(CLASS_NAMES):
+        mask = (class_map == cid + 1).astype(np.uint8)
+        if mask.any():
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(rgb, contours, -1, CLASS_COLOURS[DiscClass(name)], 2)
+    return rgb
+
+
+def _tile(vol: Volume, labels: Labels, plane: Plane, window: Windowing, caption: str) -> Image.Image:
+    grey = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
+    cls = sample_plane(labels.disc_class, labels.grid, plane, order=0)
+    img = Image.fromarray(overlay(grey, cls)).resize((TILE, TILE), Image.BILINEAR)
+    ImageDraw.Draw(img).text((6, 4), caption, fill=(255, 255, 0), font=ImageFont.load_default())
+    return img
+
+
+def render_study(folder: Path, out: Path, window: Windowing | None = None) -> Path:
+    """Write ``out/<study>.png``: an overview row, then axial and sagittal tiles per disc."""
+    window = window or Windowing()
+    truth = json.loads((folder / TRUTH_FILE).read_text())
+    vol = load_folder(folder / SERIES_DIR)
+    labels = load_labels(folder)
+    spec = ViewSpec(size=384)
+    tiles: list[Image.Image] = []
+    # overview: mid-sagittal through the spine and the scanner's own axial slice at mid-range
+    lv = truth["levels"]
+    if lv:
+        c = np.mean([x["centre_lps"] for x in lv], axis=0)
+        over = Plane(c, np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0]), 384, 300 / 384)
+        tiles.append(_tile(vol, labels, over, Windowing(300, 1500), "mid-sagittal, bone window"))
+        k = int(round(vol.grid.to_index(np.array(lv[len(lv) // 2]["centre_lps"])[None])[0][0]))
+        fov = vol.grid.spacing[2] * vol.grid.shape[2]
+        ax = Plane(vol.grid.to_patient(np.array([k, 255.5, 255.5])), np.array([1.0, 0, 0]),
+                   np.array([0, 1.0, 0]), 384, fov / 384)
+        tiles.append(_tile(vol, labels, ax, Windowing(40, 400), f"scanner axial {k + 1}"))
+    for entry in lv:
+        centre = np.array(entry["centre_lps"])
+        up = np.array(entry["normal_lps"])
+        left = np.array(entry["left_lps"])
+        frame = np.stack([left, np.cross(up, left), up], axis=1)
+        name = f"{entry['level']} {'+'.join(entry['classes'])}"
+        for view in (View.AXIAL, View.SAGITTAL):
+            plane = disc_plane(view, centre, frame, spec)
+            extra = f" {entry['extension_mm']:.1f}mm {entry['extension_share'] * 100:.0f}%" if view is View.AXIAL else ""
+            tiles.append(_tile(vol, labels, plane, window, f"{name} {view.value}{extra}"))
+    cols = 4
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * TILE, rows * TILE))
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % cols) * TILE, (i // cols) * TILE))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{folder.name}.png"
+    sheet.save(path)
+    return path

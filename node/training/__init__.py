@@ -1,0 +1,1 @@
+"""Datasets, training, evaluation and metrics for the disc classifier."""

@@ -1,0 +1,97 @@
+"""Build a YOLO-seg dataset from phantom studies: disc-parallel axial and sagittal slices."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from node.analysis.views import View, ViewSpec, Windowing, disc_plane
+from node.analysis.volume import load_folder
+from node.classes import DiscClass
+from node.geometry import sample_plane
+from node.phantom.generate import SERIES_DIR, TRUTH_FILE, load_labels
+from node.training.yolo import DatasetWriter, Sample, class_map_instances, split_studies
+
+#: Offsets of the axial slices along the disc normal and of the sagittal slices to the left.
+AXIAL_OFFSETS_MM = (-1.0, 1.0)
+SAGITTAL_OFFSETS_MM = (0.0, 6.0, -6.0)
+
+
+def disc_frame(entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and frame (left, posterior, cranial columns) of a truth.json level."""
+    up = np.array(entry["normal_lps"], dtype=float)
+    left = np.array(entry["left_lps"], dtype=float)
+    return np.array(entry["centre_lps"], dtype=float), np.stack([left, np.cross(up, left), up], axis=1)
+
+
+def study_samples(folder: Path, spec: ViewSpec, window: Windowing) -> Iterator[Sample]:
+    """The samples of one phantom study: per disc, axial and sagittal slices, and node slices."""
+    truth = json.loads((folder / TRUTH_FILE).read_text())
+    vol = load_folder(folder / SERIES_DIR)
+    labels = load_labels(folder)
+    study = folder.name
+    for entry in truth["levels"]:
+        centre, frame = disc_frame(entry)
+        target = DiscClass(entry["morphology"])
+        shots: list[tuple[View, float, np.ndarray, DiscClass]] = []
+        shots += [(View.AXIAL, off, centre, target) for off in AXIAL_OFFSETS_MM]
+        shots += [(View.SAGITTAL, off, centre, target) for off in SAGITTAL_OFFSETS_MM]
+        node = entry.get("schmorl")
+        if node:
+            nc = np.array(node["centre_lps"], dtype=float)
+            d = nc - centre
+            shots.append((View.AXIAL, float(d @ frame[:, 2]), centre, DiscClass.SCHMORL))
+            shots.append((View.SAGITTAL, float(d @ frame[:, 0]), centre, DiscClass.SCHMORL))
+        for i, (view, off, c, tgt) in enumerate(shots):
+            plane = disc_plane(view, c, frame, spec, offset_mm=off)
+            img = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
+            cls = sample_plane(labels.disc_class, labels.grid, plane, order=0)
+            yield Sample(
+                name=f"{study}_{entry['level']}_{view.value}_{i}",
+                image=img,
+                instances=class_map_instances(cls),
+                study=study,
+                level=entry["level"],
+                view=view.value,
+                target=tgt,
+                source="phantom",
+            )
+
+
+def build_from_phantoms(
+    studies: list[Path],
+    out: Path,
+    *,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    spec: ViewSpec | None = None,
+    window: Windowing | None = None,
+    progress: bool = True,
+) -> DatasetWriter:
+    """Write a dataset from phantom study folders, split by study."""
+    from tqdm import tqdm
+
+    spec = spec or ViewSpec()
+    window = window or Windowing()
+    if not studies:
+        raise ValueError("no phantom studies given")
+    for s in studies:
+        if not (s / TRUTH_FILE).is_file():
+            raise ValueError(f"{s}: not a phantom study (no {TRUTH_FILE})")
+    splits = split_studies([s.name for s in studies], val_fraction, seed)
+    writer = DatasetWriter(out, extra={
+        "source": "phantoms",
+        "windowing": asdict(window),
+        "views": asdict(spec),
+        "studies": {"train": sorted(k for k, v in splits.items() if v == "train"),
+                    "val": sorted(k for k, v in splits.items() if v == "val")},
+    })
+    for folder in tqdm(studies, desc="dataset", unit="study", disable=not progress):
+        for sample in study_samples(folder, spec, window):
+            writer.add(sample, splits[folder.name])
+    writer.finish()
+    return writer

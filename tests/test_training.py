@@ -1,0 +1,55 @@
+"""Training and per-image evaluation, for real, at a tiny scale and offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from node.classes import CLASS_NAMES
+from node.cli import main
+from node.training.from_phantoms import build_from_phantoms
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(phantoms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds")
+    build_from_phantoms([p.folder for p in phantoms], out, val_fraction=0.34, progress=False)
+    return out / "data.yaml"
+
+
+@pytest.mark.slow
+def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    model = tmp_path / "models" / "tiny"
+    rc = main(["train", "--data", str(tiny_dataset), "--out", str(model), "--epochs", "1", "--imgsz", "96",
+               "--batch", "8", "--device", "cpu", "--workers", "0", "--fraction", "0.3"])
+    assert rc == 0
+    card = yaml.safe_load((model / "model.yaml").read_text())
+    assert card["classes"] == list(CLASS_NAMES)
+    assert card["input_size"] == 96 and card["training"]["epochs"] == 1
+    assert card["windowing"]["width"] > 0 and card["views"]["size"] == 512
+    assert "not for clinical use" in card["limits"].lower()
+    m = card["metrics"]["per_image_val"]
+    assert m["images"] > 0 and 0.0 <= m["accuracy"] <= 1.0
+    assert (model / "weights.pt").stat().st_size < 25e6
+    assert (model / "training_curves.png").is_file() and (model / "confusion_matrix.png").is_file()
+    report = json.loads((model / "metrics.json").read_text())
+    assert report["unit"] == "image" and len(report["images"]) == m["images"]
+    assert sum(map(sum, report["confusion"])) == m["images"]
+    # the evaluate command gives the same figures on the same split
+    assert main(["evaluate", "--model", str(model), "--data", str(tiny_dataset), "--out", str(tmp_path / "ev"),
+                 "--device", "cpu"]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["confusion"] == report["confusion"]
+
+
+def test_train_refuses_bad_data(tmp_path, capsys):
+    bad = tmp_path / "data.yaml"
+    bad.write_text("train: images/train\nval: images/val\nnames: [disc, nothing]\n")
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown class names" in err and "normal, schmorl, bulge, protrusion" in err
+    assert main(["train", "--data", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "m")]) == 2
+    assert "not found" in capsys.readouterr().err
