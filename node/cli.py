@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-phantom-v1"
+
+
 def _studies_in(paths: list[Path]) -> list[Path]:
     from node.phantom.generate import TRUTH_FILE
 
@@ -83,9 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _card_metrics(m) -> dict:
     return {
-        "images": m.n, "accuracy": round(m.accuracy, 4), "kappa": round(m.kappa, 4),
-        "kappa_ci95": [round(x, 4) for x in m.kappa_ci95],
-        "per_class": {c.label: {k: round(getattr(c, k), 4) for k in ("sensitivity", "specificity", "ppv", "npv", "youden")}
+        "images": m.n, "accuracy": round(float(m.accuracy), 4), "kappa": round(float(m.kappa), 4),
+        "kappa_ci95": [round(float(x), 4) for x in m.kappa_ci95],
+        "kappa_p": float(m.kappa_p),
+        "per_class": {c.label: {k: round(float(getattr(c, k)), 4)
+                                for k in ("support", "sensitivity", "specificity", "ppv", "npv", "youden")}
                       for c in m.per_class},
         "confusion": [list(r) for r in m.confusion], "labels": list(m.labels),
     }
@@ -114,6 +119,34 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     labels = [x.strip() for x in args.labels.split(",")]
     m = compute(parse_confusion(args.confusion), labels)
     print(json.dumps(m.to_dict(), indent=1) if args.json else m.table())
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from node.analysis.report import table, write_json, write_previews
+    from node.analysis.study import analyze_volume
+    from node.analysis.volume import VolumeError, load_folder
+    from node.inference.model import load_model
+
+    if not args.dicom_dir.is_dir():
+        raise FileNotFoundError(f"{args.dicom_dir}: not a folder")
+    model = load_model(args.model, args.device)
+    try:
+        vol = load_folder(args.dicom_dir)
+    except VolumeError as exc:
+        print(f"idaics analyze: cannot analyse {args.dicom_dir}: {exc}", file=sys.stderr)
+        return 3
+    result = analyze_volume(vol, model)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(result, args.out / "result.json")
+        write_previews(result, vol, args.out / "previews", model.card.windowing, model.card.views)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(table(result))
+        if args.out:
+            print(f"written: {args.out / 'result.json'}, {args.out / 'previews'}/")
     return 0
 
 
@@ -165,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--description", help="what the training data is, for the model card")
     t.set_defaults(func=cmd_train)
 
+    a = sub.add_parser("analyze", help="find and classify the discs of one CT series")
+    a.add_argument("dicom_dir", type=Path)
+    a.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    a.add_argument("--out", type=Path)
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    a.add_argument("--device", default=None)
+    a.set_defaults(func=cmd_analyze)
+
     e = sub.add_parser("evaluate", help="per-image metrics of a model on a dataset split")
     e.add_argument("--model", type=Path, required=True)
     e.add_argument("--data", type=Path)
@@ -188,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # includes VolumeError, ModelError, DataError
         print(f"idaics {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Relative spread of slice gaps above which a series is refused.
 MAX_GAP_SPREAD = 0.05
+MAX_TILT_DEG = 0.5
+MAX_OBLIQUE_DEG = 30.0
+#: Missing slices are filled by interpolation up to this share of the series and run length.
+MAX_MISSING_SHARE = 0.05
+MAX_MISSING_RUN = 2
 
 
 class VolumeError(ValueError):
@@ -33,6 +38,7 @@ class Volume:
     series_uid: str
     frame_of_reference_uid: str
     sop_instance_uids: tuple[str, ...]  # in slice order
+    slice_index: tuple[int, ...] = ()  # volume index k of each instance (missing slices are filled)
     warnings: tuple[str, ...] = ()
 
 
@@ -53,46 +59,89 @@ def load_series(paths: Iterable[Path]) -> Volume:
     datasets = [ds for p in sorted(paths) if (ds := _read(p)) is not None and "PixelData" in ds]
     if not datasets:
         raise VolumeError("no image instances")
+    warnings: list[str] = []
+    localizers = [ds for ds in datasets if "LOCALIZER" in [str(x).upper() for x in ds.get("ImageType", [])]]
+    if localizers:
+        warnings.append(f"{len(localizers)} localizer image(s) left out")
+        datasets = [ds for ds in datasets if ds not in localizers]
+    if not datasets:
+        raise VolumeError("only localizer images")
     modalities = Counter(str(ds.get("Modality", "")) for ds in datasets)
     if set(modalities) != {"CT"}:
         raise VolumeError(f"not a CT series (modalities {dict(modalities)})")
     series = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
     if len(series) > 1:
         raise VolumeError(f"instances of {len(series)} series mixed together")
-    iops = {tuple(np.round(np.array(ds.ImageOrientationPatient, dtype=float), 4)) for ds in datasets}
+    missing = [kw for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+               if any(kw not in ds for ds in datasets)]
+    if missing:
+        raise VolumeError(f"no {', '.join(missing)}: the slices cannot be placed in patient space")
+    iops = Counter(tuple(np.round(np.array(ds.ImageOrientationPatient, dtype=float), 3)) for ds in datasets)
     if len(iops) > 1:
-        raise VolumeError("slices have different orientations")
-    iop = np.array(next(iter(iops)), dtype=float)
+        main_iop, n_main = iops.most_common(1)[0]
+        if n_main < 0.9 * len(datasets):
+            raise VolumeError(f"slices have {len(iops)} different orientations")
+        odd = len(datasets) - n_main
+        warnings.append(f"{odd} image(s) in another orientation left out")
+        datasets = [ds for ds in datasets
+                    if tuple(np.round(np.array(ds.ImageOrientationPatient, dtype=float), 3)) == main_iop]
+    iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
+    tilt_tag = max(abs(float(ds.get("GantryDetectorTilt", 0) or 0)) for ds in datasets)
+    if tilt_tag > MAX_TILT_DEG:
+        raise VolumeError(f"gantry tilt of {tilt_tag:.1f} degrees is not supported; send a series "
+                          "reconstructed without tilt")
+    off_axis = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+    if off_axis > MAX_OBLIQUE_DEG:
+        raise VolumeError(f"not an axial series (slice normal {off_axis:.0f} degrees from the body axis)")
     pos = np.array([[float(x) for x in ds.ImagePositionPatient] for ds in datasets])
     along = pos @ normal
     order = np.argsort(-along, kind="stable")
     datasets = [datasets[i] for i in order]
     pos, along = pos[order], along[order]
     keep = np.concatenate([[True], np.abs(np.diff(along)) > 1e-3])
-    warnings = []
     if not keep.all():
-        warnings.append(f"{int((~keep).sum())} duplicate slice positions dropped")
+        warnings.append(f"{int((~keep).sum())} duplicate slice position(s) dropped")
         datasets = [d for d, k in zip(datasets, keep) if k]
         pos, along = pos[keep], along[keep]
     if len(datasets) < 2:
         raise VolumeError("fewer than two distinct slices")
+    shift = pos - np.outer(along - along[0], normal) - pos[0]
+    if np.abs(shift).max() > 0.05 * max(float(abs(along[-1] - along[0])), 1.0) + 0.5:
+        raise VolumeError("slices are shifted sideways along the stack (gantry tilt); send a series "
+                          "reconstructed without tilt")
     gaps = -np.diff(along)
-    spacing = float(np.median(gaps))
-    if (gaps.max() - gaps.min()) > MAX_GAP_SPREAD * spacing:
+    spacing = float(np.min(gaps)) if len(gaps) else 0.0
+    spacing = float(np.median(gaps[gaps < 1.5 * spacing]))
+    steps = gaps / spacing
+    whole = np.rint(steps)
+    if np.any(np.abs(steps - whole) > MAX_GAP_SPREAD) or np.any(whole < 1):
         raise VolumeError(f"slice spacing varies ({gaps.min():.2f}-{gaps.max():.2f} mm)")
-    step = (pos[-1] - pos[0]) / (len(pos) - 1)
-    if abs(abs(step @ normal) - np.linalg.norm(step)) > 1e-3 * np.linalg.norm(step):
-        raise VolumeError("slices are sheared against their normal (gantry tilt)")
+    n_missing = int((whole - 1).sum())
+    if n_missing:
+        if n_missing > MAX_MISSING_SHARE * len(datasets) or whole.max() > MAX_MISSING_RUN + 1:
+            raise VolumeError(f"{n_missing} slice(s) missing (gaps up to {gaps.max():.1f} mm)")
+        warnings.append(f"{n_missing} missing slice(s) filled by interpolation (gaps up to {gaps.max():.1f} mm)")
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     ps = [float(x) for x in datasets[0].PixelSpacing]
-    hu = np.empty((len(datasets), rows, cols), dtype=np.float32)
-    for k, ds in enumerate(datasets):
+    index = np.concatenate([[0], np.cumsum(whole)]).astype(int)
+    hu = np.empty((int(index[-1]) + 1, rows, cols), dtype=np.float32)
+    for k, ds in zip(index, datasets):
         if int(ds.Rows) != rows or int(ds.Columns) != cols:
             raise VolumeError("slices differ in size")
-        arr = ds.pixel_array.astype(np.float32)
+        if not np.allclose([float(x) for x in ds.PixelSpacing], ps, atol=1e-3):
+            raise VolumeError("slices differ in pixel spacing")
+        try:
+            arr = ds.pixel_array.astype(np.float32)
+        except Exception as exc:  # a codec missing or corrupt data: say which
+            raise VolumeError(f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from None
         hu[k] = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    for a, b in zip(index[:-1], index[1:]):
+        for k in range(a + 1, b):  # fill missing slices linearly
+            w = (k - a) / (b - a)
+            hu[k] = (1 - w) * hu[a] + w * hu[b]
+    step = -normal * spacing
     affine = np.eye(4)
     affine[:3, 0] = step
     affine[:3, 1] = col_dir * ps[0]
@@ -101,11 +150,12 @@ def load_series(paths: Iterable[Path]) -> Volume:
     first = datasets[0]
     return Volume(
         hu=hu,
-        grid=Grid((len(datasets), rows, cols), affine),
+        grid=Grid(hu.shape, affine),
         study_uid=str(first.get("StudyInstanceUID", "")),
         series_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         sop_instance_uids=tuple(str(ds.get("SOPInstanceUID", "")) for ds in datasets),
+        slice_index=tuple(int(k) for k in index),
         warnings=tuple(warnings),
     )
 
@@ -113,3 +163,16 @@ def load_series(paths: Iterable[Path]) -> Volume:
 def load_folder(folder: Path) -> Volume:
     """Load every file under ``folder`` as one series."""
     return load_series(p for p in Path(folder).rglob("*") if p.is_file())
+
+
+def load_nifti(path: Path) -> Volume:
+    """A NIfTI CT volume (HU) as a `Volume`, for research data that has no DICOM."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    hu = np.asarray(img.dataobj, dtype=np.float32)
+    if hu.ndim != 3:
+        raise VolumeError(f"{path}: expected a 3D volume, got shape {hu.shape}")
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return Volume(hu=hu, grid=Grid(hu.shape, ras_to_lps @ img.affine), study_uid="", series_uid="",
+                  frame_of_reference_uid="", sop_instance_uids=())

@@ -357,12 +357,15 @@ def plan_study(
             )
         )
 
-    # Scan range: centred on the lumbar spine with a random shift along z.
+    # Scan range: as a lumbar spine protocol sets it, from below the S1 body upwards, so the
+    # sacrum is always seen; how far up it reaches (T12-L1 or beyond) varies with coverage.
     length = (scanner.slices - 1) * scanner.slice_spacing
-    z_mid = 0.5 * (centres["T12"][2] + centres["S1"][2]) + float(rng.uniform(-15, 15))
+    s1 = vertebrae[-1]
+    s1_bottom = s1.centre[2] - 0.5 * (s1.height * abs(s1.frame[2, 2]) + 2 * s1.half_depth * abs(s1.frame[2, 1]))
+    z_bottom = s1_bottom - 8.0 + float(rng.uniform(-15, 15)) * 0.5
     half_fov = fov / 2
     first = (round(-half_fov + float(rng.uniform(-3, 3)), 3), round(-half_fov + 20.0 + float(rng.uniform(-3, 3)), 3),
-             round(z_mid + length / 2, 3))
+             round(z_bottom + length, 3))
     day = int(rng.integers(0, 3650))
     date = np.datetime64("2015-01-01") + np.timedelta64(day, "D")
     return StudyPlan(

@@ -1,0 +1,91 @@
+"""From the detections of every slice of a disc to that disc's findings.
+
+Each disc is seen in several slices: axial slices parallel to the disc and sagittal slices
+across it ("disc" slices, centred on the disc), and axial slices just beyond each endplate
+("endplate" slices, where a Schmorl's node shows as a hole in the body). The disc's
+morphology (normal, bulge, protrusion) is the confidence-weighted vote of the detections
+covering the centre of the disc slices; a Schmorl's node is reported when a node is found
+next to this disc's endplates with enough confidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from node.classes import DiscClass
+from node.inference.model import Detection
+
+MORPHOLOGY = (DiscClass.NORMAL, DiscClass.BULGE, DiscClass.PROTRUSION)
+NODE_MIN_CONF = 0.4
+NODE_SUPPORT_CONF = 0.25
+
+
+@dataclass(frozen=True)
+class SliceDetections:
+    role: str  # "disc" or "endplate"
+    view: str
+    detections: tuple[Detection, ...]
+    size: int
+    pixel_mm: float
+    #: for sagittal slices: image rows run caudal; the disc centre is at the image centre
+
+
+@dataclass(frozen=True)
+class Finding:
+    cls: DiscClass
+    confidence: float
+    slices: int  # how many slices support it
+
+
+def centre_detection(dets: tuple[Detection, ...], size: int, classes=MORPHOLOGY) -> Detection | None:
+    """The most confident detection of ``classes`` covering the image centre (or nearest it)."""
+    c = size // 2
+    cands = [d for d in dets if d.class_name in {k.value for k in classes}]
+    on = [d for d in cands if d.mask.shape[0] > c and d.mask[c, c]]
+    if not on:
+        on = [d for d in cands if d.box[0] <= c <= d.box[2] and d.box[1] <= c <= d.box[3]]
+    return max(on, key=lambda d: d.confidence) if on else None
+
+
+def _node_near_disc(d: Detection, s: SliceDetections, disc_half_height_mm: float) -> bool:
+    """A node in a sagittal disc slice belongs to this disc if it touches its endplates."""
+    if s.role == "endplate":
+        return True
+    if s.view != "sagittal":
+        return False
+    ys = np.nonzero(d.mask)[0]
+    if ys.size == 0:
+        return False
+    dy_mm = abs(float(ys.mean()) - s.size / 2) * s.pixel_mm
+    return dy_mm < disc_half_height_mm + 10.0
+
+
+def fuse(slices: list[SliceDetections], disc_half_height_mm: float) -> tuple[list[Finding], dict[str, float]]:
+    """Findings of one disc (primary first) and the vote per morphology class."""
+    votes = {c: 0.0 for c in MORPHOLOGY}
+    support = {c: 0 for c in MORPHOLOGY}
+    disc_slices = [s for s in slices if s.role == "disc"]
+    for s in disc_slices:
+        d = centre_detection(s.detections, s.size)
+        if d is not None:
+            c = DiscClass(d.class_name)
+            votes[c] += d.confidence
+            support[c] += 1
+    node_confs = [d.confidence for s in slices for d in s.detections
+                  if d.class_name == DiscClass.SCHMORL.value and _node_near_disc(d, s, disc_half_height_mm)]
+    findings: list[Finding] = []
+    n = max(len(disc_slices), 1)
+    if any(votes.values()):
+        morph = max(MORPHOLOGY, key=lambda c: votes[c])
+        findings.append(Finding(morph, votes[morph] / n, support[morph]))
+    node = (max(node_confs, default=0.0) >= NODE_MIN_CONF
+            or sum(c >= NODE_SUPPORT_CONF for c in node_confs) >= 2)
+    if node:
+        nf = Finding(DiscClass.SCHMORL, max(node_confs), sum(c >= NODE_SUPPORT_CONF for c in node_confs))
+        if findings and findings[0].cls is DiscClass.NORMAL:
+            findings = [nf]  # a node makes the level abnormal; the disc body itself is normal
+        else:
+            findings.append(nf)
+    return findings, {c.value: v / n for c, v in votes.items()}

@@ -1,0 +1,213 @@
+"""The study analysis: volume -> spine -> views -> inference -> fusion -> measurements."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from node.analysis.fusion import Finding, SliceDetections, centre_detection, fuse
+from node.analysis.measure import BULGE_SHARE, EXTENDS_MM, disc_extension
+from node.analysis.spine import DiscSite, find_spine
+from node.analysis.views import View, disc_plane
+from node.analysis.volume import Volume
+from node.classes import DiscClass
+from node.geometry import Plane, sample_plane
+from node.inference.model import DiscModel
+
+log = logging.getLogger(__name__)
+
+AXIAL_OFFSETS_MM = (-1.0, 0.0, 1.0)
+SAGITTAL_OFFSETS_MM = (0.0, 6.0, -6.0)
+ENDPLATE_BEYOND_MM = 2.5
+BONE_HU = 250.0
+
+
+@dataclass(frozen=True)
+class ViewSlice:
+    disc: int  # index into the spine's discs
+    view: View
+    role: str  # "disc" or "endplate"
+    offset_mm: float
+    plane: Plane
+    image: np.ndarray  # uint8, the model's input
+
+
+@dataclass(frozen=True)
+class Measurements:
+    height_mm: float
+    extension_mm: float | None = None
+    extension_share: float | None = None
+    extension_direction_deg: float | None = None
+    disc_area_mm2: float | None = None
+    rule_class: DiscClass | None = None  # what the 25% rule says from the masks
+
+
+@dataclass(frozen=True)
+class MaskOnPlane:
+    """A mask the model drew on one slice, with the plane that maps it to patient space."""
+
+    view: View
+    offset_mm: float
+    plane: Plane
+    mask: np.ndarray
+    cls: DiscClass
+    confidence: float
+
+
+@dataclass(frozen=True)
+class DiscResult:
+    site: DiscSite
+    findings: tuple[Finding, ...]
+    votes: dict[str, float]
+    measurements: Measurements
+    warnings: tuple[str, ...]
+    masks: tuple[MaskOnPlane, ...]
+
+    @property
+    def level(self) -> str:
+        return self.site.name
+
+    @property
+    def classes(self) -> tuple[DiscClass, ...]:
+        return tuple(f.cls for f in self.findings)
+
+    @property
+    def confidence(self) -> float:
+        return self.findings[0].confidence if self.findings else 0.0
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    sop_instance_uids: tuple[str, ...]
+    model: str
+    device: str
+    discs: tuple[DiscResult, ...]
+    warnings: tuple[str, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "study_instance_uid": self.study_uid,
+            "series_instance_uid": self.series_uid,
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+            "model": self.model,
+            "device": self.device,
+            "warnings": list(self.warnings),
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "levels": [
+                {
+                    "level": d.level,
+                    "classes": [c.value for c in d.classes],
+                    "confidence": round(d.confidence, 3),
+                    "findings": [{"class": f.cls.value, "confidence": round(f.confidence, 3), "slices": f.slices}
+                                 for f in d.findings],
+                    "votes": {k: round(v, 3) for k, v in d.votes.items()},
+                    "centre_lps": [round(float(x), 2) for x in d.site.centre],
+                    "normal_lps": [round(float(x), 4) for x in d.site.frame[:, 2]],
+                    "measurements": {
+                        k: (round(v, 2) if isinstance(v, float) else (v.value if isinstance(v, DiscClass) else v))
+                        for k, v in d.measurements.__dict__.items()
+                    },
+                    "warnings": list(d.warnings),
+                }
+                for d in self.discs
+            ],
+        }
+
+
+def cut_views(vol: Volume, sites: tuple[DiscSite, ...], model: DiscModel) -> list[ViewSlice]:
+    spec, window = model.card.views, model.card.windowing
+    out = []
+    for i, s in enumerate(sites):
+        shots = [(View.AXIAL, "disc", o) for o in AXIAL_OFFSETS_MM]
+        shots += [(View.SAGITTAL, "disc", o) for o in SAGITTAL_OFFSETS_MM]
+        half = s.height_mm / 2 + ENDPLATE_BEYOND_MM
+        shots += [(View.AXIAL, "endplate", half), (View.AXIAL, "endplate", -half)]
+        for view, role, off in shots:
+            plane = disc_plane(view, s.centre, s.frame, spec, offset_mm=off)
+            img = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
+            out.append(ViewSlice(i, view, role, off, plane, img))
+    return out
+
+
+def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> np.ndarray:
+    """Bone outline of the two bodies next to a disc, projected onto the disc's plane."""
+    edge = np.zeros((plane.size, plane.size), dtype=bool)
+    for off in (1.5, 3.0, 4.5):
+        for d in (up_mm + off, -(down_mm + off)):
+            bone = sample_plane(vol.hu, vol.grid, plane.shifted(d), order=1, fill=-1000.0) > BONE_HU
+            edge |= ndimage.binary_fill_holes(bone)
+    lab, n = ndimage.label(edge)
+    if n > 1:  # keep the body under the disc centre, not posterior elements or other bone
+        c = plane.size // 2
+        keep = lab[c, c] or int(np.argmax(ndimage.sum_labels(edge, lab, range(1, n + 1)))) + 1
+        edge = lab == keep
+    return edge
+
+
+def measure(vol: Volume, site: DiscSite, plane: Plane, disc_mask: np.ndarray | None) -> Measurements:
+    if disc_mask is None or not disc_mask.any():
+        return Measurements(height_mm=site.height_mm)
+    edge = vertebral_edge(vol, plane, site.height_mm / 2, site.height_mm / 2)
+    area = float(disc_mask.sum()) * plane.pixel_mm**2
+    if not edge.any():
+        return Measurements(height_mm=site.height_mm, disc_area_mm2=area)
+    ext = disc_extension(disc_mask, edge, plane.pixel_mm)
+    share, mx = ext.share, ext.max_mm
+    rule = (DiscClass.BULGE if share > BULGE_SHARE else DiscClass.PROTRUSION if mx > EXTENDS_MM and share > 0
+            else DiscClass.NORMAL)
+    return Measurements(site.height_mm, mx, share, ext.direction_deg, area, rule)
+
+
+def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
+    """Analyse one loaded CT volume with a loaded model."""
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    spine = find_spine(vol)
+    t["spine"] = time.perf_counter() - t0
+    warnings = list(vol.warnings) + list(spine.warnings)
+    t0 = time.perf_counter()
+    views = cut_views(vol, spine.discs, model)
+    t["views"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dets = model.predict([v.image for v in views])
+    t["inference"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = []
+    for i, site in enumerate(spine.discs):
+        mine = [(v, d) for v, d in zip(views, dets) if v.disc == i]
+        sl = [SliceDetections(v.role, v.view.value, tuple(d), v.plane.size, v.plane.pixel_mm) for v, d in mine]
+        findings, votes = fuse(sl, site.height_mm / 2)
+        masks = []
+        mid = None
+        for v, d in mine:
+            c = centre_detection(tuple(d), v.plane.size)
+            if v.role == "disc" and c is not None and v.offset_mm == 0.0:
+                masks.append(MaskOnPlane(v.view, v.offset_mm, v.plane, c.mask, DiscClass(c.class_name), c.confidence))
+                if v.view is View.AXIAL:
+                    mid = (v.plane, c.mask)
+            for x in d:
+                if x.class_name == DiscClass.SCHMORL.value and x.confidence >= 0.25:
+                    masks.append(MaskOnPlane(v.view, v.offset_mm, v.plane, x.mask, DiscClass.SCHMORL, x.confidence))
+        m = measure(vol, site, mid[0], mid[1]) if mid else Measurements(site.height_mm)
+        w = []
+        if not findings:
+            w.append("the model found no disc at this level")
+        morph = next((f.cls for f in findings if f.cls is not DiscClass.SCHMORL), DiscClass.NORMAL)
+        if m.rule_class is not None and m.rule_class is not morph:
+            w.append(f"model says {morph.value}, the 25% rule on its mask says {m.rule_class.value} "
+                     f"({(m.extension_share or 0) * 100:.0f}% of the circumference, {m.extension_mm:.1f} mm)")
+        results.append(DiscResult(site, tuple(findings), votes, m, tuple(w), tuple(masks)))
+    t["fusion+measure"] = time.perf_counter() - t0
+    return StudyResult(
+        study_uid=vol.study_uid, series_uid=vol.series_uid, frame_of_reference_uid=vol.frame_of_reference_uid,
+        sop_instance_uids=vol.sop_instance_uids, model=f"{model.card.name}", device=model.device,
+        discs=tuple(results), warnings=tuple(warnings), timings=t,
+    )
