@@ -100,9 +100,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from node.training.evaluate import evaluate_dataset
 
     if args.studies:
-        print("idaics evaluate: --studies needs the study analysis (idaics analyze), not available yet",
-              file=sys.stderr)
-        return 2
+        from node.training.evaluate import evaluate_studies
+
+        studies = _studies_in([args.studies])
+        if not studies:
+            raise ValueError(f"{args.studies}: no phantom studies (folders with truth.json)")
+        metrics, extra = evaluate_studies(args.model, studies, out=args.out, device=args.device)
+        print(f"per disc level: {extra['levels_found']}/{extra['levels']} levels found and named; "
+              f"exact class sets {extra['exact_class_sets']}/{extra['levels']}")
+        print(metrics.table())
+        s = extra["schmorl_present_vs_absent"]
+        print(f"Schmorl's node present/absent: sensitivity {s['per_class'][0]['sensitivity']:.3f}, "
+              f"specificity {s['per_class'][0]['specificity']:.3f}")
+        return 0
     if not args.data:
         print("idaics evaluate: give --data DATA.yaml", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ SHARED_DATA = Path(os.environ.get("IDAICS_SHARED_DATA", ROOT.parent / "shared" /
 pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
 
 #: (seed, index) pairs whose studies, together, hold every class (checked by a test).
-PHANTOMS = [(5, 0), (5, 1), (5, 2)]
+PHANTOMS = [(10, 0), (10, 1), (10, 2)]
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,27 @@ def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path, monkeypatch):
     assert again["confusion"] == report["confusion"]
 
 
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_given_weights(tiny_dataset, tmp_path):
+    import torch
+
+    base = tmp_path / "base"
+    args = ["--data", str(tiny_dataset), "--epochs", "1", "--imgsz", "64", "--batch", "8", "--device", "cpu",
+            "--workers", "0", "--fraction", "0.2"]
+    assert main(["train", *args, "--out", str(base)]) == 0
+    # with a learning rate of 0 the convolution weights can only be the ones it started from
+    assert main(["train", *args, "--out", str(tmp_path / "tuned"), "--from", str(base / "weights.pt"),
+                 "--lr0", "0"]) == 0
+
+    def convs(path):
+        model = torch.load(path, map_location="cpu", weights_only=False)["model"].float()
+        return {k: v for k, v in model.state_dict().items() if v.ndim == 4}
+
+    a, b = convs(base / "weights.pt"), convs(tmp_path / "tuned" / "weights.pt")
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_train_refuses_bad_data(tmp_path, capsys):
     bad = tmp_path / "data.yaml"
     bad.write_text("train: images/train\nval: images/val\nnames: [disc, nothing]\n")

@@ -33,9 +33,12 @@ BONE_HU = 120.0
 OPEN_RADIUS_VOX = 3.0
 STEP_MM = 0.5
 PROFILE_RADIUS_MM = 7.0
-DISC_MIN_MM, DISC_MAX_MM = 2.5, 18.0
+DISC_MIN_MM, DISC_MAX_MM = 1.5, 15.0
 ENDPLATE_PROMINENCE_HU = 90.0
 MIN_DISC_SPACING_MM = 18.0
+SHOULDER_MM = 12.0
+BEYOND_MM = 4.0
+BEYOND_DROP_HU = 30.0
 SACRUM_WIDTH_RATIO = 1.35
 
 
@@ -167,6 +170,44 @@ def column_profile(vol: Volume, line: np.ndarray, radius: float = PROFILE_RADIUS
     return ndimage.gaussian_filter1d(out, 1.0 / STEP_MM)
 
 
+def _valleys(profile: np.ndarray, min_depth: float, max_mm: float, lo: int = 0, hi: int | None = None):
+    """Valleys of the profile in ``[lo, hi)`` as ((start, end), depth).
+
+    A valley's depth is measured against the lower of the highest points within
+    `SHOULDER_MM` on either side (an endplate on one side may be faint), and its width at
+    half that depth.
+    """
+    hi = len(profile) if hi is None else hi
+    reach = int(SHOULDER_MM / STEP_MM)
+    minima, _ = find_peaks(-profile[lo:hi])
+    out = []
+    for i in minima + lo:
+        left = profile[max(0, i - reach) : i + 1].max()
+        right = profile[i : i + reach + 1].max()
+        depth = float(min(left, right) - profile[i])
+        if depth < min_depth:
+            continue
+        level = profile[i] + depth / 2
+        a = i
+        while a > 0 and profile[a - 1] < level:
+            a -= 1
+        b = i
+        while b < len(profile) - 1 and profile[b + 1] < level:
+            b += 1
+        if not DISC_MIN_MM <= (b - a + 1) * STEP_MM <= max_mm:
+            continue
+        # bone must go on past both endplates: a dark stretch at the end of the column (the
+        # last body's inside, or a body cut by the field of view) is no disc space
+        beyond = int(BEYOND_MM / STEP_MM)
+        before, after = profile[max(0, a - beyond) : a], profile[b + 1 : b + 1 + beyond]
+        if before.size == 0 or after.size == 0:
+            continue  # the valley runs into the end of the field of view
+        if min(before.mean(), after.mean()) < profile[i] - BEYOND_DROP_HU:
+            continue
+        out.append(((a, b), depth))
+    return out
+
+
 def disc_spans(profile: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) indices of the dark stretches of the profile that are disc spaces.
 
@@ -174,19 +215,11 @@ def disc_spans(profile: np.ndarray) -> list[tuple[int, int]]:
     and `DISC_MIN_MM` to `DISC_MAX_MM` wide at half its depth; the inside of a vertebral
     body may be as dark (osteoporotic bone) but is wider.
     """
-    def valleys(prominence: float, max_mm: float, lo: int = 0, hi: int | None = None):
-        seg = profile[lo:hi]
-        _, props = find_peaks(-seg, prominence=prominence, width=(DISC_MIN_MM / STEP_MM, max_mm / STEP_MM),
-                              rel_height=0.5)
-        return [((int(np.floor(a)) + lo, int(np.ceil(b)) + lo), float(p))
-                for a, b, p in zip(props["left_ips"], props["right_ips"], props["prominences"])]
-
-    found = valleys(ENDPLATE_PROMINENCE_HU, DISC_MAX_MM)
-    spans = [s for s, _ in found]
+    found = _valleys(profile, ENDPLATE_PROMINENCE_HU, DISC_MAX_MM)
     depth = dict(found)
     # two candidates closer than a body height are one disc: keep the deeper one
     kept: list[tuple[int, int]] = []
-    for sp in sorted(spans, key=lambda x: -depth[x]):
+    for sp in sorted(depth, key=lambda x: -depth[x]):
         mid = (sp[0] + sp[1]) / 2
         if all(abs(mid - (k[0] + k[1]) / 2) * STEP_MM >= MIN_DISC_SPACING_MM for k in kept):
             kept.append(sp)
@@ -198,8 +231,8 @@ def disc_spans(profile: np.ndarray) -> list[tuple[int, int]]:
         step = float(np.median(np.diff(mids)))
         for m0, m1 in zip(mids[:-1], mids[1:]):
             if m1 - m0 > 1.6 * step:
-                lo, hi = int(m0 + 0.5 * step), int(m1 - 0.5 * step)
-                extra = valleys(ENDPLATE_PROMINENCE_HU / 2, 1.4 * DISC_MAX_MM, lo, hi)
+                extra = _valleys(profile, ENDPLATE_PROMINENCE_HU / 2, 1.4 * DISC_MAX_MM,
+                                 int(m0 + 0.5 * step), int(m1 - 0.5 * step))
                 if extra:
                     kept.append(max(extra, key=lambda e: e[1])[0])
     return sorted(kept)

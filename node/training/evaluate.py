@@ -1,4 +1,7 @@
-"""Per-image evaluation of a model on a dataset split (`idaics evaluate --data`).
+"""Evaluation of a model: per image on a dataset split (`idaics evaluate --data`), and per
+disc level on phantom studies against their truth (`idaics evaluate --studies`).
+
+Per image:
 
 Each image counts once, as in the IDAICS paper. Its true class is the ``target`` of the
 manifest (the disc or node the image was made for) or, without a manifest, the most
@@ -113,3 +116,70 @@ def evaluate_dataset(model_dir: Path, data_yaml: Path, *, split: str = "val", ou
             | metrics.to_dict() | {"images": [r.__dict__ for r in results]}, indent=1))
         plot_confusion(metrics, out / "confusion_matrix.png")
     return metrics, results
+
+
+def _primary(classes) -> str:
+    return most_severe({DiscClass(c) for c in classes}).value if classes else NONE
+
+
+def evaluate_studies(model_dir: Path, studies: list[Path], *, out: Path | None = None, device: str | None = None,
+                     centre_tolerance_mm: float = 10.0, progress: bool = True) -> tuple[Metrics, dict]:
+    """Per-disc evaluation against phantom truth, the unit a radiologist reports.
+
+    Each truth level counts once: its class is the most specific of its classes; the
+    prediction is the most specific class the analysis reports for the level of that name
+    (``none`` when the level was not found or not named, or found more than
+    ``centre_tolerance_mm`` away). Schmorl's nodes, which may sit beside a bulge or a
+    protrusion, are also scored on their own as present or absent.
+    """
+    from tqdm import tqdm
+
+    from node.analysis.study import analyze_volume
+    from node.analysis.volume import VolumeError, load_folder
+    from node.inference.model import load_model
+    from node.phantom.generate import SERIES_DIR, TRUTH_FILE
+
+    model = load_model(model_dir, device)
+    rows = []
+    refused = []
+    for folder in tqdm(studies, desc="studies", unit="study", disable=not progress):
+        truth = json.loads((folder / TRUTH_FILE).read_text())
+        try:
+            result = analyze_volume(load_folder(folder / SERIES_DIR), model)
+        except VolumeError as exc:
+            refused.append({"study": folder.name, "reason": str(exc)})
+            continue
+        found = {d.level: d for d in result.discs}
+        for lv in truth["levels"]:
+            d = found.get(lv["level"])
+            ok = d is not None and float(np.linalg.norm(d.site.centre - np.array(lv["centre_lps"]))) <= centre_tolerance_mm
+            pred = [c.value for c in d.classes] if ok else []
+            rows.append({
+                "study": folder.name, "level": lv["level"], "truth": lv["classes"], "predicted": pred,
+                "found": ok, "confidence": round(d.confidence, 3) if ok else 0.0,
+                "warnings": list(d.warnings) if d is not None else [],
+            })
+    if not rows:
+        raise ValueError("no disc level to evaluate")
+    labels = list(CLASS_NAMES) + ([NONE] if any(not r["predicted"] for r in rows) else [])
+    cm = np.zeros((len(labels), len(labels)), dtype=int)
+    for r in rows:
+        cm[labels.index(_primary(r["truth"])), labels.index(_primary(r["predicted"]))] += 1
+    metrics = compute(cm, labels)
+    node_cm = np.zeros((2, 2), dtype=int)
+    for r in rows:
+        node_cm[int("schmorl" in r["truth"]), int("schmorl" in r["predicted"])] += 1
+    extra = {
+        "levels_found": sum(r["found"] for r in rows),
+        "levels": len(rows),
+        "exact_class_sets": sum(sorted(r["truth"]) == sorted(r["predicted"]) for r in rows),
+        "schmorl_present_vs_absent": compute(node_cm[::-1, ::-1], ["present", "absent"]).to_dict(),
+        "refused": refused,
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics_per_disc.json").write_text(json.dumps(
+            {"unit": "disc level", "model": str(model_dir), "studies": len(studies)} | metrics.to_dict() | extra
+            | {"discs": rows}, indent=1, default=float))
+        plot_confusion(metrics, out / "confusion_matrix_per_disc.png")
+    return metrics, extra

@@ -109,7 +109,9 @@ def train(data_yaml: Path, out: Path, *, from_weights: Path | None = None, optio
             optimizer="AdamW", fliplr=opts.fliplr, flipud=0.0, mosaic=0.0, hsv_h=0.0, hsv_s=0.0,
             degrees=0.0, seed=opts.seed, deterministic=True, device=device, workers=opts.workers,
             patience=opts.patience, project=tmp, name="run", exist_ok=True, plots=False, verbose=False,
-            amp=device != "cpu", pretrained=False, val=True, fraction=opts.fraction,
+            amp=device != "cpu", val=True, fraction=opts.fraction,
+            # from given weights: start from them (transfer learning, fine-tuning); else from scratch
+            pretrained=str(from_weights) if from_weights else False,
         )
         run = Path(tmp) / "run"
         best = run / "weights" / "best.pt"

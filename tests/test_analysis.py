@@ -1,0 +1,216 @@
+"""Study analysis stages on phantoms, and clear refusals on real data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import nibabel as nib
+import pydicom
+import pytest
+
+from node.analysis.fusion import SliceDetections, fuse
+from node.analysis.measure import disc_extension
+from node.analysis.spine import find_spine
+from node.analysis.views import View, ViewSpec, disc_plane
+from node.analysis.volume import VolumeError, load_folder, load_nifti
+from node.classes import DiscClass
+from node.geometry import sample_plane
+from node.inference.model import Detection
+from node.phantom.generate import SERIES_DIR, load_labels
+
+
+def _copy_series(src, dst, transform=None, names=None):
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted((src).glob("*.dcm"))
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if transform is not None:
+            ds = transform(i, ds)
+            if ds is None:
+                continue
+        ds.save_as(dst / (names[i] if names else f.name))
+    return files
+
+
+# -- volume ---------------------------------------------------------------------------------
+
+def test_slices_are_sorted_by_position_not_by_name(phantom, tmp_path):
+    ref = load_folder(phantom.folder / SERIES_DIR)
+    n = ref.hu.shape[0]
+    names = [f"x{(i * 7919) % 1000:04d}_{i}.dcm" for i in range(n)]  # scrambled names
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "s", names=names,
+                 transform=lambda i, ds: (setattr(ds, "InstanceNumber", n - i), ds)[1])
+    vol = load_folder(tmp_path / "s")
+    np.testing.assert_array_equal(vol.hu, ref.hu)
+    np.testing.assert_allclose(vol.grid.affine, ref.grid.affine)
+
+
+def test_duplicates_and_localizers_are_left_out_with_a_warning(phantom, tmp_path):
+    src = phantom.folder / SERIES_DIR
+    _copy_series(src, tmp_path / "s")
+    first = sorted(src.glob("*.dcm"))[0]
+    shutil.copy(first, tmp_path / "s" / "dup.dcm")
+    loc = pydicom.dcmread(first)
+    loc.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    loc.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    loc.SOPInstanceUID = pydicom.uid.generate_uid()
+    loc.save_as(tmp_path / "s" / "scout.dcm")
+    vol = load_folder(tmp_path / "s")
+    assert vol.hu.shape[0] == 150
+    assert any("duplicate" in w for w in vol.warnings) and any("localizer" in w for w in vol.warnings)
+
+
+def test_a_missing_slice_is_filled_and_many_are_refused(phantom, tmp_path):
+    ref = load_folder(phantom.folder / SERIES_DIR)
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "one", transform=lambda i, ds: None if i == 70 else ds)
+    vol = load_folder(tmp_path / "one")
+    assert vol.hu.shape == ref.hu.shape and any("missing" in w for w in vol.warnings)
+    np.testing.assert_array_equal(vol.hu[69], ref.hu[69])
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "many",
+                 transform=lambda i, ds: None if 40 <= i < 50 else ds)
+    with pytest.raises(VolumeError, match="missing"):
+        load_folder(tmp_path / "many")
+
+
+def test_mixed_and_non_ct_series_are_refused(phantom, tmp_path):
+    def other_series(i, ds):
+        if i % 2:
+            ds.SeriesInstanceUID = "1.2.3.4"
+        return ds
+
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "mixed", transform=other_series)
+    with pytest.raises(VolumeError, match="2 series mixed"):
+        load_folder(tmp_path / "mixed")
+
+    def mr(i, ds):
+        ds.Modality = "MR"
+        return ds
+
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "mr", transform=mr)
+    with pytest.raises(VolumeError, match="not a CT series"):
+        load_folder(tmp_path / "mr")
+
+
+def test_real_tilted_ge_head_ct_is_refused_with_the_reason(shared_data):
+    with pytest.raises(VolumeError, match="gantry tilt of 18.5 degrees"):
+        load_folder(shared_data / "real" / "ge_head_ct_gantry_tilt")
+
+
+def test_real_jpeg2000_series_with_blank_uids_is_decoded(shared_data):
+    vol = load_folder(shared_data / "real" / "siemens_ct_j2k_blank_uids")
+    assert vol.hu.shape == (20, 512, 512)
+    assert vol.hu.min() <= -1000 and vol.hu.max() > 1000  # air and bone: decoded, rescaled
+    assert vol.grid.spacing[0] == pytest.approx(2.0, abs=0.01)
+
+
+# -- spine ----------------------------------------------------------------------------------
+
+def test_disc_levels_are_found_and_named_on_phantoms(phantoms):
+    total = right = 0
+    for study in phantoms:
+        spine = find_spine(load_folder(study.folder / SERIES_DIR))
+        assert spine.sacrum_found
+        found = {d.level: d for d in spine.discs}
+        for lv in study.truth["levels"]:
+            total += 1
+            d = found.get(lv["level"])
+            if d is not None and np.linalg.norm(d.centre - np.array(lv["centre_lps"])) < 6.0:
+                right += 1
+                angle = np.degrees(np.arccos(min(1.0, abs(d.frame[:, 2] @ np.array(lv["normal_lps"])))))
+                assert angle < 15.0, f"{lv['level']}: disc plane off by {angle:.0f} deg"
+    assert total >= 8 and right == total, f"{right}/{total} levels named right"
+
+
+def test_disc_spaces_of_the_real_lumbar_crop(shared_data):
+    d = shared_data / "real" / "lumbar_ct_crop_l2_l4"
+    vol = load_nifti(d / "sub-ct_label-22_ct.nii.gz")
+    verts = np.asarray(nib.load(d / "sub-ct_seg-vert_label-22_msk.nii.gz").dataobj)
+    spine = find_spine(vol)
+    assert not spine.sacrum_found and any("sacrum" in w for w in spine.warnings)
+
+    def label(p):
+        k = np.rint(vol.grid.to_index(p[None])[0]).astype(int)
+        return int(verts[tuple(np.clip(k, 0, np.array(verts.shape) - 1))])
+
+    pairs = set()
+    for disc in spine.discs:
+        up = disc.frame[:, 2]
+        assert label(disc.centre) == 0, "disc centre inside a vertebra"
+        above = {label(disc.centre + up * t) for t in (8, 12, 16)} - {0}
+        below = {label(disc.centre - up * t) for t in (8, 12, 16)} - {0}
+        assert len(above) == 1 and len(below) == 1
+        pairs.add((above.pop(), below.pop()))
+    assert pairs == {(21, 22), (22, 23)}  # L2|L3 and L3|L4 in VerSe numbering
+
+
+# -- views ----------------------------------------------------------------------------------
+
+def test_views_are_centred_on_the_disc_and_map_back_to_voxels(phantom):
+    labels = load_labels(phantom.folder)
+    spec = ViewSpec(size=256)
+    for lv in phantom.truth["levels"]:
+        up, left = np.array(lv["normal_lps"]), np.array(lv["left_lps"])
+        frame = np.stack([left, np.cross(up, left), up], axis=1)
+        for view in View:
+            plane = disc_plane(view, np.array(lv["centre_lps"]), frame, spec)
+            lab = sample_plane(labels.disc_level, labels.grid, plane, order=0)
+            assert lab[128, 128] == lv["label_code"], f"{lv['level']} {view.value}"
+            # pixel -> patient -> voxel lands on the same label
+            k, r, c = np.rint(labels.grid.to_index(plane.pixel_to_patient(np.array([[128.0, 128.0]])))[0]).astype(int)
+            assert labels.disc_level[k, r, c] == lv["label_code"]
+        axial = disc_plane(View.AXIAL, np.array(lv["centre_lps"]), frame, spec)
+        np.testing.assert_allclose(axial.normal, up, atol=1e-3)
+
+
+# -- fusion and measurements ----------------------------------------------------------------
+
+def _det(cls: DiscClass, conf: float, rows: slice, cols: slice, size: int = 64) -> Detection:
+    m = np.zeros((size, size), bool)
+    m[rows, cols] = True
+    return Detection(cls.class_id, conf, (cols.start, rows.start, cols.stop, rows.stop), m)
+
+
+def _slice(role, view, *dets, size=64):
+    return SliceDetections(role, view, tuple(dets), size, 0.5)
+
+
+def test_fusion_votes_and_keeps_a_node_beside_the_disc():
+    centre = slice(24, 40)
+    slices = [
+        _slice("disc", "axial", _det(DiscClass.PROTRUSION, 0.8, centre, centre)),
+        _slice("disc", "axial", _det(DiscClass.BULGE, 0.5, centre, centre)),
+        _slice("disc", "sagittal", _det(DiscClass.PROTRUSION, 0.7, centre, centre),
+               _det(DiscClass.SCHMORL, 0.6, slice(18, 22), slice(30, 34))),  # 6 mm above the centre
+    ]
+    findings, votes = fuse(slices, disc_half_height_mm=5.0)
+    assert [f.cls for f in findings] == [DiscClass.PROTRUSION, DiscClass.SCHMORL]
+    assert votes["protrusion"] == pytest.approx(1.5 / 3)
+
+
+def test_fusion_node_on_a_normal_disc_and_a_far_node_ignored():
+    centre = slice(24, 40)
+    near = [_slice("disc", "axial", _det(DiscClass.NORMAL, 0.9, centre, centre)),
+            _slice("endplate", "axial", _det(DiscClass.SCHMORL, 0.7, slice(28, 36), slice(28, 36)))]
+    findings, _ = fuse(near, disc_half_height_mm=5.0)
+    assert [f.cls for f in findings] == [DiscClass.SCHMORL]
+    far = [_slice("disc", "axial", _det(DiscClass.NORMAL, 0.9, centre, centre)),
+           _slice("disc", "sagittal", _det(DiscClass.NORMAL, 0.9, centre, centre),
+                  _det(DiscClass.SCHMORL, 0.9, slice(0, 4), slice(30, 34)))]  # 15 mm away: next disc
+    findings, _ = fuse(far, disc_half_height_mm=5.0)
+    assert [f.cls for f in findings] == [DiscClass.NORMAL]
+
+
+def test_extension_measured_against_the_vertebral_edge():
+    yy, xx = np.mgrid[0:200, 0:200]
+    edge = (xx - 100) ** 2 + (yy - 100) ** 2 <= 60**2
+    disc = (xx - 100) ** 2 + (yy - 100) ** 2 <= 59**2
+    bump = (np.hypot(xx - 100, yy - 100) <= 70) & (np.degrees(np.arctan2(yy - 100, xx - 100)) > 80) & (
+        np.degrees(np.arctan2(yy - 100, xx - 100)) < 100)
+    ext = disc_extension(disc | bump, edge, pixel_mm=0.25)
+    assert ext.max_mm == pytest.approx(2.5, abs=0.2)  # 10 px beyond the edge
+    assert ext.share == pytest.approx(20 / 360, abs=0.01)
+    assert 80 <= ext.direction_deg <= 100
+    ring = disc_extension((xx - 100) ** 2 + (yy - 100) ** 2 <= 70**2, edge, pixel_mm=0.25)
+    assert ring.share == 1.0

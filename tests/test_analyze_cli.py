@@ -1,0 +1,64 @@
+"""`idaics analyze` end to end with the bundled model, and its answers on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from node.cli import DEFAULT_MODEL, main
+from node.inference.model import ModelError, load_model, read_card
+from node.phantom.generate import SERIES_DIR
+
+
+def test_bundled_model_loads_once_and_predicts_in_one_batch():
+    model = load_model(DEFAULT_MODEL, "cpu")
+    assert load_model(DEFAULT_MODEL, "cpu") is model
+    size = model.card.views.size
+    images = [np.zeros((size, size), np.uint8), np.full((size, size), 128, np.uint8)]
+    out = model.predict(images)
+    assert len(out) == 2 and all(isinstance(d, list) for d in out)
+
+
+def test_a_card_without_disc_views_is_refused(tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"")
+    (tmp_path / "model.yaml").write_text(
+        "classes: [normal, schmorl, bulge, protrusion]\nweights: weights.pt\nviews: native\n")
+    with pytest.raises(ModelError, match="disc-centred views"):
+        read_card(tmp_path)
+
+
+def test_analyze_prints_every_level_and_writes_json_and_previews(phantom, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", str(phantom.folder / SERIES_DIR), "--out", str(out), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["study_instance_uid"] == phantom.truth["study_instance_uid"]
+    levels = {lv["level"] for lv in result["levels"]}
+    for lv in phantom.truth["levels"]:
+        assert lv["level"] in levels and lv["level"] in table
+        assert (out / "previews" / f"{lv['level']}.png").is_file()
+    for lv in result["levels"]:
+        assert all(c in {"normal", "schmorl", "bulge", "protrusion"} for c in lv["classes"])
+    assert {"spine", "views", "inference", "fusion+measure"} <= set(result["timings_s"])
+
+
+def test_analyze_refuses_the_tilted_series_without_a_traceback(shared_data, capsys):
+    rc = main(["analyze", str(shared_data / "real" / "ge_head_ct_gantry_tilt"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "gantry tilt" in err and "Traceback" not in err
+
+
+def test_analyze_answers_on_a_short_thoracolumbar_series(shared_data, capsys):
+    rc = main(["analyze", str(shared_data / "real" / "siemens_ct_j2k_blank_uids"), "--json", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    # 20 slices of 2 mm: too short to see the sacrum, so nothing is named
+    assert any("sacrum" in w or "no disc" in w or "column" in w for w in result["warnings"])
+    assert all(not lv["level"].startswith(("L", "T")) for lv in result["levels"])
+
+
+def test_analyze_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
