@@ -74,6 +74,20 @@ def test_a_missing_slice_is_filled_and_many_are_refused(phantom, tmp_path):
         load_folder(tmp_path / "many")
 
 
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless])
+def test_compressed_series_load_to_the_same_hu(phantom, tmp_path, syntax):
+    ref = load_folder(phantom.folder / SERIES_DIR)
+
+    def compress(i, ds):
+        ds.compress(syntax)
+        return ds
+
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "c", transform=compress)
+    assert pydicom.dcmread(next((tmp_path / "c").iterdir())).file_meta.TransferSyntaxUID == syntax
+    vol = load_folder(tmp_path / "c")
+    np.testing.assert_array_equal(vol.hu, ref.hu)
+
+
 def test_mixed_and_non_ct_series_are_refused(phantom, tmp_path):
     def other_series(i, ds):
         if i % 2:
