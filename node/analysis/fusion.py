@@ -24,12 +24,14 @@ NODE_SUPPORT_CONF = 0.25
 
 @dataclass(frozen=True)
 class SliceDetections:
+    """The detections of one slice; the disc centre is at the image centre, and in sagittal
+    slices image rows run caudal."""
+
     role: str  # "disc" or "endplate"
     view: str
     detections: tuple[Detection, ...]
     size: int
     pixel_mm: float
-    #: for sagittal slices: image rows run caudal; the disc centre is at the image centre
 
 
 @dataclass(frozen=True)

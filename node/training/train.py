@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import logging
 import os
 import shutil
@@ -158,6 +157,3 @@ def update_card(model_dir: Path, **fields) -> None:
     card.update(fields)
     path.write_text(yaml.safe_dump(card, sort_keys=False))
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=1)
