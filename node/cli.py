@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=None)
     a.set_defaults(func=cmd_analyze)
 
-    e = sub.add_parser("evaluate", help="per-image metrics of a model on a dataset split")
+    e = sub.add_parser("evaluate", help="per-image metrics on a dataset split, or per-disc on phantom studies")
     e.add_argument("--model", type=Path, required=True)
     e.add_argument("--data", type=Path)
     e.add_argument("--studies", type=Path, help="per-disc evaluation against truth.json (needs analyze)")

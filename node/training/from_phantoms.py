@@ -78,7 +78,7 @@ def build_from_phantoms(
     spec = spec or ViewSpec()
     window = window or Windowing()
     if not studies:
-        raise ValueError("no phantom studies given")
+        raise ValueError("no phantom studies (folders with truth.json) given")
     for s in studies:
         if not (s / TRUTH_FILE).is_file():
             raise ValueError(f"{s}: not a phantom study (no {TRUTH_FILE})")
