@@ -41,12 +41,14 @@ def write_json(result: StudyResult, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _draw(grey: np.ndarray, masks, caption: str) -> Image.Image:
+def outlined_tile(grey: np.ndarray, masks, caption: str, size: int = TILE) -> Image.Image:
+    """A greyscale slice with each ``(mask, DiscClass)`` outlined in its class colour,
+    resized to ``size`` and captioned."""
     rgb = np.repeat(grey[..., None], 3, axis=2).copy()
     for mask, cls in masks:
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(rgb, contours, -1, CLASS_COLOURS[cls], 2)
-    img = Image.fromarray(rgb).resize((TILE, TILE), Image.BILINEAR)
+    img = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
     ImageDraw.Draw(img).text((6, 4), caption, fill=(255, 255, 0), font=ImageFont.load_default())
     return img
 
@@ -62,7 +64,7 @@ def write_previews(result: StudyResult, vol: Volume, out: Path, window: Windowin
             grey = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
             ms = [(m.mask, m.cls) for m in d.masks if m.view is view and m.offset_mm == 0.0]
             cls = "+".join(c.value for c in d.classes) or "nothing found"
-            tiles.append(_draw(grey, ms, f"{d.level} {view.value}: {cls} ({d.confidence:.2f})"))
+            tiles.append(outlined_tile(grey, ms, f"{d.level} {view.value}: {cls} ({d.confidence:.2f})"))
         sheet = Image.new("RGB", (2 * TILE, TILE))
         for i, t in enumerate(tiles):
             sheet.paste(t, (i * TILE, 0))

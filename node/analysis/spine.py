@@ -5,9 +5,10 @@
    bodies remain and thin posterior elements, ribs and the table go. A smooth curve through
    the centroids of that mask, slab by slab, is the column's centre line.
 2. Discs: the mean HU over a 7 mm disc across the centre line, sampled every 0.5 mm along
-   it, shows each endplate as a bright peak. A disc space is a dark stretch of 3-18 mm
-   between two endplate peaks; a body, even one with dark (osteoporotic) cancellous bone,
-   is a longer stretch, so the two are told apart by length, not by brightness.
+   it, shows each endplate as a bright peak. A disc space is a dark stretch 1.5-15 mm wide
+   (at half its depth) between two endplate peaks, with bone going on past both; a body,
+   even one with dark (osteoporotic) cancellous bone, is a longer stretch, so the two are
+   told apart by length, not by brightness.
 3. Levels: counted upwards from the sacrum, recognised by its alae (bone lateral to the
    body in front of the transverse processes). Without a sacrum in view the disc spaces are
    found but not named.
@@ -266,12 +267,8 @@ def find_spine(vol: Volume) -> Spine:
     profile = column_profile(vol, line)
     spans = disc_spans(profile)
     tang = _tangents(line)
-    sites = []
-    for a, b in spans:
-        c = (a + b) // 2
-        up = tang[c]
-        sites.append((line[a] + line[b]) / 2)
-        sites[-1] = (sites[-1], _frame(up), (b - a) * STEP_MM, c)
+    sites = [((line[a] + line[b]) / 2, _frame(tang[(a + b) // 2]), (b - a) * STEP_MM, (a + b) // 2)
+             for a, b in spans]
     warnings: list[str] = []
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))

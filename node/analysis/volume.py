@@ -50,6 +50,10 @@ def _read(path: Path) -> Dataset | None:
         return None
 
 
+def _orientation(ds: Dataset) -> tuple[float, ...]:
+    return tuple(np.round(np.array(ds.ImageOrientationPatient, dtype=float), 3))
+
+
 def load_series(paths: Iterable[Path]) -> Volume:
     """Load one axial CT series; raises `VolumeError` with the reason when it cannot.
 
@@ -60,10 +64,10 @@ def load_series(paths: Iterable[Path]) -> Volume:
     if not datasets:
         raise VolumeError("no image instances")
     warnings: list[str] = []
-    localizers = [ds for ds in datasets if "LOCALIZER" in [str(x).upper() for x in ds.get("ImageType", [])]]
-    if localizers:
-        warnings.append(f"{len(localizers)} localizer image(s) left out")
-        datasets = [ds for ds in datasets if ds not in localizers]
+    images = [ds for ds in datasets if "LOCALIZER" not in [str(x).upper() for x in ds.get("ImageType", [])]]
+    if len(images) < len(datasets):
+        warnings.append(f"{len(datasets) - len(images)} localizer image(s) left out")
+        datasets = images
     if not datasets:
         raise VolumeError("only localizer images")
     modalities = Counter(str(ds.get("Modality", "")) for ds in datasets)
@@ -76,15 +80,14 @@ def load_series(paths: Iterable[Path]) -> Volume:
                if any(kw not in ds for ds in datasets)]
     if missing:
         raise VolumeError(f"no {', '.join(missing)}: the slices cannot be placed in patient space")
-    iops = Counter(tuple(np.round(np.array(ds.ImageOrientationPatient, dtype=float), 3)) for ds in datasets)
+    iops = Counter(_orientation(ds) for ds in datasets)
     if len(iops) > 1:
         main_iop, n_main = iops.most_common(1)[0]
         if n_main < 0.9 * len(datasets):
             raise VolumeError(f"slices have {len(iops)} different orientations")
         odd = len(datasets) - n_main
         warnings.append(f"{odd} image(s) in another orientation left out")
-        datasets = [ds for ds in datasets
-                    if tuple(np.round(np.array(ds.ImageOrientationPatient, dtype=float), 3)) == main_iop]
+        datasets = [ds for ds in datasets if _orientation(ds) == main_iop]
     iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
@@ -112,8 +115,8 @@ def load_series(paths: Iterable[Path]) -> Volume:
         raise VolumeError("slices are shifted sideways along the stack (gantry tilt); send a series "
                           "reconstructed without tilt")
     gaps = -np.diff(along)
-    spacing = float(np.min(gaps)) if len(gaps) else 0.0
-    spacing = float(np.median(gaps[gaps < 1.5 * spacing]))
+    # the regular spacing: the gaps that are not a missing slice or more
+    spacing = float(np.median(gaps[gaps < 1.5 * gaps.min()]))
     steps = gaps / spacing
     whole = np.rint(steps)
     if np.any(np.abs(steps - whole) > MAX_GAP_SPREAD) or np.any(whole < 1):

@@ -5,36 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from node.analysis.report import TILE, outlined_tile
 from node.analysis.views import View, ViewSpec, Windowing, disc_plane
 from node.analysis.volume import Volume, load_folder
-from node.classes import CLASS_COLOURS, CLASS_NAMES, DiscClass
+from node.classes import DiscClass
 from node.geometry import Plane, sample_plane
 from node.phantom.generate import SERIES_DIR, TRUTH_FILE, Labels, load_labels
-
-TILE = 320
-
-
-def overlay(grey: np.ndarray, class_map: np.ndarray) -> np.ndarray:
-    """RGB image with the outline of every labelled class drawn in its colour."""
-    rgb = np.repeat(grey[..., None], 3, axis=2).copy()
-    for cid, name in enumerate(CLASS_NAMES):
-        mask = (class_map == cid + 1).astype(np.uint8)
-        if mask.any():
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(rgb, contours, -1, CLASS_COLOURS[DiscClass(name)], 2)
-    return rgb
 
 
 def _tile(vol: Volume, labels: Labels, plane: Plane, window: Windowing, caption: str) -> Image.Image:
     grey = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
     cls = sample_plane(labels.disc_class, labels.grid, plane, order=0)
-    img = Image.fromarray(overlay(grey, cls)).resize((TILE, TILE), Image.BILINEAR)
-    ImageDraw.Draw(img).text((6, 4), caption, fill=(255, 255, 0), font=ImageFont.load_default())
-    return img
+    return outlined_tile(grey, [(cls == c.class_id + 1, c) for c in DiscClass], caption, TILE)
 
 
 def render_study(folder: Path, out: Path, window: Windowing | None = None) -> Path:
