@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from node.outputs.settings import OBJECTS
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-phantom-v1"
 
@@ -137,6 +138,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from node.analysis.study import analyze_volume
     from node.analysis.volume import VolumeError, load_folder
     from node.inference.model import load_model
+    from node.outputs import OutputSettings, build_outputs, write_outputs
 
     if not args.dicom_dir.is_dir():
         raise FileNotFoundError(f"{args.dicom_dir}: not a folder")
@@ -146,17 +148,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except VolumeError as exc:
         print(f"idaics analyze: cannot analyse {args.dicom_dir}: {exc}", file=sys.stderr)
         return 3
+    objects = tuple(o.strip() for o in args.objects.split(",") if o.strip() and o.strip() != "none")
+    settings = OutputSettings(objects=objects)  # checks the names before the analysis runs
     result = analyze_volume(vol, model)
+    written = []
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(result, args.out / "result.json")
         write_previews(result, vol, args.out / "previews", model.card.windowing, model.card.views)
+        written = [args.out / "result.json", args.out / "previews"]
+        if objects:
+            outputs = build_outputs(result, vol, model.card, settings)
+            written += write_outputs(outputs, args.out / "dicom")
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
         print(table(result))
-        if args.out:
-            print(f"written: {args.out / 'result.json'}, {args.out / 'previews'}/")
+        for path in written:
+            print(f"written: {path}")
     return 0
 
 
@@ -214,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path)
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.add_argument("--device", default=None)
+    a.add_argument("--objects", default=",".join(OBJECTS),
+                   help=f"DICOM objects written under OUT/dicom: any of {','.join(OBJECTS)}, or none")
     a.set_defaults(func=cmd_analyze)
 
     e = sub.add_parser("evaluate", help="per-image metrics on a dataset split, or per-disc on phantom studies")

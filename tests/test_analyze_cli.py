@@ -42,6 +42,17 @@ def test_analyze_prints_every_level_and_writes_json_and_previews(phantom, tmp_pa
     for lv in result["levels"]:
         assert all(c in {"normal", "schmorl", "bulge", "protrusion"} for c in lv["classes"])
     assert {"spine", "views", "inference", "fusion+measure"} <= set(result["timings_s"])
+    written = sorted(p.name for p in (out / "dicom").iterdir())
+    assert written[:2] == ["key-01.dcm", "key-02.dcm"] and {"seg.dcm", "sr.dcm"} <= set(written)
+    assert str(out / "dicom" / "sr.dcm") in table
+
+
+def test_analyze_writes_only_the_objects_asked_for_and_rejects_unknown_ones(phantom, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", str(phantom.folder / SERIES_DIR), "--out", str(out), "--objects", "sr"]) == 0
+    assert [p.name for p in (out / "dicom").iterdir()] == ["sr.dcm"]
+    assert main(["analyze", str(phantom.folder / SERIES_DIR), "--objects", "seg,pdf"]) == 2
+    assert "unknown output object(s) pdf" in capsys.readouterr().err
 
 
 def test_analyze_refuses_the_tilted_series_without_a_traceback(shared_data, capsys):

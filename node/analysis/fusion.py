@@ -51,7 +51,7 @@ def centre_detection(dets: tuple[Detection, ...], size: int, classes=MORPHOLOGY)
     return max(on, key=lambda d: d.confidence) if on else None
 
 
-def _node_near_disc(d: Detection, s: SliceDetections, disc_half_height_mm: float) -> bool:
+def node_near_disc(d: Detection, s: SliceDetections, disc_half_height_mm: float) -> bool:
     """A node in a sagittal disc slice belongs to this disc if it touches its endplates."""
     if s.role == "endplate":
         return True
@@ -76,7 +76,7 @@ def fuse(slices: list[SliceDetections], disc_half_height_mm: float) -> tuple[lis
             votes[c] += d.confidence
             support[c] += 1
     node_confs = [d.confidence for s in slices for d in s.detections
-                  if d.class_name == DiscClass.SCHMORL.value and _node_near_disc(d, s, disc_half_height_mm)]
+                  if d.class_name == DiscClass.SCHMORL.value and node_near_disc(d, s, disc_half_height_mm)]
     findings: list[Finding] = []
     n = max(len(disc_slices), 1)
     if any(votes.values()):

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from node.analysis.fusion import Finding, SliceDetections, centre_detection, fuse
+from node.analysis.fusion import (
+    NODE_SUPPORT_CONF,
+    Finding,
+    SliceDetections,
+    centre_detection,
+    fuse,
+    node_near_disc,
+)
 from node.analysis.measure import BULGE_SHARE, EXTENDS_MM, disc_extension
 from node.analysis.spine import DiscSite, find_spine
 from node.analysis.views import View, disc_plane
@@ -23,6 +30,11 @@ log = logging.getLogger(__name__)
 AXIAL_OFFSETS_MM = (-1.0, 0.0, 1.0)
 SAGITTAL_OFFSETS_MM = (0.0, 6.0, -6.0)
 ENDPLATE_BEYOND_MM = 2.5
+#: Thickness in patient space that one 2D mask stands for, where it is not the disc's
+#: own axial mask (which stands for the whole disc height): a sagittal or in-disc slice,
+#: and an endplate slice (the node's depth into the body, read on both sides of it).
+SLAB_MM = 3.0
+ENDPLATE_SLAB_MM = 2 * ENDPLATE_BEYOND_MM
 BONE_HU = 250.0
 #: Below this vote the 25% rule on the model's mask decides between normal, bulge and
 #: protrusion (chosen on held-out tuning phantoms, seed 2000, never on the reported set).
@@ -54,7 +66,11 @@ class Measurements:
 
 @dataclass(frozen=True)
 class MaskOnPlane:
-    """A mask the model drew on one slice, with the plane that maps it to patient space."""
+    """A mask the model drew on one slice, with the plane that maps it to patient space.
+
+    ``half_thickness_mm`` is how far along the plane's normal the mask stands for the
+    structure: half the disc height for the disc's own axial mask, a thin slab elsewhere.
+    """
 
     view: View
     offset_mm: float
@@ -62,6 +78,7 @@ class MaskOnPlane:
     mask: np.ndarray
     cls: DiscClass
     confidence: float
+    half_thickness_mm: float
 
 
 @dataclass(frozen=True)
@@ -257,15 +274,20 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
         findings, votes = fuse(sl, site.height_mm / 2)
         masks = []
         mid = None
-        for v, d in mine:
+        for (v, d), s in zip(mine, sl):
             c = centre_detection(tuple(d), v.plane.size)
             if v.role == "disc" and c is not None and v.offset_mm == 0.0:
-                masks.append(MaskOnPlane(v.view, v.offset_mm, v.plane, c.mask, DiscClass(c.class_name), c.confidence))
+                half = site.height_mm / 2 if v.view is View.AXIAL else SLAB_MM / 2
+                masks.append(MaskOnPlane(v.view, v.offset_mm, v.plane, c.mask, DiscClass(c.class_name),
+                                         c.confidence, half))
                 if v.view is View.AXIAL:
                     mid = (v.plane, c.mask)
             for x in d:
-                if x.class_name == DiscClass.SCHMORL.value and x.confidence >= 0.25:
-                    masks.append(MaskOnPlane(v.view, v.offset_mm, v.plane, x.mask, DiscClass.SCHMORL, x.confidence))
+                if (x.class_name == DiscClass.SCHMORL.value and x.confidence >= NODE_SUPPORT_CONF
+                        and node_near_disc(x, s, site.height_mm / 2)):
+                    half = ENDPLATE_SLAB_MM / 2 if v.role == "endplate" else SLAB_MM / 2
+                    masks.append(MaskOnPlane(v.view, v.offset_mm, v.plane, x.mask, DiscClass.SCHMORL,
+                                             x.confidence, half))
         m = measure(vol, site, mid[0], mid[1]) if mid else Measurements(site.height_mm)
         w = []
         if not findings:

@@ -17,6 +17,7 @@ from node.geometry import Grid
 log = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+PIXEL_DATA = 0x7FE00010
 #: Relative spread of slice gaps above which a series is refused.
 MAX_GAP_SPREAD = 0.05
 MAX_TILT_DEG = 0.5
@@ -40,6 +41,9 @@ class Volume:
     sop_instance_uids: tuple[str, ...]  # in slice order
     slice_index: tuple[int, ...] = ()  # volume index k of each instance (missing slices are filled)
     warnings: tuple[str, ...] = ()
+    #: The instances' headers (no pixel data) in slice order: what derived objects copy
+    #: their patient, study and frame-of-reference modules from and reference.
+    headers: tuple[Dataset, ...] = ()
 
 
 def _read(path: Path) -> Dataset | None:
@@ -160,7 +164,15 @@ def load_series(paths: Iterable[Path]) -> Volume:
         sop_instance_uids=tuple(str(ds.get("SOPInstanceUID", "")) for ds in datasets),
         slice_index=tuple(int(k) for k in index),
         warnings=tuple(warnings),
+        headers=tuple(_header(ds) for ds in datasets),
     )
+
+
+def _header(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without its pixel data."""
+    out = Dataset({tag: elem for tag, elem in ds.items() if tag != PIXEL_DATA})
+    out.file_meta = ds.file_meta
+    return out
 
 
 def load_folder(folder: Path) -> Volume:

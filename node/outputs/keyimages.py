@@ -1,0 +1,90 @@
+"""Key images: Secondary Capture pictures of each level for PACS and viewers without SEG or SR.
+
+For every disc level, the mid axial (disc-parallel) and mid sagittal slices are drawn with
+the model's masks outlined in their class colours, a caption naming level, view, classes and
+confidence, and a banner that says the picture is an AI result, not for diagnosis.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from PIL import ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.analysis.report import outlined_tile
+from node.analysis.study import StudyResult
+from node.analysis.views import View, disc_plane
+from node.analysis.volume import Volume
+from node.geometry import sample_plane
+from node.inference.model import ModelCard
+from node.outputs.settings import OutputSettings
+
+SERIES_DESCRIPTION = "IDAICS key images (AI result, not for diagnosis)"
+BANNER = "AI RESULT - NOT FOR DIAGNOSIS"
+BANNER_COLOUR = (200, 0, 0)
+SIZE = 512
+#: Patient orientation of the picture's rows and columns (DICOM PatientOrientation):
+#: axial slices show the patient's left to the right and posterior down; sagittal slices
+#: posterior to the right and feet down. The disc planes are oblique, so these are nearest.
+ORIENTATION = {View.AXIAL: ("L", "P"), View.SAGITTAL: ("P", "F")}
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def draw(grey: np.ndarray, masks, caption: str) -> np.ndarray:
+    """RGB picture: the slice with masks outlined, a banner on top and a caption below."""
+    img = outlined_tile(grey, masks, "", size=SIZE)
+    d = ImageDraw.Draw(img)
+    bar = SIZE // 14
+    d.rectangle([0, 0, SIZE, bar], fill=BANNER_COLOUR)
+    d.text((SIZE // 2, bar // 2), BANNER, fill=(255, 255, 255), font=_font(bar * 2 // 3), anchor="mm")
+    d.rectangle([0, SIZE - bar, SIZE, SIZE], fill=(0, 0, 0))
+    d.text((8, SIZE - bar // 2), caption, fill=(255, 255, 0), font=_font(bar // 2), anchor="lm")
+    return np.asarray(img.convert("RGB"))
+
+
+def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings) -> list[Dataset]:
+    """Two pictures per level (axial, sagittal), in one series, cranial to caudal."""
+    if not vol.headers or not result.discs:
+        return []
+    series_uid = hd.UID()
+    ref = vol.headers[0]
+    out = []
+    for d in result.discs:
+        for view in (View.AXIAL, View.SAGITTAL):
+            plane = disc_plane(view, d.site.centre, d.site.frame, card.views)
+            grey = card.windowing.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
+            masks = [(m.mask, m.cls) for m in d.masks if m.view is view and m.offset_mm == 0.0]
+            classes = " + ".join(c.display for c in d.classes) or "nothing found"
+            caption = f"{d.level} {view.value}: {classes} ({d.confidence:.2f})"
+            pixels = draw(grey, masks, caption)
+            sc = hd.sc.SCImage.from_ref_dataset(
+                ref_dataset=ref,
+                pixel_array=pixels,
+                photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+                bits_allocated=8,
+                coordinate_system=hd.CoordinateSystemNames.PATIENT,
+                series_instance_uid=series_uid,
+                series_number=settings.key_images_series_number,
+                sop_instance_uid=hd.UID(),
+                instance_number=len(out) + 1,
+                manufacturer=settings.manufacturer,
+                pixel_spacing=(plane.pixel_mm * plane.size / SIZE,) * 2,
+                patient_orientation=ORIENTATION[view],
+                series_description=SERIES_DESCRIPTION,
+                institution_name=settings.institution_name,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+            )
+            sc.BurnedInAnnotation = "YES"
+            sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "LSPINE")
+            sc.ImageComments = f"{caption}. {BANNER}. Model {card.name}."
+            sc.DerivationDescription = f"{view.value} slice through the {d.level} disc, resampled from the CT"
+            out.append(sc)
+    return out
