@@ -169,9 +169,146 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the service ---------------------------------------------------------------------------
+def _settings(args: argparse.Namespace):
+    from node.config import load_settings
+
+    return load_settings(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.service import Node
+
+    settings = _settings(args)
+    if args.workers is not None:
+        settings.workers.count = args.workers
+    Node(settings).serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from node.worker import work
+
+    settings = _settings(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.count > 1:
+        import multiprocessing as mp
+
+        from node.worker import worker_process
+
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker_process, args=(settings.model_dump_json(),)) for _ in range(args.count)]
+        for p in procs:
+            p.start()
+        stop.wait()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join()
+        return 0
+    work(settings, stop, once=args.once)
+    return 0
+
+
+def _job_line(job) -> str:
+    stages = " ".join(f"{k[:4].lower()} {v:.1f}s" for k, v in (job.stage_seconds or {}).items())
+    return (f"{job.id:>5} {job.state.value:<9} {job.study_date or '-':<8} {(job.series_description or '-')[:28]:<28} "
+            f"{job.calling_aet:<16} {job.instances:>5}  {stages}  {job.reason or ''}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from node.analysis.report import table
+    from node.db import Job, State, actor, make_engine, make_sessions
+    from node.export.delivery import deliver_due
+    from node.jobs import resend, retry
+
+    settings = _settings(args)
+    sessions = make_sessions(make_engine(settings.database_url))
+    with sessions() as s:
+        if args.jobs_command == "list":
+            q = select(Job).order_by(Job.id.desc()).limit(args.limit)
+            if args.state:
+                q = q.where(Job.state == State(args.state.upper()))
+            print(f"{'id':>5} {'state':<9} {'date':<8} {'series':<28} {'calling AE':<16} {'inst':>5}  stages  reason")
+            for job in s.execute(q).scalars():
+                print(_job_line(job))
+            return 0
+        job = s.get(Job, args.id)
+        if job is None:
+            raise ValueError(f"no job {args.id}")
+        if args.jobs_command == "show":
+            print(_job_line(job))
+            print(f"study {job.study_uid}\nseries {job.series_uid}\noutputs {job.outputs_dir or '-'}")
+            if job.result:
+                print(table(job.result))
+            for d in job.deliveries:
+                print(f"delivery {d.id} to {d.destination} ({d.address}): {d.state.value}, {d.attempts} attempt(s)"
+                      f"{', last error: ' + d.last_error if d.last_error else ''}")
+            for e in job.events:
+                print(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.actor:<24} {e.event:<20} {e.detail or ''}")
+            return 0
+        if args.jobs_command == "retry":
+            retry(s, job, f"cli:{actor()}")
+            s.commit()
+            print(f"job {job.id} queued again")
+            return 0
+        fresh = resend(s, job, f"cli:{actor()}")
+        s.commit()
+    sent = deliver_due(sessions, settings, f"cli:{actor()}", args.id)
+    print(f"job {args.id}: {sent} of {len(fresh)} deliveries sent now; the node retries the others")
+    return 0 if sent == len(fresh) else 1
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.export.scu import SendError, echo, parse_address
+
+    dest = parse_address(args.address)
+    try:
+        status = echo(dest, args.calling_aet)
+    except SendError as exc:
+        print(f"idaics echo: {exc}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO {args.address}: status 0x{status:04X}{' (success)' if status == 0 else ''}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from node.export.scu import SendError, parse_address, send_files
+
+    dest = parse_address(args.address)
+    paths = sorted(p for p in args.folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"{args.folder}: no files to send")
+    with tqdm(total=len(paths), unit="file", desc=f"to {dest.ae_title}") as bar:
+        try:
+            n = send_files(paths, dest, args.calling_aet, progress=lambda p, status: bar.update(1))
+        except SendError as exc:
+            print(f"idaics send: {exc}", file=sys.stderr)
+            return 1
+    print(f"{n} instances stored at {args.address}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+
+    return run_demo(home=args.home, slices=args.slices, pacs=args.pacs, keep_running=args.keep_running)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idaics", description="IDAICS lumbar disc node")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--config", type=Path, default=None,
+                   help="node configuration (default: $IDAICS_CONFIG, else config/node.toml)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate phantom lumbar CT studies with known disc conditions")
@@ -241,13 +378,54 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--labels", required=True, help="comma-separated class labels in matrix order")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_metrics)
+    sv = sub.add_parser("serve", help="run the node: DICOM listener, scheduler, workers, admin page")
+    sv.add_argument("--workers", type=int, default=None, help="worker processes (overrides the configuration)")
+    sv.set_defaults(func=cmd_serve)
+
+    wk = sub.add_parser("worker", help="run workers alone, against the configured database and spool")
+    wk.add_argument("--count", type=int, default=1)
+    wk.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    wk.set_defaults(func=cmd_worker)
+
+    jb = sub.add_parser("jobs", help="list, show, retry and resend jobs")
+    jsub = jb.add_subparsers(dest="jobs_command", required=True)
+    jl = jsub.add_parser("list")
+    jl.add_argument("--state", choices=[s.lower() for s in
+                                        ("RECEIVING", "QUEUED", "RUNNING", "SENDING", "DONE", "FAILED", "SKIPPED")])
+    jl.add_argument("--limit", type=int, default=50)
+    for name in ("show", "retry", "resend"):
+        x = jsub.add_parser(name)
+        x.add_argument("id", type=int)
+    jb.set_defaults(func=cmd_jobs)
+
+    ec = sub.add_parser("echo", help="C-ECHO a DICOM node")
+    ec.add_argument("address", help="AE@HOST:PORT")
+    ec.add_argument("--calling-aet", default="IDAICS")
+    ec.set_defaults(func=cmd_echo)
+
+    se = sub.add_parser("send", help="C-STORE every file of a folder to a DICOM node")
+    se.add_argument("folder", type=Path)
+    se.add_argument("address", help="AE@HOST:PORT")
+    se.add_argument("--calling-aet", default="IDAICS")
+    se.set_defaults(func=cmd_send)
+
+    dm = sub.add_parser("demo", help="start a node on loopback, send it a phantom study, show what comes back")
+    dm.add_argument("--home", type=Path, default=Path("var/demo"))
+    dm.add_argument("--slices", type=int, default=200)
+    dm.add_argument("--pacs", help="AE@HOST:PORT of a PACS (e.g. Orthanc) to receive the results; "
+                    "default: a receiver started by the demo")
+    dm.add_argument("--keep-running", action="store_true", help="keep the node running afterwards")
+    dm.set_defaults(func=cmd_demo)
+
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from node import logs
+
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO,
+               logging.WARNING if args.command == "demo" and not args.verbose else None)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:  # includes VolumeError, ModelError, DataError

@@ -19,18 +19,21 @@ from node.geometry import sample_plane
 TILE = 320
 
 
-def table(result: StudyResult) -> str:
+def table(result: StudyResult | dict) -> str:
+    """The per-level table, from a result or its JSON form (``StudyResult.to_dict()``)."""
+    d = result.to_dict() if isinstance(result, StudyResult) else result
     lines = [f"{'level':<8} {'classes':<22} {'conf':>5} {'ext mm':>7} {'share':>6} {'area mm2':>9}  warnings"]
-    for d in result.discs:
-        m = d.measurements
-        ext = f"{m.extension_mm:.1f}" if m.extension_mm is not None else "-"
-        share = f"{m.extension_share * 100:.0f}%" if m.extension_share is not None else "-"
-        area = f"{m.disc_area_mm2:.0f}" if m.disc_area_mm2 is not None else "-"
-        cls = "+".join(c.value for c in d.classes) or "-"
-        lines.append(f"{d.level:<8} {cls:<22} {d.confidence:>5.2f} {ext:>7} {share:>6} {area:>9}  {'; '.join(d.warnings)}")
-    if not result.discs:
+    for lv in d.get("levels", []):
+        m = lv.get("measurements", {})
+        ext = f"{m['extension_mm']:.1f}" if m.get("extension_mm") is not None else "-"
+        share = f"{m['extension_share'] * 100:.0f}%" if m.get("extension_share") is not None else "-"
+        area = f"{m['disc_area_mm2']:.0f}" if m.get("disc_area_mm2") is not None else "-"
+        cls = "+".join(lv["classes"]) or "-"
+        lines.append(f"{lv['level']:<8} {cls:<22} {lv['confidence']:>5.2f} {ext:>7} {share:>6} {area:>9}  "
+                     f"{'; '.join(lv.get('warnings', []))}")
+    if not d.get("levels"):
         lines.append("(no disc found)")
-    for w in result.warnings:
+    for w in d.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
 

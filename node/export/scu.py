@@ -1,0 +1,112 @@
+"""C-STORE and C-ECHO to a destination (AE title, host, port, optional TLS)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from node.config import TLS, Destination
+
+log = logging.getLogger(__name__)
+
+ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+#: C-STORE statuses that mean the instance was stored (Success and the Warnings).
+STORED = {0x0000, 0xB000, 0xB007, 0xB006}
+
+
+class SendError(RuntimeError):
+    """A destination that could not be reached or did not store everything, and why."""
+
+
+def parse_address(text: str, name: str | None = None) -> Destination:
+    """``AE@HOST:PORT`` as a destination."""
+    m = ADDRESS.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not AE@HOST:PORT")
+    return Destination(name=name or m["ae"], ae_title=m["ae"], host=m["host"], port=int(m["port"]))
+
+
+def address(dest: Destination) -> str:
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+def _tls(tls: TLS | None, host: str):
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert_file:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    return ctx, host
+
+
+def _associate(ae: AE, dest: Destination):
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls(dest.tls, dest.host))
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        raise SendError(f"association with {address(dest)} failed ({why})")
+    return assoc
+
+
+def echo(dest: Destination, calling_aet: str = "IDAICS", timeout: float = 30) -> int:
+    """C-ECHO; returns the status (0 is success), raises `SendError` when no association."""
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, dest)
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise SendError(f"no answer to C-ECHO from {address(dest)}")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def send_files(paths: Iterable[Path], dest: Destination, calling_aet: str = "IDAICS", timeout: float = 30,
+               progress: Callable[[Path, int], None] | None = None) -> int:
+    """C-STORE every file to ``dest`` over one association; returns how many were stored.
+
+    Each file is offered in its own transfer syntax. Raises `SendError` naming the files that
+    were not stored.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return 0
+    contexts: dict[str, set[str]] = {}
+    for p in paths:
+        meta = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+        contexts.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class, syntaxes in contexts.items():
+        for ts in syntaxes:
+            ae.add_requested_context(sop_class, [ts])
+    assoc = _associate(ae, dest)
+    failed = []
+    stored = 0
+    try:
+        for p in paths:
+            status = assoc.send_c_store(p)
+            code = int(status.Status) if status else None
+            if code in STORED:
+                stored += 1
+            else:
+                failed.append(f"{p.name}: {'no answer' if code is None else f'status 0x{code:04X}'}")
+                if not assoc.is_established:
+                    break
+            if progress:
+                progress(p, code if code is not None else -1)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if failed or stored < len(paths):
+        raise SendError(f"{address(dest)} stored {stored} of {len(paths)}: {'; '.join(failed[:3])}")
+    return stored

@@ -1,0 +1,175 @@
+"""The DICOM listener: C-ECHO, and C-STORE into the spool with a row in the database.
+
+An instance is answered Success only once its file is on disk (atomic write, fsync) and its
+row is committed. Everything else gets a failure status with the reason in the log, and the
+listener keeps serving:
+
+- 0xA700 Out of Resources: the spool's disk is below the configured free-space floor, or the
+  file could not be written;
+- 0xC000 Cannot understand: the dataset cannot be parsed, or lacks valid UIDs;
+- 0x0110 Processing failure: the database could not record the instance (the sender retries).
+
+Any storage SOP class is accepted so that a series routed here by mistake is recorded and
+skipped with its reason, rather than refused without a trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy.orm import sessionmaker
+
+from node.config import Settings
+from node.ingest import spool
+from node.jobs import ReceivedInstance, association_released, record_instance
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    v = ds.get(keyword)
+    return None if v in (None, "") else str(v)[:limit]
+
+
+def _geometry(ds: Dataset) -> tuple[float | None, float | None, str | None]:
+    """(position along the slice normal, slice thickness, orientation) of an image."""
+    try:
+        if "ImageOrientationPatient" in ds:
+            iop = [float(x) for x in ds.ImageOrientationPatient]
+            thick = ds.get("SliceThickness")
+        else:  # enhanced multi-frame: the shared functional groups
+            shared = ds.SharedFunctionalGroupsSequence[0]
+            iop = [float(x) for x in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+            thick = shared.PixelMeasuresSequence[0].get("SliceThickness")
+        pos = None
+        if "ImagePositionPatient" in ds:
+            normal = np.cross(iop[:3], iop[3:])
+            pos = float(np.dot([float(x) for x in ds.ImagePositionPatient], normal))
+        return pos, (float(thick) if thick not in (None, "") else None), "\\".join(f"{x:.6f}" for x in iop)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None, None, None
+
+
+class Receiver:
+    """A pynetdicom AE serving C-ECHO and C-STORE on the configured address."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker, actor: str):
+        self.settings = settings
+        self.sessions = sessions
+        self.actor = actor
+        self.server = None
+        self.received = 0
+        self._lock = threading.Lock()
+        r = settings.receiver
+        ae = AE(ae_title=r.ae_title)
+        ae.maximum_associations = r.max_associations
+        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from senders that allow it
+        ae.network_timeout = r.network_timeout_s
+        ae.acse_timeout = r.network_timeout_s
+        ae.dimse_timeout = r.network_timeout_s
+        if r.allowed_calling_aets:
+            ae.require_calling_aet = list(r.allowed_calling_aets)
+        else:
+            log.warning("no allowed_calling_aets configured: any calling AE may store to %s", r.ae_title)
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+
+    def start(self) -> None:
+        r = self.settings.receiver
+        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_RELEASED, self._on_released), (evt.EVT_ABORTED, self._on_aborted),
+                    (evt.EVT_REJECTED, self._on_rejected)]
+        self.server = self.ae.start_server((r.host, r.port), block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", r.ae_title, r.host, r.port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    @property
+    def listening(self) -> bool:
+        return self.server is not None
+
+    # -- handlers ----------------------------------------------------------------------
+    @staticmethod
+    def _assoc_id(assoc) -> str:
+        if not hasattr(assoc, "_idaics_id"):
+            assoc._idaics_id = uuid.uuid4().hex
+        return assoc._idaics_id
+
+    def _on_echo(self, event) -> int:
+        return SUCCESS
+
+    def _on_rejected(self, event) -> None:
+        req = event.assoc.requestor
+        log.warning("association from %s (%s) rejected", req.ae_title, req.address)
+
+    def _on_released(self, event) -> None:
+        with self.sessions() as s:
+            association_released(s, self._assoc_id(event.assoc))
+            s.commit()
+
+    def _on_aborted(self, event) -> None:
+        log.warning("association from %s aborted", event.assoc.requestor.ae_title)
+
+    def _on_store(self, event) -> int | tuple[int, Dataset]:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        free = spool.free_mb(self.settings.spool_dir)
+        if free < self.settings.receiver.min_free_mb:
+            log.error("refused an instance from %s: %.0f MB free in the spool, below the floor of %d MB",
+                      calling, free, self.settings.receiver.min_free_mb)
+            return OUT_OF_RESOURCES
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop_uid = spool.check_uid(ds.SOPInstanceUID, "SOPInstanceUID")
+            path = spool.instance_path(self.settings.spool_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid)
+            if sop_uid != str(event.request.AffectedSOPInstanceUID).strip():
+                raise ValueError("the dataset's SOPInstanceUID differs from the request's")
+            pos, thick, iop = _geometry(ds)
+            frames = int(ds.get("NumberOfFrames") or 1)
+            info = dict(
+                sop_class_uid=str(event.request.AffectedSOPClassUID), sop_instance_uid=sop_uid,
+                series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
+                modality=_text(ds, "Modality", 16), study_date=_text(ds, "StudyDate", 8),
+                series_description=_text(ds, "SeriesDescription"), body_part=_text(ds, "BodyPartExamined", 16),
+                patient_name=_text(ds, "PatientName"), patient_id=_text(ds, "PatientID"),
+                position=pos, slice_thickness=thick, orientation=iop, frames=frames,
+            )
+        except Exception as exc:  # anything a malformed dataset can raise
+            log.error("could not understand an instance from %s: %s", calling, exc)
+            return CANNOT_UNDERSTAND
+        try:
+            data = event.encoded_dataset()
+            spool.write_atomic(path, data)
+        except OSError as exc:
+            log.error("could not write %s: %s", path, exc)
+            return OUT_OF_RESOURCES
+        try:
+            got = ReceivedInstance(path=str(path), size=len(data), calling_aet=calling,
+                                   called_aet=self.settings.receiver.ae_title,
+                                   association=self._assoc_id(event.assoc), **info)
+            with self.sessions() as s:
+                record_instance(s, got, self.actor)
+                s.commit()
+        except Exception as exc:
+            log.exception("could not record %s: %s", path, exc)
+            return PROCESSING_FAILURE
+        with self._lock:
+            self.received += 1
+        return SUCCESS
+

@@ -1,0 +1,276 @@
+"""The job state machine: receiving, completion, the claim, retries, recovery.
+
+RECEIVING -> QUEUED -> RUNNING -> SENDING -> DONE, or FAILED / SKIPPED with a reason. Every
+transition adds the time spent in the state it leaves to ``Job.stage_seconds`` and writes an
+audit event. Functions here take a session and plain values; the caller commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from node.config import SeriesRules
+from node.db import AuditEvent, Delivery, DeliveryState, Instance, Job, State, utcnow
+
+log = logging.getLogger(__name__)
+
+CT_STORAGE = {"1.2.840.10008.5.1.4.1.1.2": "CT Image Storage", "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage"}
+MAX_OFF_AXIS_DEG = 30.0
+EVEN_SPREAD = 0.05
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the receiver learnt about one stored instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    path: str
+    size: int
+    calling_aet: str
+    called_aet: str
+    association: str
+    modality: str | None = None
+    study_date: str | None = None
+    series_description: str | None = None
+    body_part: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    position: float | None = None
+    slice_thickness: float | None = None
+    orientation: str | None = None
+    frames: int = 1
+
+
+def audit(session: Session, job: Job | None, actor: str, event: str, detail: str | None = None) -> None:
+    session.add(AuditEvent(job=job, actor=actor, event=event, detail=detail))
+
+
+def transition(session: Session, job: Job, new: State, actor: str, reason: str | None = None,
+               now: dt.datetime | None = None) -> None:
+    now = now or utcnow()
+    spent = max(0.0, (now - job.state_since).total_seconds())
+    stages = dict(job.stage_seconds or {})
+    stages[job.state.value] = round(stages.get(job.state.value, 0.0) + spent, 3)
+    old = job.state
+    job.stage_seconds = stages
+    job.state = new
+    job.state_since = now
+    if reason is not None or new in (State.QUEUED, State.RUNNING):
+        job.reason = reason
+    audit(session, job, actor, f"{old.value}->{new.value}", reason)
+    log.info("job %s %s -> %s%s", job.id, old.value, new.value, f": {reason}" if reason else "")
+
+
+def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tuple[Job, bool]:
+    """Record a stored instance; returns its job and whether the instance is new.
+
+    Instances of a series go to its RECEIVING job, or start a new one. An instance already
+    known is a duplicate: harmless, its file was replaced with the same content.
+    """
+    known = session.execute(
+        select(Instance).join(Job).where(Instance.sop_instance_uid == got.sop_instance_uid,
+                                         Job.series_uid == got.series_uid)
+        .order_by(Instance.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    if known is not None:
+        known.received_at = utcnow()
+        if known.job.state is State.RECEIVING:
+            known.job.last_instance_at = utcnow()
+            known.job.association = got.association
+            known.job.association_released = False
+        return known.job, False
+    job = session.execute(
+        select(Job).where(Job.series_uid == got.series_uid, Job.state == State.RECEIVING).limit(1)
+    ).scalar_one_or_none()
+    if job is None:
+        job = Job(state=State.RECEIVING, study_uid=got.study_uid, series_uid=got.series_uid,
+                  calling_aet=got.calling_aet, called_aet=got.called_aet, modality=got.modality,
+                  study_date=got.study_date, series_description=got.series_description,
+                  body_part=got.body_part, patient_name=got.patient_name, patient_id=got.patient_id,
+                  instances=0, bytes_received=0, stage_seconds={})
+        session.add(job)
+        session.flush()
+        audit(session, job, actor, "received", f"first instance from {got.calling_aet}")
+    job.instances = (job.instances or 0) + 1
+    job.bytes_received = (job.bytes_received or 0) + got.size
+    job.last_instance_at = utcnow()
+    job.association = got.association
+    job.association_released = False
+    session.add(Instance(job=job, sop_instance_uid=got.sop_instance_uid, sop_class_uid=got.sop_class_uid,
+                         path=got.path, size=got.size, position=got.position,
+                         slice_thickness=got.slice_thickness, orientation=got.orientation, frames=got.frames))
+    return job, True
+
+
+def association_released(session: Session, association: str) -> None:
+    session.execute(update(Job).where(Job.association == association, Job.state == State.RECEIVING)
+                    .values(association_released=True))
+
+
+def _normal(orientation: str | None) -> np.ndarray | None:
+    try:
+        v = np.array([float(x) for x in (orientation or "").split("\\")], dtype=float)
+    except ValueError:
+        return None
+    return np.cross(v[:3], v[3:]) if v.size == 6 else None
+
+
+def evenly_stacked(instances: list[Instance]) -> bool:
+    """Slice positions form an evenly spaced stack with no gap (or one multi-frame instance)."""
+    if any(i.frames > 1 for i in instances):
+        return len(instances) == 1
+    pos = sorted(i.position for i in instances if i.position is not None)
+    if len(pos) < 2 or len(pos) != len(instances):
+        return False
+    gaps = np.diff(pos)
+    med = float(np.median(gaps))
+    return med > 0 and bool(np.all(np.abs(gaps - med) <= EVEN_SPREAD * med))
+
+
+def skip_reason(job: Job, instances: list[Instance], rules: SeriesRules) -> str | None:
+    """Why a complete series is not for this node, or None when it is."""
+    sop_classes = {i.sop_class_uid for i in instances}
+    if (job.modality or "").upper() != "CT" or not sop_classes <= set(CT_STORAGE):
+        return f"not a CT image series (modality {job.modality or 'missing'})"
+    desc = job.series_description or ""
+    for pattern in rules.skip_descriptions:
+        if re.search(pattern, desc, re.IGNORECASE):
+            return f"series description {desc!r} matches the skip rule {pattern!r}"
+    if rules.body_parts and (job.body_part or "").upper() not in {b.upper() for b in rules.body_parts}:
+        return f"body part {job.body_part or 'missing'} is not one of {', '.join(rules.body_parts)}"
+    normals = [n for i in instances if (n := _normal(i.orientation)) is not None]
+    if normals:
+        off = float(np.degrees(np.arccos(min(1.0, abs(float(np.median([abs(n[2]) for n in normals])))))))
+        if off > MAX_OFF_AXIS_DEG:
+            return f"not an axial series (slices {off:.0f} degrees from the body axis)"
+    thick = [i.slice_thickness for i in instances if i.slice_thickness]
+    if thick and float(np.median(thick)) > rules.max_slice_thickness_mm:
+        return f"slices {float(np.median(thick)):.1f} mm thick (at most {rules.max_slice_thickness_mm:g} mm)"
+    frames = sum(i.frames for i in instances)
+    if frames < rules.min_instances:
+        return f"only {frames} slices (at least {rules.min_instances})"
+    return None
+
+
+def complete_series(session: Session, rules: SeriesRules, actor: str, now: dt.datetime | None = None) -> list[Job]:
+    """Move RECEIVING jobs whose series is complete to QUEUED, or SKIPPED with the reason."""
+    now = now or utcnow()
+    done = []
+    for job in session.execute(select(Job).where(Job.state == State.RECEIVING)).scalars():
+        quiet = (now - job.last_instance_at).total_seconds() >= rules.quiet_seconds
+        instances = list(job.received)
+        if not quiet and not (job.association_released and evenly_stacked(instances)):
+            continue
+        why = skip_reason(job, instances, rules)
+        if why:
+            transition(session, job, State.SKIPPED, actor, why, now)
+        else:
+            transition(session, job, State.QUEUED, actor, None, now)
+        done.append(job)
+    return done
+
+
+def claim(session: Session, worker: str) -> Job | None:
+    """Take the oldest QUEUED job for ``worker``; safe with many workers on many hosts.
+
+    On PostgreSQL the row is locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers
+    pass over each other's rows; elsewhere (SQLite, one writer at a time) a conditional
+    update makes sure that only one worker moves it from QUEUED. Commits.
+    """
+    q = select(Job).where(Job.state == State.QUEUED).order_by(Job.id).limit(1)
+    if session.get_bind().dialect.name == "postgresql":
+        job = session.execute(q.with_for_update(skip_locked=True)).scalar_one_or_none()
+        if job is None:
+            session.rollback()
+            return None
+    else:
+        for _ in range(10):
+            job = session.execute(q).scalar_one_or_none()
+            if job is None:
+                session.rollback()
+                return None
+            won = session.execute(update(Job).where(Job.id == job.id, Job.state == State.QUEUED)
+                                  .values(worker=worker)).rowcount
+            if won == 1:
+                break
+            session.rollback()
+        else:
+            return None
+    now = utcnow()
+    job.worker = worker
+    job.heartbeat_at = now
+    job.attempts = (job.attempts or 0) + 1
+    transition(session, job, State.RUNNING, worker, None, now)
+    session.commit()
+    return job
+
+
+def heartbeat(session: Session, job_id: int, worker: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == State.RUNNING)
+                    .values(heartbeat_at=utcnow()))
+    session.commit()
+
+
+def requeue_stale(session: Session, stale_after_s: float, max_attempts: int, actor: str,
+                  dead=lambda worker: False) -> list[Job]:
+    """RUNNING jobs whose worker is gone (``dead(worker)``, or silent for ``stale_after_s``)
+    are queued again, or FAILED once they have had ``max_attempts``."""
+    now = utcnow()
+    out = []
+    for job in session.execute(select(Job).where(Job.state == State.RUNNING)).scalars():
+        silent = job.heartbeat_at is None or (now - job.heartbeat_at).total_seconds() > stale_after_s
+        if not (silent or dead(job.worker or "")):
+            continue
+        why = f"worker {job.worker} stopped while running the job"
+        if job.attempts >= max_attempts:
+            transition(session, job, State.FAILED, actor, f"{why}; {job.attempts} attempts made", now)
+        else:
+            transition(session, job, State.QUEUED, actor, None, now)
+            audit(session, job, actor, "requeued", why)
+        out.append(job)
+    return out
+
+
+def retry(session: Session, job: Job, actor: str) -> None:
+    """Run the analysis again (from FAILED, SKIPPED or DONE)."""
+    if job.state in (State.RUNNING, State.RECEIVING, State.QUEUED):
+        raise ValueError(f"job {job.id} is {job.state.value}; nothing to retry")
+    if job.instances_deleted:
+        raise ValueError(f"job {job.id}: its instances were removed by the retention rule")
+    job.attempts = 0
+    transition(session, job, State.QUEUED, actor, None)
+    audit(session, job, actor, "retry requested")
+
+
+def resend(session: Session, job: Job, actor: str) -> list[Delivery]:
+    """Send the results of a finished job again to each of its destinations."""
+    if not job.deliveries or job.outputs_dir is None:
+        raise ValueError(f"job {job.id} has no results to send")
+    if job.state in (State.RUNNING, State.RECEIVING, State.QUEUED):
+        raise ValueError(f"job {job.id} is {job.state.value}")
+    fresh = []
+    for name, address in dict((d.destination, d.address) for d in job.deliveries).items():
+        d = Delivery(job=job, destination=name, address=address, state=DeliveryState.PENDING, attempts=0,
+                     next_try_at=utcnow(), history=[])
+        session.add(d)
+        fresh.append(d)
+    transition(session, job, State.SENDING, actor, None)
+    audit(session, job, actor, "resend requested", ", ".join(d.destination for d in fresh))
+    return fresh
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    out = {s.value: 0 for s in State}
+    out.update({s.value: n for s, n in rows})
+    return out

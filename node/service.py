@@ -1,0 +1,143 @@
+"""The node: receiver, scheduler, workers and sender wired together, and stopped cleanly.
+
+The scheduler (apscheduler) runs, each in its own thread and never twice at once:
+- the completion check (which RECEIVING series are complete), every second;
+- the deliveries that are due (retries with backoff), every two seconds;
+- the recovery of jobs whose worker died, every ten seconds (and once at start);
+- the retention clean-up of spooled instances of DONE jobs, every ten minutes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing as mp
+import signal
+import threading
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select
+
+from node.config import Settings
+from node.db import Job, State, actor, make_engine, make_sessions, utcnow
+from node.export.delivery import deliver_due
+from node.ingest import spool
+from node.ingest.scp import Receiver
+from node.jobs import audit, complete_series, requeue_stale
+from node.worker import dead_here, worker_process
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        self.sessions = make_sessions(self.engine)
+        self.actor = actor()
+        self.receiver = Receiver(settings, self.sessions, self.actor)
+        self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
+        self.workers: list[mp.Process] = []
+        self.stopped = threading.Event()
+        self.web = None
+
+    # -- scheduled checks ----------------------------------------------------------------
+    def check_completion(self) -> None:
+        with self.sessions() as s:
+            complete_series(s, self.settings.series, self.actor)
+            s.commit()
+
+    def check_deliveries(self) -> None:
+        deliver_due(self.sessions, self.settings, self.actor)
+
+    def recover(self) -> None:
+        w = self.settings.workers
+        with self.sessions() as s:
+            requeue_stale(s, w.stale_after_seconds, w.max_attempts, self.actor, dead=dead_here)
+            s.commit()
+
+    def clean_up(self) -> None:
+        hours = self.settings.retention.delete_instances_after_hours
+        if hours <= 0:
+            return
+        before = utcnow() - dt.timedelta(hours=hours)
+        with self.sessions() as s:
+            jobs = s.execute(select(Job).where(Job.state == State.DONE, Job.state_since < before,
+                                               Job.instances_deleted.is_(False))).scalars().all()
+            for job in jobs:
+                n = spool.remove_files([i.path for i in job.received])
+                job.instances_deleted = True
+                audit(s, job, self.actor, "instances removed", f"{n} files, {hours:g} h after DONE")
+            s.commit()
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start_workers(self) -> None:
+        ctx = mp.get_context("spawn")
+        for i in range(self.settings.workers.count):
+            p = ctx.Process(target=worker_process, args=self._worker_args(), name=f"idaics-worker-{i + 1}")
+            p.start()
+            self.workers.append(p)
+
+    def _worker_args(self) -> tuple[str, int]:
+        return self.settings.model_dump_json(), logging.getLogger("node").getEffectiveLevel()
+
+    def start(self) -> None:
+        self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        self.receiver.start()
+        every = [(self.check_completion, 1), (self.check_deliveries, 2), (self.recover, 10), (self.clean_up, 600)]
+        for fn, seconds in every:
+            self.scheduler.add_job(fn, "interval", seconds=seconds, max_instances=1, coalesce=True,
+                                   id=fn.__name__, misfire_grace_time=seconds * 5)
+        self.scheduler.start()
+        self.start_workers()
+        if self.settings.web.enabled:
+            self.start_web()
+        log.info("node started: %d worker(s), database %s, spool %s", len(self.workers),
+                 self.engine.url.render_as_string(hide_password=True), self.settings.spool_dir)
+
+    def start_web(self) -> None:
+        try:
+            from node.web.server import WebServer
+        except ImportError:  # the admin page is optional
+            return
+        self.web = WebServer(self)
+        self.web.start()
+
+    def workers_alive(self) -> int:
+        return sum(p.is_alive() for p in self.workers)
+
+    def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        log.info("stopping")
+        self.receiver.stop()
+        if self.web is not None:
+            self.web.stop()
+        self.scheduler.shutdown(wait=True)
+        for p in self.workers:
+            p.terminate()
+        for p in self.workers:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        self.engine.dispose()
+
+    def serve_forever(self) -> None:
+        """Start, and run until SIGTERM or SIGINT."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopped.set())
+        self.start()
+        try:
+            while not self.stopped.wait(1.0):
+                for i, p in enumerate(self.workers):
+                    if not p.is_alive() and not self.stopped.is_set():
+                        log.error("worker %s exited (code %s); starting another", p.name, p.exitcode)
+                        ctx = mp.get_context("spawn")
+                        q = ctx.Process(target=worker_process, args=self._worker_args(), name=p.name)
+                        q.start()
+                        self.workers[i] = q
+        finally:
+            self.stopped.clear()
+            self.stop()

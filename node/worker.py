@@ -1,0 +1,165 @@
+"""Workers: claim a queued job, analyse its series, write the DICOM results, send them.
+
+Each worker is a process that loads the model once and keeps it warm. While it runs a job
+it beats a heartbeat into the job's row; a job whose worker dies is queued again by the
+node (see `node.jobs.requeue_stale`). `idaics worker` runs workers alone, against a shared
+database and spool, so that GPU hosts can be added.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from node.analysis.report import write_json, write_previews
+from node.analysis.study import analyze_volume
+from node.analysis.volume import VolumeError, load_series
+from node.config import Settings
+from node import logs
+from node.db import Job, State, actor, make_engine, make_sessions
+from node.export.delivery import deliver_due, queue_deliveries
+from node.ingest import spool
+from node.inference.model import DiscModel, load_model
+from node.jobs import claim, heartbeat, transition
+from node.outputs import build_outputs, write_outputs
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (a killed node leaves no orphan)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers; look at its state
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def dead_here(worker: str) -> bool:
+    """Whether a worker named "host:pid" ran on this host and its process is gone."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+
+
+class _Heartbeat:
+    def __init__(self, sessions, job_id: int, worker: str, every: float):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(sessions, job_id, worker, every), daemon=True)
+
+    def _run(self, sessions, job_id, worker, every):
+        while not self.stop.wait(every):
+            try:
+                with sessions() as s:
+                    heartbeat(s, job_id, worker)
+            except Exception as exc:  # the database may be busy; the next beat tries again
+                log.warning("heartbeat of job %s: %s", job_id, exc)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, worker: str) -> None:
+    """Analyse one claimed (RUNNING) job and hand its results to the sender."""
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        paths = [Path(i.path) for i in job.received]
+    out = spool.outbox(settings.spool_dir, job_id)
+    try:
+        vol = load_series(paths)
+    except VolumeError as exc:
+        with sessions() as s:
+            transition(s, s.get(Job, job_id), State.SKIPPED, worker, f"cannot analyse: {exc}")
+            s.commit()
+        return
+    result = analyze_volume(vol, model)
+    outputs = build_outputs(result, vol, model.card, settings.outputs.settings(socket.gethostname()))
+    if out.exists():
+        shutil.rmtree(out)
+    write_outputs(outputs, out / "dicom")
+    write_json(result, out / "result.json")
+    write_previews(result, vol, out / "previews", model.card.windowing, model.card.views)
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        if job.state is not State.RUNNING or job.worker != worker:
+            log.warning("job %s was taken from this worker while it ran; results discarded", job_id)
+            return
+        job.result = {**result.to_dict(), "objects": [n for n, _ in outputs.datasets()],
+                      "output_timings_s": {k: round(v, 3) for k, v in outputs.timings.items()}}
+        job.outputs_dir = str(out)
+        queue_deliveries(s, job, settings, worker)
+        s.commit()
+    deliver_due(sessions, settings, worker, job_id)
+
+
+def run_claimed(settings: Settings, sessions, model: DiscModel, job: Job, worker: str) -> None:
+    """Run a claimed job; an unexpected error queues it again, or fails it after the last attempt."""
+    with _Heartbeat(sessions, job.id, worker, settings.workers.heartbeat_seconds):
+        try:
+            process_job(settings, sessions, model, job.id, worker)
+        except Exception as exc:
+            log.exception("job %s failed on attempt %d", job.id, job.attempts)
+            with sessions() as s:
+                j = s.get(Job, job.id)
+                if j.state is State.RUNNING:
+                    why = f"attempt {j.attempts}: {type(exc).__name__}: {exc}"
+                    final = j.attempts >= settings.workers.max_attempts
+                    transition(s, j, State.FAILED if final else State.QUEUED, worker, why)
+                    s.commit()
+
+
+def work(settings: Settings, stop: threading.Event | None = None, once: bool = False) -> None:
+    """The worker loop: claim, run, repeat until ``stop`` is set."""
+    stop = stop or threading.Event()
+    engine = make_engine(settings.database_url)
+    sessions = make_sessions(engine)
+    model = load_model(settings.model, settings.workers.device)
+    name = actor()
+    log.info("worker %s ready: model %s on %s", name, model.card.name, model.device)
+    while not stop.is_set():
+        with sessions() as s:
+            job = claim(s, name)
+        if job is None:
+            if once:
+                return
+            stop.wait(settings.workers.poll_seconds)
+            continue
+        log.info("worker %s runs job %s (series %s)", name, job.id, job.series_uid)
+        run_claimed(settings, sessions, model, job, name)
+        if once:
+            return
+
+
+def worker_process(settings_json: str, log_level: int = logging.INFO) -> None:
+    """Entry point of a worker process started by the node."""
+    _die_with_parent()
+    logs.setup(min(log_level, logging.INFO), log_level)
+    settings = Settings.model_validate_json(settings_json)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers itself
+    work(settings, stop)
+
