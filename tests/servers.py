@@ -92,3 +92,161 @@ def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+DCMTK_BIN = Path("/usr/bin")
+
+
+def dcmtk(tool: str) -> str:
+    """The path of a dcmtk tool (Debian package dcmtk), not pynetdicom's namesake script."""
+    path = DCMTK_BIN / tool
+    if not path.is_file():
+        raise RuntimeError(f"dcmtk's {tool} is not installed (Debian package dcmtk; deploy/test.sh installs it)")
+    return str(path)
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    """A small TOML writer for test configurations (scalars, lists, tables, arrays of tables)."""
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines, tables, arrays = [], [], []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            arrays.append((k, v))
+        else:
+            lines.append(f"{k} = {value(v)}")
+    out = "\n".join(lines) + "\n"
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        out += f"\n[{name}]\n" + to_toml(v, name + ".")
+    for k, items in arrays:
+        for item in items:
+            out += f"\n[[{prefix}{k}]]\n" + to_toml(item, f"{prefix}{k}.")
+    return out
+
+
+@dataclass
+class NodeProcess:
+    """`idaics serve` run as a real process, with its own configuration file."""
+
+    config: Path
+    home: Path
+    port: int
+    ae_title: str
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "NodeProcess":
+        import os
+        import sys
+
+        log = open(self.home / "serve.log", "ab")
+        env = {**os.environ, "IDAICS_CONFIG": str(self.config)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], stdout=log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"idaics serve exited: {self.log()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"idaics serve did not listen: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        p = self.home / "serve.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a power cut would stop it."""
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def node_config(home: Path, **overrides) -> tuple[Path, dict]:
+    """A configuration for a test node on loopback; returns its path and its values."""
+    cfg = {
+        "home": str(home),
+        "database_url": "sqlite:///idaics.db",
+        "receiver": {"ae_title": "IDAICS", "host": "127.0.0.1", "port": free_port(),
+                     "allowed_calling_aets": ["MODALITY", "IDAICS_TEST"], "min_free_mb": 10},
+        "series": {"quiet_seconds": 2.0, "skip_descriptions": ["scout"]},
+        "workers": {"count": 1, "heartbeat_seconds": 1.0, "stale_after_seconds": 30.0},
+        "sending": {"backoff_seconds": 1.0, "max_attempts": 3},
+        "web": {"enabled": False},
+    }
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "node.toml"
+    path.write_text(to_toml(cfg))
+    return path, cfg
+
+
+@contextmanager
+def postgres():
+    """A PostgreSQL server of the Debian package on a free loopback port; yields its URL."""
+    import glob
+    import os
+    import pwd
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bins:
+        raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; deploy/test.sh installs it)")
+    bin_dir = Path(bins[-1])
+    import tempfile
+
+    # its own folder: pytest's temporary folders are private to the test user, and the
+    # server runs as the postgres user when the tests run as root
+    workdir = Path(tempfile.mkdtemp(prefix="idaics-pg-"))
+    data = workdir / "pgdata"
+    sock = workdir / "pgsock"
+    sock.mkdir()
+    port = free_port()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        pw = pwd.getpwnam("postgres")
+        for p in (workdir, sock):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "pg.log"), "-w",
+                    "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -80,8 +80,8 @@ def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor:
         if not files:
             raise SendError("no result files in the outbox")
         send_files(files, dest, settings.sending.calling_ae_title, settings.sending.timeout_s)
-    except (SendError, OSError, ValueError) as exc:
-        error = str(exc)
+    except Exception as exc:  # whatever went wrong, it is recorded and tried again later
+        error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
     seconds = round(time.perf_counter() - t0, 3)
     with sessions() as s:
         d = s.get(Delivery, delivery_id)
