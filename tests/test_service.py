@@ -1,0 +1,193 @@
+"""The node end to end with real processes on loopback: Orthanc as the PACS, dcmtk's storescu
+and echoscu as the modality, `idaics serve` in between."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from node.config import Settings
+from node.db import Job, State, make_engine, make_sessions
+from node.ingest.scp import OUT_OF_RESOURCES, Receiver
+from node.ingest.spool import SpoolError, instance_path
+from node.phantom.generate import SERIES_DIR
+from tests.servers import NodeProcess, dcmtk, free_port, node_config, orthanc
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    with orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+def start_node(home: Path, pacs, **overrides) -> tuple[NodeProcess, dict]:
+    dest = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+    path, cfg = node_config(home, destinations=[dest], default_destinations=["pacs"], **overrides)
+    node = NodeProcess(path, home, cfg["receiver"]["port"], cfg["receiver"]["ae_title"]).start()
+    return node, cfg
+
+
+def jobs(home: Path) -> list[Job]:
+    engine = make_engine(f"sqlite:///{home / 'idaics.db'}")
+    with make_sessions(engine)() as s:
+        out = s.query(Job).order_by(Job.id).all()
+        for j in out:  # load what the tests look at before the session closes
+            _ = (j.deliveries, j.events, j.received)
+    engine.dispose()
+    return out
+
+
+def wait_job(home: Path, until, timeout: float = 180, index: int = -1) -> Job:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        js = jobs(home)
+        if js and until(js[index]):
+            return js[index]
+        time.sleep(0.3)
+    raise AssertionError(f"job did not get there in {timeout} s: {[(j.id, j.state, j.reason) for j in jobs(home)]}")
+
+
+def storescu(node: NodeProcess, path: Path, aet: str = "MODALITY") -> subprocess.CompletedProcess:
+    return subprocess.run([dcmtk("storescu"), "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port),
+                           "-R", "+sd", str(path)], capture_output=True, text=True, timeout=300, check=False)
+
+
+def echoscu(node: NodeProcess, aet: str) -> subprocess.CompletedProcess:
+    return subprocess.run([dcmtk("echoscu"), "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def in_pacs(pacs, study_uid: str, modality: str) -> list[Dataset]:
+    found = pacs.post_json("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid,
+                                                                          "Modality": modality}})
+    return [pydicom.dcmread(pacs.get_file(f"/instances/{i}/file")) for i in found]
+
+
+def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom, pacs, tmp_path, shared_data):
+    node, _ = start_node(tmp_path / "node", pacs)
+    try:
+        sent = storescu(node, phantom.folder / SERIES_DIR)
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        job = wait_job(node.home, lambda j: j.state in (State.DONE, State.FAILED, State.SKIPPED))
+        assert job.state is State.DONE, (job.reason, node.log()[-3000:])
+        assert job.instances == 150 and job.calling_aet == "MODALITY"
+        assert set(job.stage_seconds) >= {"RECEIVING", "QUEUED", "RUNNING", "SENDING"}
+        study = phantom.truth["study_instance_uid"]
+        ct_series = pydicom.dcmread(next((phantom.folder / SERIES_DIR).iterdir())).SeriesInstanceUID
+        (seg,) = in_pacs(pacs, study, "SEG")
+        (sr,) = in_pacs(pacs, study, "SR")
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_series
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        assert ct_series in {x.SeriesInstanceUID for x in evidence}
+        assert len(in_pacs(pacs, study, "OT")) == 2 * len(job.result["levels"])
+        levels = {lv["level"] for lv in job.result["levels"]}
+        assert {lv["level"] for lv in phantom.truth["levels"]} <= levels
+
+        # the same study again: every instance is a duplicate, no new job
+        again = storescu(node, phantom.folder / SERIES_DIR)
+        assert again.returncode == 0
+        time.sleep(3)
+        assert [j.id for j in jobs(node.home)] == [job.id]
+
+        # a series that is not CT is received, then skipped with the reason
+        seg_file = shared_data / "real" / "third_party_seg_sr" / "liver.dcm"
+        assert storescu(node, seg_file).returncode == 0
+        skipped = wait_job(node.home, lambda j: j.id != job.id and j.state is State.SKIPPED, 60)
+        assert "not a CT image series (modality SEG)" in skipped.reason
+
+        # an unknown calling AE is refused at association; a known one is served
+        refused = echoscu(node, "STRANGER")
+        assert refused.returncode != 0 and "Rejected" in (refused.stdout + refused.stderr)
+        assert echoscu(node, "MODALITY").returncode == 0
+
+        # a dataset that cannot be parsed gets 0xC000, and the node goes on serving
+        assert send_malformed(node) == 0xC000
+        assert echoscu(node, "MODALITY").returncode == 0
+        assert "could not understand an instance from IDAICS_TEST" in node.log()
+    finally:
+        node.stop()
+
+
+def send_malformed(node: NodeProcess) -> int:
+    """A C-STORE whose dataset is cut off inside its first element, sent as raw bytes (a
+    well-behaved SCU library would refuse to encode it)."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    ae = AE(ae_title="IDAICS_TEST")
+    ae.add_requested_context(CT_IMAGE, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        req = C_STORE()
+        req.MessageID, req.Priority = 1, 2
+        req.AffectedSOPClassUID = CT_IMAGE
+        req.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        # (0008,0016) UI claiming 32766 bytes, followed by 8
+        req.DataSet = BytesIO(b"\x08\x00\x16\x00UI\xfe\x7f" + b"1.2.3.45")
+        cx = assoc._get_valid_context(CT_IMAGE, "", "scu")
+        assoc.dimse.send_msg(req, cx.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def test_a_node_killed_while_it_runs_a_job_finishes_it_after_restart(phantom, pacs, tmp_path):
+    home = tmp_path / "node"
+    node, _ = start_node(home, pacs)
+    try:
+        assert storescu(node, phantom.folder / SERIES_DIR).returncode == 0
+        running = wait_job(home, lambda j: j.state is State.RUNNING, 120)
+        node.kill()
+        worker_pid = int(running.worker.rsplit(":", 1)[1])
+        from node.worker import pid_alive
+
+        t_end = time.monotonic() + 10
+        while pid_alive(worker_pid) and time.monotonic() < t_end:
+            time.sleep(0.1)
+        assert not pid_alive(worker_pid), "the worker outlived the node"
+        assert jobs(home)[-1].state is State.RUNNING  # as the crash left it
+        node.start()
+        job = wait_job(home, lambda j: j.state in (State.DONE, State.FAILED), 180)
+        assert job.state is State.DONE, job.reason
+        assert job.attempts == 2 and job.instances == 150 and len(job.received) == 150
+        assert "requeued" in [e.event for e in job.events]
+        assert all(Path(i.path).is_file() for i in job.received)
+        study = phantom.truth["study_instance_uid"]
+        assert len(in_pacs(pacs, study, "SEG")) >= 1 and len(in_pacs(pacs, study, "SR")) >= 1
+    finally:
+        node.stop()
+
+
+def test_below_the_free_space_floor_the_answer_is_out_of_resources(phantom, tmp_path):
+    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "min_free_mb": 10**9})
+    sessions = make_sessions(make_engine(settings.database_url))
+    rx = Receiver(settings, sessions, "test")
+    rx.start()
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CT_IMAGE)
+        assoc = ae.associate("127.0.0.1", settings.receiver.port, ae_title="IDAICS")
+        ds = pydicom.dcmread(next((phantom.folder / SERIES_DIR).iterdir()))
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert int(status.Status) == OUT_OF_RESOURCES
+        assert not (tmp_path / "spool" / "incoming").exists()
+    finally:
+        rx.stop()
+
+
+@pytest.mark.parametrize("uid", ["../../etc", "1.2.3/4", "1.2..3", "", "1" * 65, "1.2.3\x00x"])
+def test_no_received_value_becomes_a_path_without_being_a_uid(tmp_path, uid):
+    with pytest.raises(SpoolError):
+        instance_path(tmp_path, "1.2.3", "1.2.4", uid)
