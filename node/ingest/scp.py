@@ -9,28 +9,33 @@ listener keeps serving:
 - 0xC000 Cannot understand: the dataset cannot be parsed, or lacks valid UIDs;
 - 0x0110 Processing failure: the database could not record the instance (the sender retries).
 
-Any storage SOP class is accepted so that a series routed here by mistake is recorded and
-skipped with its reason, rather than refused without a trace.
+CT and Enhanced CT are accepted in every transfer syntax; any other storage SOP class is
+accepted uncompressed, so that a series routed here by mistake is recorded and skipped with
+its reason rather than refused without a trace.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import uuid
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Settings
 from node.ingest import spool
-from node.jobs import ReceivedInstance, association_released, record_instance
+from node.jobs import CT_STORAGE, ReceivedInstance, association_released, record_instance
 
 log = logging.getLogger(__name__)
 
+UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
@@ -61,6 +66,68 @@ def _geometry(ds: Dataset) -> tuple[float | None, float | None, str | None]:
         return None, None, None
 
 
+class _Recorder:
+    """Records stored instances in the database with group commits.
+
+    Handlers hand over an instance whose file is written and wait; one thread syncs the
+    folders of everything waiting (once per folder), records it all in one transaction and
+    then lets the handlers answer. Under parallel senders this costs one folder sync and one
+    commit per batch rather than per instance, and still nothing is answered before it is
+    durable.
+    """
+
+    BATCH = 64
+
+    def __init__(self, sessions: sessionmaker, actor: str):
+        self.sessions = sessions
+        self.actor = actor
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="idaics-recorder", daemon=True)
+        self.thread.start()
+
+    def record(self, got: ReceivedInstance, timeout: float = 120) -> None:
+        done = threading.Event()
+        box: list[BaseException | None] = [None]
+        self.queue.put((got, done, box))
+        if not done.wait(timeout):
+            raise TimeoutError("the database did not record the instance in time")
+        if box[0] is not None:
+            raise box[0]
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(30)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.BATCH:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)
+                    break
+                batch.append(nxt)
+            error: BaseException | None = None
+            try:
+                for folder in {str(Path(got.path).parent) for got, _, _ in batch}:
+                    spool.fsync_dir(Path(folder))
+                with self.sessions() as s:
+                    for got, _, _ in batch:
+                        record_instance(s, got, self.actor)
+                    s.commit()
+            except BaseException as exc:  # every waiting handler answers with the failure
+                error = exc
+            for _, done, box in batch:
+                box[0] = error
+                done.set()
+
+
 class Receiver:
     """A pynetdicom AE serving C-ECHO and C-STORE on the configured address."""
 
@@ -69,6 +136,7 @@ class Receiver:
         self.sessions = sessions
         self.actor = actor
         self.server = None
+        self.recorder: _Recorder | None = None
         self.received = 0
         self._lock = threading.Lock()
         r = settings.receiver
@@ -83,8 +151,12 @@ class Receiver:
         else:
             log.warning("no allowed_calling_aets configured: any calling AE may store to %s", r.ae_title)
         ae.add_supported_context(Verification)
+        # CT in every transfer syntax (compressed ones are decoded at analysis); any other
+        # storage class uncompressed, only to be recorded and skipped. pynetdicom copies the
+        # whole list for each association, so it is kept short.
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ct = cx.abstract_syntax in CT_STORAGE
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES if ct else UNCOMPRESSED)
         self.ae = ae
 
     def start(self) -> None:
@@ -92,6 +164,7 @@ class Receiver:
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_RELEASED, self._on_released), (evt.EVT_ABORTED, self._on_aborted),
                     (evt.EVT_REJECTED, self._on_rejected)]
+        self.recorder = _Recorder(self.sessions, self.actor)
         self.server = self.ae.start_server((r.host, r.port), block=False, evt_handlers=handlers)
         log.info("listening as %s on %s:%d", r.ae_title, r.host, r.port)
 
@@ -99,6 +172,9 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        if self.recorder is not None:
+            self.recorder.stop()
+            self.recorder = None
 
     @property
     def listening(self) -> bool:
@@ -155,7 +231,7 @@ class Receiver:
             return CANNOT_UNDERSTAND
         try:
             data = event.encoded_dataset()
-            spool.write_atomic(path, data)
+            spool.write_atomic(path, data, sync_dir=False)  # the recorder syncs the folder
         except OSError as exc:
             log.error("could not write %s: %s", path, exc)
             return OUT_OF_RESOURCES
@@ -163,9 +239,7 @@ class Receiver:
             got = ReceivedInstance(path=str(path), size=len(data), calling_aet=calling,
                                    called_aet=self.settings.receiver.ae_title,
                                    association=self._assoc_id(event.assoc), **info)
-            with self.sessions() as s:
-                record_instance(s, got, self.actor)
-                s.commit()
+            self.recorder.record(got)
         except Exception as exc:
             log.exception("could not record %s: %s", path, exc)
             return PROCESSING_FAILURE

@@ -40,7 +40,7 @@ def outbox(spool: Path, job_id: int) -> Path:
     return spool / "outbox" / str(int(job_id))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -48,9 +48,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` so that it is either wholly there or not at all, and on disk
-    (temporary file in the same folder, fsync, rename, fsync of the folder)."""
+    (temporary file in the same folder, fsync, rename, fsync of the folder). With
+    ``sync_dir=False`` the caller syncs the folder (`fsync_dir`), once for many files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
@@ -62,7 +63,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def free_mb(spool: Path) -> float:
