@@ -21,7 +21,11 @@ from node.db import AuditEvent, Delivery, DeliveryState, Instance, Job, State, u
 
 log = logging.getLogger(__name__)
 
-CT_STORAGE = {"1.2.840.10008.5.1.4.1.1.2": "CT Image Storage", "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage"}
+CT_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
 MAX_OFF_AXIS_DEG = 30.0
 EVEN_SPREAD = 0.05
 

@@ -15,7 +15,7 @@ import pytest
 from pynetdicom import AE
 
 from node.analysis.study import StudyResult, analyze_volume
-from node.analysis.volume import Volume, load_folder
+from node.analysis.volume import Volume, load_folder, load_series
 from node.classes import DiscClass
 from node.geometry import Plane, axial_grid, plane_mask_voxels
 from node.inference.model import load_model
@@ -38,6 +38,7 @@ ACCEPTED_WARNINGS = {
 
 @dataclass(frozen=True)
 class Made:
+    folder: Path
     vol: Volume
     result: StudyResult
     segments: tuple[Segment, ...]
@@ -55,7 +56,7 @@ def made(phantoms, tmp_path_factory) -> list[Made]:
         outputs = build_outputs(result, vol, model.card, OutputSettings())
         folder = tmp_path_factory.mktemp("dicom-out")
         paths = {f.stem: f for f in write_outputs(outputs, folder)}
-        out.append(Made(vol, result, outputs.segments, paths))
+        out.append(Made(p.folder, vol, result, outputs.segments, paths))
     return out
 
 
@@ -243,3 +244,42 @@ def test_a_mask_on_a_plane_lands_on_the_voxels_it_covers():
     assert one[:, 2].min() == 15 and one[:, 2].max() == 25
     # a thin slab never leaves holes: at least the one slice the plane lies in
     assert set(plane_mask_voxels(mask, plane, 0.1, grid)[:, 0]) == {10}
+
+
+def enhanced_ct(folder: Path, sop_class: str | None = None) -> pydicom.Dataset:
+    """The phantom's series as one multi-frame CT instance (highdicom's legacy conversion)."""
+    import highdicom as hd
+
+    frames = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    ds = hd.legacy.LegacyConvertedEnhancedCTImage(frames, series_instance_uid=hd.UID(), series_number=50,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    if sop_class:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    return ds
+
+
+def test_an_enhanced_ct_instance_gives_the_same_volume_and_a_seg_on_its_frames(made, tmp_path):
+    m = made[0]
+    path = tmp_path / "enhanced.dcm"
+    enhanced_ct(m.folder / SERIES_DIR).save_as(path)
+    vol = load_series([path])
+    assert vol.multi_frame and len(vol.instances) == 1
+    assert np.array_equal(vol.hu, m.vol.hu) and np.allclose(vol.grid.affine, m.vol.grid.affine)
+    card = load_model(MODEL).card
+    outputs = build_outputs(m.result, vol, card, OutputSettings())
+    paths = write_outputs(outputs, tmp_path / "out")
+    for p in paths[:3]:
+        errors, warnings = dciodvfy(p)
+        assert not errors, (p.name, errors)
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
+    src = vol.instances[0]
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
+        n = int(ref.ReferencedFrameNumber)
+        want = src.PerFrameFunctionalGroupsSequence[n - 1].PlanePositionSequence[0].ImagePositionPatient
+        assert [float(x) for x in frame.PlanePositionSequence[0].ImagePositionPatient] == pytest.approx(
+            [float(x) for x in want])
+    back = seg_voxels_lps(seg)
+    for s in m.segments:  # the same voxels as from the single-frame series
+        assert as_set(back[s.number]) == as_set(m.vol.grid.to_patient(s.voxels))

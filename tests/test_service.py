@@ -18,8 +18,12 @@ from node.ingest.scp import OUT_OF_RESOURCES, Receiver
 from node.ingest.spool import SpoolError, instance_path
 from node.phantom.generate import SERIES_DIR
 from tests.servers import NodeProcess, dcmtk, free_port, node_config, orthanc
+from tests.test_outputs import enhanced_ct
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: The phantom converted to one multi-frame instance and labelled Enhanced CT Image Storage:
+#: the receiver and the loader read the same per-frame functional groups from either class.
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +116,29 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         assert send_malformed(node) == 0xC000
         assert echoscu(node, "MODALITY").returncode == 0
         assert "could not understand an instance from IDAICS_TEST" in node.log()
+
+        # the same study as one Enhanced CT instance: received, analysed, results in the PACS
+        enh = enhanced_ct(phantom.folder / SERIES_DIR, ENHANCED_CT)
+        assert store(node, enh) == 0x0000
+        final = (State.DONE, State.FAILED, State.SKIPPED)
+        ej = wait_job(node.home, lambda j: j.series_uid == enh.SeriesInstanceUID and j.state in final)
+        assert ej.state is State.DONE, ej.reason
+        refs = {s.ReferencedSeriesSequence[0].SeriesInstanceUID for s in in_pacs(pacs, study, "SEG")}
+        assert refs == {ct_series, enh.SeriesInstanceUID}
     finally:
         node.stop()
+
+
+def store(node: NodeProcess, ds: Dataset, aet: str = "IDAICS_TEST") -> int:
+    ae = AE(ae_title=aet)
+    ae.dimse_timeout = 300  # one large multi-frame instance, on a busy machine
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
 
 
 def send_malformed(node: NodeProcess) -> int:

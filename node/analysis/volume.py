@@ -44,6 +44,15 @@ class Volume:
     #: The instances' headers (no pixel data) in slice order: what derived objects copy
     #: their patient, study and frame-of-reference modules from and reference.
     headers: tuple[Dataset, ...] = ()
+    #: The received instances' headers: the same as ``headers`` for a single-frame series, the
+    #: one multi-frame instance (whose frames the headers describe) for an enhanced CT.
+    instances: tuple[Dataset, ...] = ()
+    #: Frame index (0-based) within its instance of each header's slice.
+    frames: tuple[int, ...] = ()
+
+    @property
+    def multi_frame(self) -> bool:
+        return len(self.instances) == 1 and len(self.headers) > 1
 
 
 def _read(path: Path) -> Dataset | None:
@@ -64,9 +73,13 @@ def load_series(paths: Iterable[Path]) -> Volume:
     Slices are sorted by their position along the slice normal (not by file name or
     instance number), rescaled to HU, and ordered from the most cranial to the most caudal.
     """
-    datasets = [ds for p in sorted(paths) if (ds := _read(p)) is not None and "PixelData" in ds]
-    if not datasets:
+    read = [ds for p in sorted(paths) if (ds := _read(p)) is not None and "PixelData" in ds]
+    if not read:
         raise VolumeError("no image instances")
+    multi = [ds for ds in read if int(ds.get("NumberOfFrames") or 1) > 1]
+    if multi and len(read) > 1:
+        raise VolumeError(f"{len(multi)} multi-frame instance(s) mixed with {len(read) - len(multi)} other(s)")
+    datasets = _frames(read[0]) if multi else read
     warnings: list[str] = []
     images = [ds for ds in datasets if "LOCALIZER" not in [str(x).upper() for x in ds.get("ImageType", [])]]
     if len(images) < len(datasets):
@@ -140,7 +153,7 @@ def load_series(paths: Iterable[Path]) -> Volume:
         if not np.allclose([float(x) for x in ds.PixelSpacing], ps, atol=1e-3):
             raise VolumeError("slices differ in pixel spacing")
         try:
-            arr = ds.pixel_array.astype(np.float32)
+            arr = (ds._frame_pixels if hasattr(ds, "_frame_pixels") else ds.pixel_array).astype(np.float32)
         except Exception as exc:  # a codec missing or corrupt data: say which
             raise VolumeError(f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from None
         hu[k] = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
@@ -155,6 +168,7 @@ def load_series(paths: Iterable[Path]) -> Volume:
     affine[:3, 2] = row_dir * ps[1]
     affine[:3, 3] = pos[0]
     first = datasets[0]
+    headers = tuple(_header(ds) for ds in datasets)
     return Volume(
         hu=hu,
         grid=Grid(hu.shape, affine),
@@ -164,8 +178,55 @@ def load_series(paths: Iterable[Path]) -> Volume:
         sop_instance_uids=tuple(str(ds.get("SOPInstanceUID", "")) for ds in datasets),
         slice_index=tuple(int(k) for k in index),
         warnings=tuple(warnings),
-        headers=tuple(_header(ds) for ds in datasets),
+        headers=headers,
+        instances=(_header(read[0]),) if multi else headers,
+        frames=tuple(int(getattr(ds, "_frame_index", 0)) for ds in datasets),
     )
+
+
+def _frames(ds: Dataset) -> list[Dataset]:
+    """The frames of an enhanced (multi-frame) CT instance as single-slice datasets.
+
+    Each carries the plane position, orientation, pixel measures and rescale of its frame
+    (per-frame functional groups, else the shared ones), its pixels, and its frame index.
+    """
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise VolumeError(f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from None
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    if len(per_frame) != pixels.shape[0]:
+        raise VolumeError("multi-frame instance without a functional group per frame")
+
+    def group(fg: Dataset, keyword: str) -> Dataset | None:
+        for src in (fg, shared):
+            if keyword in src and len(src[keyword].value):
+                return src[keyword].value[0]
+        return None
+
+    top = {tag: elem for tag, elem in ds.items()
+           if tag not in (PIXEL_DATA, 0x52009229, 0x52009230, 0x00280008)}  # pixels, functional groups, frames
+    out = []
+    for i, fg in enumerate(per_frame):
+        f = Dataset(dict(top))
+        f.file_meta = ds.file_meta
+        pos, ori, meas = group(fg, "PlanePositionSequence"), group(fg, "PlaneOrientationSequence"), \
+            group(fg, "PixelMeasuresSequence")
+        if pos is None or ori is None or meas is None:
+            raise VolumeError(f"frame {i + 1} has no plane position, orientation or pixel measures")
+        f.ImagePositionPatient = pos.ImagePositionPatient
+        f.ImageOrientationPatient = ori.ImageOrientationPatient
+        f.PixelSpacing = meas.PixelSpacing
+        if "SliceThickness" in meas:
+            f.SliceThickness = meas.SliceThickness
+        rescale = group(fg, "PixelValueTransformationSequence")
+        if rescale is not None:
+            f.RescaleSlope, f.RescaleIntercept = rescale.get("RescaleSlope", 1), rescale.get("RescaleIntercept", 0)
+        f._frame_pixels = pixels[i]
+        f._frame_index = i
+        out.append(f)
+    return out
 
 
 def _header(ds: Dataset) -> Dataset:

@@ -55,7 +55,7 @@ def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings
     if not vol.headers or not result.discs:
         return []
     series_uid = hd.UID()
-    ref = vol.headers[0]
+    ref = vol.instances[0]
     out = []
     for d in result.discs:
         for view in (View.AXIAL, View.SAGITTAL):

@@ -9,6 +9,7 @@ recommended display colour and the algorithm that made them.
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 
 from node.analysis.volume import Volume
@@ -53,17 +54,25 @@ def build_seg(
     if not vol.headers:
         raise ValueError("the volume has no source instances to derive a SEG from")
     labels = label_volume(segments, vol.grid.shape)
-    # Frames exist only on the acquired slices: a slice the loader filled in has no
-    # instance in PACS for a frame to reference.
-    used = [i for i, k in enumerate(vol.slice_index) if labels[k].any()]
-    pixels = labels[[vol.slice_index[i] for i in used]]
-    positions = [
-        hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, vol.headers[i].ImagePositionPatient)
-        for i in used
-    ]
     first = vol.headers[0]
+    if vol.multi_frame:
+        # one enhanced CT instance: a frame per source frame, in the source's frame order
+        # (empty ones are left out), matched by highdicom to the source's frames
+        pixels = np.zeros((len(vol.headers), *labels.shape[1:]), dtype=labels.dtype)
+        for k, f in zip(vol.slice_index, vol.frames):
+            pixels[f] = labels[k]
+        positions = None
+    else:
+        # Frames exist only on the acquired slices: a slice the loader filled in has no
+        # instance in PACS for a frame to reference.
+        used = [i for i, k in enumerate(vol.slice_index) if labels[k].any()]
+        pixels = labels[[vol.slice_index[i] for i in used]]
+        positions = [
+            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, vol.headers[i].ImagePositionPatient)
+            for i in used
+        ]
     return hd.seg.Segmentation(
-        source_images=list(vol.headers),
+        source_images=list(vol.instances),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment_description(s, card, u) for s, u in zip(segments, tracking_uids)],
@@ -78,11 +87,11 @@ def build_seg(
         content_description="Intervertebral disc findings",
         content_label="DISCS",
         content_creator_name=None,
-        pixel_measures=hd.PixelMeasuresSequence(
+        pixel_measures=None if positions is None else hd.PixelMeasuresSequence(
             pixel_spacing=[float(x) for x in first.PixelSpacing],
             slice_thickness=float(first.get("SliceThickness") or vol.grid.spacing[0]),
         ),
-        plane_orientation=hd.PlaneOrientationSequence(
+        plane_orientation=None if positions is None else hd.PlaneOrientationSequence(
             hd.CoordinateSystemNames.PATIENT, [float(x) for x in first.ImageOrientationPatient]
         ),
         plane_positions=positions,

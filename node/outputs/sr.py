@@ -85,7 +85,10 @@ def _comments(result: StudyResult) -> list[str]:
 
 def library_images(result: StudyResult, vol: Volume) -> list[Dataset]:
     """The Image Library: for each disc, the acquired slice nearest its centre (the series
-    itself is referenced as evidence and by the SEG)."""
+    itself is referenced as evidence and by the SEG); none for an enhanced CT instance,
+    whose frames the library cannot describe one by one."""
+    if vol.multi_frame:  # the one instance is referenced as evidence and by the SEG
+        return []
     ks = np.array(vol.slice_index)
     picked = []
     for d in result.discs:
@@ -135,7 +138,7 @@ def build_sr(
         observation_context=context,
         procedure_reported=codes.PROCEDURE_CT,
         imaging_measurements=groups,
-        referenced_images=library_images(result, vol),
+        referenced_images=library_images(result, vol) or None,
     )
     comments = _comments(result)
     if comments:
@@ -148,7 +151,7 @@ def build_sr(
             for c in comments
         ])
         report[0].ContentSequence.append(box)
-    evidence = list(vol.headers) + ([seg] if seg is not None else [])
+    evidence = list(vol.instances) + ([seg] if seg is not None else [])
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
