@@ -151,6 +151,20 @@ class AuditEvent(Base):
     job: Mapped[Job | None] = relationship(back_populates="events")
 
 
+class WorkerStatus(Base):
+    """What each worker process last said about itself (for the health view)."""
+
+    __tablename__ = "worker_status"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    model: Mapped[str | None] = mapped_column(String(128))
+    device: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    stopped: Mapped[bool] = mapped_column(default=False)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

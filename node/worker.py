@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from node.analysis.report import write_json, write_previews
@@ -22,7 +23,7 @@ from node.analysis.study import analyze_volume
 from node.analysis.volume import VolumeError, load_series
 from node.config import Settings
 from node import logs
-from node.db import Job, State, actor, make_engine, make_sessions
+from node.db import Job, State, WorkerStatus, actor, make_engine, make_sessions, utcnow
 from node.export.delivery import deliver_due, queue_deliveries
 from node.ingest import spool
 from node.inference.model import DiscModel, load_model
@@ -139,18 +140,40 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
     model = load_model(settings.model, settings.workers.device)
     name = actor()
     log.info("worker %s ready: model %s on %s", name, model.card.name, model.device)
-    while not stop.is_set():
-        with sessions() as s:
-            job = claim(s, name)
-        if job is None:
+    seen = 0.0
+    try:
+        while not stop.is_set():
+            if time.monotonic() - seen > settings.workers.heartbeat_seconds:
+                report(sessions, name, model, None)
+                seen = time.monotonic()
+            with sessions() as s:
+                job = claim(s, name)
+            if job is None:
+                if once:
+                    return
+                stop.wait(settings.workers.poll_seconds)
+                continue
+            log.info("worker %s runs job %s (series %s)", name, job.id, job.series_uid)
+            report(sessions, name, model, job.id)
+            run_claimed(settings, sessions, model, job, name)
+            seen = 0.0
             if once:
                 return
-            stop.wait(settings.workers.poll_seconds)
-            continue
-        log.info("worker %s runs job %s (series %s)", name, job.id, job.series_uid)
-        run_claimed(settings, sessions, model, job, name)
-        if once:
-            return
+    finally:
+        report(sessions, name, model, None, stopped=True)
+
+
+def report(sessions, name: str, model: DiscModel, job_id: int | None, stopped: bool = False) -> None:
+    """Say that this worker is alive, with its model and device, and what it runs."""
+    try:
+        with sessions() as s:
+            row = s.get(WorkerStatus, name) or WorkerStatus(name=name, started_at=utcnow())
+            row.last_seen, row.model, row.device = utcnow(), model.card.name, model.device
+            row.job_id, row.stopped = job_id, stopped
+            s.merge(row)
+            s.commit()
+    except Exception as exc:  # the health view may be stale; the work goes on
+        log.warning("worker status: %s", exc)
 
 
 def worker_process(settings_json: str, log_level: int = logging.INFO) -> None:

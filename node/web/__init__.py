@@ -1,0 +1,1 @@
+"""The admin web page, its JSON API and the Prometheus metrics."""
