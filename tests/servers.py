@@ -49,7 +49,7 @@ class OrthancServer:
 
 
 @contextmanager
-def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None):
+def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None, extra: dict | None = None):
     """An Orthanc PACS with its own storage in ``workdir``; yields an `OrthancServer`."""
     exe = shutil.which("Orthanc")
     if exe is None:
@@ -70,6 +70,7 @@ def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None)
         "Plugins": [],
         "StorageCompression": False,
         "HttpServerEnabled": True,
+        **(extra or {}),
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
     log = open(workdir / "orthanc.log", "wb")
