@@ -13,7 +13,12 @@ import re
 from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from node.outputs.settings import OBJECTS, OutputSettings
 
@@ -166,7 +171,7 @@ class Settings(BaseSettings):
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
     @model_validator(mode="after")
-    def _resolve(self) -> "Settings":
+    def _resolve(self) -> Settings:
         self.home = self.home.resolve()
         if not self.spool_dir.is_absolute():
             self.spool_dir = self.home / self.spool_dir

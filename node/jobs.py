@@ -263,7 +263,7 @@ def resend(session: Session, job: Job, actor: str) -> list[Delivery]:
     if job.state in (State.RUNNING, State.RECEIVING, State.QUEUED):
         raise ValueError(f"job {job.id} is {job.state.value}")
     fresh = []
-    for name, address in dict((d.destination, d.address) for d in job.deliveries).items():
+    for name, address in {d.destination: d.address for d in job.deliveries}.items():
         d = Delivery(job=job, destination=name, address=address, state=DeliveryState.PENDING, attempts=0,
                      next_try_at=utcnow(), history=[])
         session.add(d)

@@ -18,15 +18,15 @@ import threading
 import time
 from pathlib import Path
 
+from node import logs
 from node.analysis.report import write_json, write_previews
 from node.analysis.study import analyze_volume
 from node.analysis.volume import VolumeError, load_series
 from node.config import Settings
-from node import logs
 from node.db import Job, State, WorkerStatus, actor, make_engine, make_sessions, utcnow
 from node.export.delivery import deliver_due, queue_deliveries
-from node.ingest import spool
 from node.inference.model import DiscModel, load_model
+from node.ingest import spool
 from node.jobs import claim, heartbeat, transition
 from node.outputs import build_outputs, write_outputs
 

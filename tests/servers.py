@@ -146,7 +146,7 @@ class NodeProcess:
     ae_title: str
     proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "NodeProcess":
+    def start(self, timeout: float = 60) -> NodeProcess:
         import os
         import sys
 

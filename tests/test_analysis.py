@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pydicom
 import pytest
 

@@ -13,7 +13,14 @@ from scipy import ndimage
 from node.analysis.measure import BULGE_SHARE, EXTENDS_MM
 from node.analysis.volume import load_folder
 from node.classes import DISC_LEVELS, DiscClass
-from node.phantom.generate import LABELS_FILE, SERIES_DIR, TRUTH_FILE, generate_study, load_labels, measure_against_vertebrae
+from node.phantom.generate import (
+    LABELS_FILE,
+    SERIES_DIR,
+    TRUTH_FILE,
+    generate_study,
+    load_labels,
+    measure_against_vertebrae,
+)
 from node.phantom.series import MANUFACTURER
 
 REQUIRED = [

@@ -17,7 +17,7 @@ from node.db import Job, State, make_engine, make_sessions
 from node.ingest.scp import OUT_OF_RESOURCES, Receiver
 from node.ingest.spool import SpoolError, instance_path
 from node.phantom.generate import SERIES_DIR
-from tests.servers import NodeProcess, dcmtk, free_port, node_config, orthanc
+from tests.servers import NodeProcess, dcmtk, free_port, node_config, orthanc, postgres
 from tests.test_outputs import enhanced_ct
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -216,3 +216,27 @@ def test_below_the_free_space_floor_the_answer_is_out_of_resources(phantom, tmp_
 def test_no_received_value_becomes_a_path_without_being_a_uid(tmp_path, uid):
     with pytest.raises(SpoolError):
         instance_path(tmp_path, "1.2.3", "1.2.4", uid)
+
+
+def test_the_node_runs_on_postgresql(phantom, pacs, tmp_path):
+    with postgres() as url:
+        home = tmp_path / "node"
+        node, _ = start_node(home, pacs, database_url=url)
+        try:
+            assert storescu(node, phantom.folder / SERIES_DIR).returncode == 0
+            engine = make_engine(url)
+            sessions = make_sessions(engine)
+            t_end = time.monotonic() + 180
+            job = None
+            while time.monotonic() < t_end:
+                with sessions() as s:
+                    job = s.query(Job).order_by(Job.id.desc()).first()
+                    if job is not None and job.state in (State.DONE, State.FAILED, State.SKIPPED):
+                        break
+                time.sleep(0.3)
+            engine.dispose()
+            assert job is not None and job.state is State.DONE, job and job.reason
+            assert not (home / "idaics.db").exists()  # nothing went to the embedded default
+            assert len(in_pacs(pacs, phantom.truth["study_instance_uid"], "SR")) >= 1
+        finally:
+            node.stop()

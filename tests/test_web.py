@@ -10,7 +10,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from node.config import Settings
-from node.db import Delivery, DeliveryState, Instance, Job, State, WorkerStatus, make_engine, make_sessions, utcnow
+from node.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    State,
+    WorkerStatus,
+    make_engine,
+    make_sessions,
+    utcnow,
+)
 from node.web.app import NodeView, create_app
 
 TOKEN = "s3cret-token"

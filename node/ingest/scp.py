@@ -24,8 +24,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import sessionmaker
 
@@ -137,8 +141,6 @@ class Receiver:
         self.actor = actor
         self.server = None
         self.recorder: _Recorder | None = None
-        self.received = 0
-        self._lock = threading.Lock()
         r = settings.receiver
         ae = AE(ae_title=r.ae_title)
         ae.maximum_associations = r.max_associations
@@ -240,10 +242,8 @@ class Receiver:
                                    called_aet=self.settings.receiver.ae_title,
                                    association=self._assoc_id(event.assoc), **info)
             self.recorder.record(got)
-        except Exception as exc:
-            log.exception("could not record %s: %s", path, exc)
+        except Exception:
+            log.exception("could not record %s", path)
             return PROCESSING_FAILURE
-        with self._lock:
-            self.received += 1
         return SUCCESS
 
