@@ -240,3 +240,22 @@ def test_the_node_runs_on_postgresql(phantom, pacs, tmp_path):
             assert len(in_pacs(pacs, phantom.truth["study_instance_uid"], "SR")) >= 1
         finally:
             node.stop()
+
+
+def test_associations_beyond_the_cap_are_refused(tmp_path):
+    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "max_associations": 2})
+    rx = Receiver(settings, make_sessions(make_engine(settings.database_url)), "test")
+    rx.start()
+    held = []
+    try:
+        for _ in range(3):
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            held.append(ae.associate("127.0.0.1", settings.receiver.port, ae_title="IDAICS"))
+        assert [a.is_established for a in held] == [True, True, False]
+        assert held[2].is_rejected
+    finally:
+        for a in held:
+            if a.is_established:
+                a.release()
+        rx.stop()
