@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
 
 from node.config import Settings
 from node.db import Job, State, make_engine, make_sessions
@@ -75,7 +77,8 @@ def in_pacs(pacs, study_uid: str, modality: str) -> list[Dataset]:
     return [pydicom.dcmread(pacs.get_file(f"/instances/{i}/file")) for i in found]
 
 
-def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom, pacs, tmp_path, shared_data):
+def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom, pacs, tmp_path, shared_data,
+                                                                        monkeypatch):
     node, _ = start_node(tmp_path / "node", pacs)
     try:
         sent = storescu(node, phantom.folder / SERIES_DIR)
@@ -113,9 +116,9 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         assert echoscu(node, "MODALITY").returncode == 0
 
         # a dataset that cannot be parsed gets 0xC000, and the node goes on serving
-        assert send_malformed(node) == 0xC000
+        assert send_malformed(node, monkeypatch) == 0xC000
         assert echoscu(node, "MODALITY").returncode == 0
-        assert "could not understand an instance from IDAICS_TEST" in node.log()
+        assert "could not understand an instance from IDAICS_TEST: element (0010,0010) is cut off" in node.log()
 
         # the same study as one Enhanced CT instance: received, analysed, results in the PACS
         enh = enhanced_ct(phantom.folder / SERIES_DIR, ENHANCED_CT)
@@ -141,30 +144,30 @@ def store(node: NodeProcess, ds: Dataset, aet: str = "IDAICS_TEST") -> int:
         assoc.release()
 
 
-def send_malformed(node: NodeProcess) -> int:
-    """A C-STORE whose dataset is cut off inside its first element, sent as raw bytes (a
-    well-behaved SCU library would refuse to encode it)."""
-    from io import BytesIO
+def send_malformed(node: NodeProcess, monkeypatch) -> int:
+    """A C-STORE whose dataset is cut off inside its last element: valid UIDs, then a patient
+    name that claims 32766 bytes and has 8. pynetdicom's encoder is replaced for this one
+    message, since a well-behaved SCU library would not encode such a dataset."""
+    import pynetdicom.association
 
-    from pynetdicom.dimse_primitives import C_STORE
-
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    good = encode(ds, False, True)
+    monkeypatch.setattr(pynetdicom.association, "encode",
+                        lambda *args, **kwargs: good + b"\x10\x00\x10\x00PN\xfe\x7f" + b"DOE^JOHN")
     ae = AE(ae_title="IDAICS_TEST")
     ae.add_requested_context(CT_IMAGE, "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established
     try:
-        req = C_STORE()
-        req.MessageID, req.Priority = 1, 2
-        req.AffectedSOPClassUID = CT_IMAGE
-        req.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-        # (0008,0016) UI claiming 32766 bytes, followed by 8
-        req.DataSet = BytesIO(b"\x08\x00\x16\x00UI\xfe\x7f" + b"1.2.3.45")
-        cx = assoc._get_valid_context(CT_IMAGE, "", "scu")
-        assoc.dimse.send_msg(req, cx.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-        return int(rsp.Status)
+        return int(assoc.send_c_store(ds).Status)
     finally:
         assoc.release()
+        monkeypatch.undo()
 
 
 def test_a_node_killed_while_it_runs_a_job_finishes_it_after_restart(phantom, pacs, tmp_path):

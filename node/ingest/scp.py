@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -68,6 +69,19 @@ def _geometry(ds: Dataset) -> tuple[float | None, float | None, str | None]:
         return pos, (float(thick) if thick not in (None, "") else None), "\\".join(f"{x:.6f}" for x in iop)
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None, None, None
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def truncated(ds: Dataset) -> str | None:
+    """The first element whose value is shorter than its declared length (a cut-off dataset,
+    which pydicom would read without complaint), or None."""
+    for tag, elem in ds.items():
+        if isinstance(elem, RawDataElement) and elem.length != UNDEFINED_LENGTH and elem.value is not None \
+                and len(elem.value) != elem.length:
+            return f"element {tag} is cut off ({len(elem.value)} of {elem.length} bytes)"
+    return None
 
 
 class _Recorder:
@@ -214,6 +228,8 @@ class Receiver:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
+            if (cut := truncated(ds)) is not None:
+                raise ValueError(cut)
             sop_uid = spool.check_uid(ds.SOPInstanceUID, "SOPInstanceUID")
             path = spool.instance_path(self.settings.spool_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid)
             if sop_uid != str(event.request.AffectedSOPInstanceUID).strip():
