@@ -116,9 +116,12 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
     return job, True
 
 
-def association_released(session: Session, association: str) -> None:
-    session.execute(update(Job).where(Job.association == association, Job.state == State.RECEIVING)
-                    .values(association_released=True))
+def association_released(session: Session, series_uids: list[str]) -> None:
+    """The last association carrying these series has been released: each may now complete
+    as soon as its stack is even (see `complete_series`)."""
+    if series_uids:
+        session.execute(update(Job).where(Job.series_uid.in_(series_uids), Job.state == State.RECEIVING)
+                        .values(association_released=True))
 
 
 def _normal(orientation: str | None) -> np.ndarray | None:

@@ -85,8 +85,8 @@ def test_a_series_completes_after_the_quiet_time_or_at_release_of_an_even_stack(
     with sessions() as s:  # drop one slice from the second stack: a gap
         j = s.get(Job, gap)
         j.received.remove(j.received[10])  # delete-orphan: the row goes
-        association_released(s, "even")
-        association_released(s, "gap")
+        association_released(s, ["2.1"])
+        association_released(s, ["2.2"])
         assert [j.id for j in complete_series(s, RULES, "test")] == [even]
         s.commit()
         assert s.get(Job, even).state is State.QUEUED and s.get(Job, gap).state is State.RECEIVING

@@ -262,3 +262,47 @@ def test_associations_beyond_the_cap_are_refused(tmp_path):
             if a.is_established:
                 a.release()
         rx.stop()
+
+
+def test_a_series_sent_over_two_associations_completes_only_when_both_are_released(phantom, tmp_path):
+    from node.config import SeriesRules
+    from node.jobs import complete_series
+
+    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "min_free_mb": 10})
+    sessions = make_sessions(make_engine(settings.database_url))
+    rx = Receiver(settings, sessions, "test")
+    rx.start()
+    rules = SeriesRules(quiet_seconds=3600)  # only the early completion can complete it here
+    files = sorted((phantom.folder / SERIES_DIR).glob("*.dcm"))
+
+    def connect():
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", settings.receiver.port, ae_title="IDAICS")
+        assert assoc.is_established
+        return assoc
+
+    def state() -> State:
+        with sessions() as s:
+            complete_series(s, rules, "test")
+            s.commit()
+            return s.query(Job).one().state
+
+    try:
+        a, b = connect(), connect()
+        for f in files[75:100]:
+            assert b.send_c_store(f).Status == 0
+        for f in files[:75]:  # the stack so far is even and has no gap, and a sent the last one
+            assert a.send_c_store(f).Status == 0
+        a.release()
+        time.sleep(0.5)
+        assert state() is State.RECEIVING  # b still carries the series
+        for f in files[100:]:
+            assert b.send_c_store(f).Status == 0
+        b.release()
+        time.sleep(0.5)
+        assert state() is State.QUEUED
+        with sessions() as s:
+            assert s.query(Job).one().instances == 150
+    finally:
+        rx.stop()

@@ -155,6 +155,8 @@ class Receiver:
         self.actor = actor
         self.server = None
         self.recorder: _Recorder | None = None
+        self._open: dict[str, set[str]] = {}  # association -> series it has carried
+        self._lock = threading.Lock()
         r = settings.receiver
         ae = AE(ae_title=r.ae_title)
         ae.maximum_associations = r.max_associations
@@ -211,12 +213,23 @@ class Receiver:
         log.warning("association from %s (%s) rejected", req.ae_title, req.address)
 
     def _on_released(self, event) -> None:
-        with self.sessions() as s:
-            association_released(s, self._assoc_id(event.assoc))
-            s.commit()
+        done = self._close(event.assoc)
+        if done:
+            with self.sessions() as s:
+                association_released(s, done)
+                s.commit()
 
     def _on_aborted(self, event) -> None:
         log.warning("association from %s aborted", event.assoc.requestor.ae_title)
+        self._close(event.assoc)  # its series complete after the quiet time only
+
+    def _close(self, assoc) -> list[str]:
+        """Forget an association; the series it carried that no other open association is
+        still carrying (a sender may use several associations for one series)."""
+        with self._lock:
+            mine = self._open.pop(self._assoc_id(assoc), set())
+            busy = set().union(*self._open.values()) if self._open else set()
+        return sorted(mine - busy)
 
     def _on_store(self, event) -> int | tuple[int, Dataset]:
         calling = str(event.assoc.requestor.ae_title).strip()
@@ -258,6 +271,8 @@ class Receiver:
                                    called_aet=self.settings.receiver.ae_title,
                                    association=self._assoc_id(event.assoc), **info)
             self.recorder.record(got)
+            with self._lock:
+                self._open.setdefault(got.association, set()).add(got.series_uid)
         except Exception:
             log.exception("could not record %s", path)
             return PROCESSING_FAILURE
