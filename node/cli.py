@@ -197,14 +197,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if args.count > 1:
-        import multiprocessing as mp
+        from node.worker import spawn
 
-        from node.worker import worker_process
-
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=worker_process, args=(settings.model_dump_json(),)) for _ in range(args.count)]
-        for p in procs:
-            p.start()
+        procs = [spawn(settings, f"idaics-worker-{i + 1}") for i in range(args.count)]
         stop.wait()
         for p in procs:
             p.terminate()

@@ -80,8 +80,7 @@ class Job(Base):
     instances: Mapped[int] = mapped_column(Integer, default=0)
     bytes_received: Mapped[int] = mapped_column(Integer, default=0)
     last_instance_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    #: The association that brought the last instance, and whether it has been released.
-    association: Mapped[str | None] = mapped_column(String(64))
+    #: Whether the last association carrying the series has been released.
     association_released: Mapped[bool] = mapped_column(default=False)
     # what a worker did
     worker: Mapped[str | None] = mapped_column(String(128))

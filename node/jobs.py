@@ -90,7 +90,6 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
         known.received_at = utcnow()
         if known.job.state is State.RECEIVING:
             known.job.last_instance_at = utcnow()
-            known.job.association = got.association
             known.job.association_released = False
         return known.job, False
     job = session.execute(
@@ -108,7 +107,6 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
     job.instances = (job.instances or 0) + 1
     job.bytes_received = (job.bytes_received or 0) + got.size
     job.last_instance_at = utcnow()
-    job.association = got.association
     job.association_released = False
     session.add(Instance(job=job, sop_instance_uid=got.sop_instance_uid, sop_class_uid=got.sop_class_uid,
                          path=got.path, size=got.size, position=got.position,

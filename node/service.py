@@ -24,7 +24,7 @@ from node.export.delivery import deliver_due
 from node.ingest import spool
 from node.ingest.scp import Receiver
 from node.jobs import audit, complete_series, requeue_stale
-from node.worker import dead_here, worker_process
+from node.worker import dead_here, spawn
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,8 @@ class Node:
 
     # -- life cycle ----------------------------------------------------------------------
     def start_workers(self) -> None:
-        ctx = mp.get_context("spawn")
         for i in range(self.settings.workers.count):
-            p = ctx.Process(target=worker_process, args=self._worker_args(), name=f"idaics-worker-{i + 1}")
-            p.start()
-            self.workers.append(p)
-
-    def _worker_args(self) -> tuple[str, int]:
-        return self.settings.model_dump_json(), logging.getLogger("node").getEffectiveLevel()
+            self.workers.append(spawn(self.settings, f"idaics-worker-{i + 1}"))
 
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -134,10 +128,7 @@ class Node:
                 for i, p in enumerate(self.workers):
                     if not p.is_alive() and not self.stopped.is_set():
                         log.error("worker %s exited (code %s); starting another", p.name, p.exitcode)
-                        ctx = mp.get_context("spawn")
-                        q = ctx.Process(target=worker_process, args=self._worker_args(), name=p.name)
-                        q.start()
-                        self.workers[i] = q
+                        self.workers[i] = spawn(self.settings, p.name)
         finally:
             self.stopped.clear()
             self.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -174,6 +175,14 @@ def report(sessions, name: str, model: DiscModel, job_id: int | None, stopped: b
             s.commit()
     except Exception as exc:  # the health view may be stale; the work goes on
         log.warning("worker status: %s", exc)
+
+
+def spawn(settings: Settings, name: str | None = None) -> mp.Process:
+    """Start a worker process (spawned, so it loads its own model) at the node's log level."""
+    level = logging.getLogger("node").getEffectiveLevel()
+    p = mp.get_context("spawn").Process(target=worker_process, args=(settings.model_dump_json(), level), name=name)
+    p.start()
+    return p
 
 
 def worker_process(settings_json: str, log_level: int = logging.INFO) -> None:

@@ -14,29 +14,12 @@ import pytest
 
 from node.cli import main
 from node.config import Settings, load_settings
-from node.db import Instance, Job, State, make_engine, make_sessions, utcnow
+from node.db import Instance, Job, State, utcnow
 from node.demo import ResultReceiver
 from node.phantom.generate import SERIES_DIR
 from node.service import Node
 from tests.servers import NodeProcess, node_config, to_toml
-
-
-def job_states(home: Path) -> list[tuple[int, State, str | None]]:
-    engine = make_engine(f"sqlite:///{home / 'idaics.db'}")
-    with make_sessions(engine)() as s:
-        out = [(j.id, j.state, j.reason) for j in s.query(Job).order_by(Job.id)]
-    engine.dispose()
-    return out
-
-
-def wait_state(home: Path, states: tuple[State, ...], timeout: float = 180) -> list:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        js = job_states(home)
-        if js and js[-1][1] in states:
-            return js
-        time.sleep(0.3)
-    raise AssertionError(f"no job reached {states}: {job_states(home)}")
+from tests.test_service import jobs, wait_job
 
 
 def test_a_receive_only_node_and_a_separate_worker_with_the_commands(phantom, tmp_path, capsys):
@@ -53,17 +36,17 @@ def test_a_receive_only_node_and_a_separate_worker_with_the_commands(phantom, tm
         assert main(["echo", address, "--calling-aet", "STRANGER"]) == 1
         assert main(["send", str(phantom.folder / SERIES_DIR), address, "--calling-aet", "MODALITY"]) == 0
         assert "150 instances stored" in capsys.readouterr().out
-        wait_state(home, (State.QUEUED,), 60)  # no worker on the receiving node: it waits
+        wait_job(home, lambda j: j.state is State.QUEUED, 60)  # no worker on the receiving node: it waits
         time.sleep(1)
-        assert job_states(home)[-1][1] is State.QUEUED
+        assert jobs(home)[-1].state is State.QUEUED
 
         # a worker elsewhere, against the same database and spool
         env = {**os.environ, "IDAICS_CONFIG": str(cfg)}
         run = subprocess.run([sys.executable, "-m", "node.cli", "worker", "--once"], env=env,
                              capture_output=True, text=True, timeout=300, check=False)
         assert run.returncode == 0, run.stderr[-2000:]
-        (_, state, reason), = job_states(home)
-        assert state is State.DONE, reason
+        (job,) = jobs(home)
+        assert job.state is State.DONE, job.reason
         assert len([p for p in pacs.files if p.name.startswith("SEG-")]) == 1
 
         assert main(["--config", str(cfg), "jobs", "list"]) == 0
@@ -76,7 +59,7 @@ def test_a_receive_only_node_and_a_separate_worker_with_the_commands(phantom, tm
         assert "1 of 1 deliveries sent now" in capsys.readouterr().out
         assert len([p for p in pacs.files if p.name.startswith("SEG-")]) == 2
         assert main(["--config", str(cfg), "jobs", "retry", "1"]) == 0
-        assert job_states(home)[-1][1] is State.QUEUED
+        assert jobs(home)[-1].state is State.QUEUED
         assert main(["--config", str(cfg), "jobs", "show", "99"]) == 2
     finally:
         node.stop()

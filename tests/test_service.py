@@ -159,14 +159,9 @@ def send_malformed(node: NodeProcess, monkeypatch) -> int:
     good = encode(ds, False, True)
     monkeypatch.setattr(pynetdicom.association, "encode",
                         lambda *args, **kwargs: good + b"\x10\x00\x10\x00PN\xfe\x7f" + b"DOE^JOHN")
-    ae = AE(ae_title="IDAICS_TEST")
-    ae.add_requested_context(CT_IMAGE, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-    assert assoc.is_established
     try:
-        return int(assoc.send_c_store(ds).Status)
+        return store(node, ds)
     finally:
-        assoc.release()
         monkeypatch.undo()
 
 

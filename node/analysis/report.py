@@ -56,6 +56,14 @@ def outlined_tile(grey: np.ndarray, masks, caption: str, size: int = TILE) -> Im
     return img
 
 
+def mid_slice(vol: Volume, disc, view: View, window: Windowing, spec: ViewSpec) -> tuple[np.ndarray, list]:
+    """The windowed mid slice of one view through a disc, and the model's ``(mask, class)``
+    pairs drawn on it."""
+    plane = disc_plane(view, disc.site.centre, disc.site.frame, spec)
+    grey = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
+    return grey, [(m.mask, m.cls) for m in disc.masks if m.view is view and m.offset_mm == 0.0]
+
+
 def write_previews(result: StudyResult, vol: Volume, out: Path, window: Windowing, spec: ViewSpec) -> list[Path]:
     """One PNG per level: the mid axial and mid sagittal slices with the model's masks."""
     out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +71,7 @@ def write_previews(result: StudyResult, vol: Volume, out: Path, window: Windowin
     for d in result.discs:
         tiles = []
         for view in (View.AXIAL, View.SAGITTAL):
-            plane = disc_plane(view, d.site.centre, d.site.frame, spec)
-            grey = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
-            ms = [(m.mask, m.cls) for m in d.masks if m.view is view and m.offset_mm == 0.0]
+            grey, ms = mid_slice(vol, d, view, window, spec)
             cls = "+".join(c.value for c in d.classes) or "nothing found"
             tiles.append(outlined_tile(grey, ms, f"{d.level} {view.value}: {cls} ({d.confidence:.2f})"))
         sheet = Image.new("RGB", (2 * TILE, TILE))

@@ -13,11 +13,10 @@ from PIL import ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.analysis.report import outlined_tile
+from node.analysis.report import mid_slice, outlined_tile
 from node.analysis.study import StudyResult
-from node.analysis.views import View, disc_plane
+from node.analysis.views import View
 from node.analysis.volume import Volume
-from node.geometry import sample_plane
 from node.inference.model import ModelCard
 from node.outputs.settings import OutputSettings
 
@@ -59,9 +58,7 @@ def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings
     out = []
     for d in result.discs:
         for view in (View.AXIAL, View.SAGITTAL):
-            plane = disc_plane(view, d.site.centre, d.site.frame, card.views)
-            grey = card.windowing.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
-            masks = [(m.mask, m.cls) for m in d.masks if m.view is view and m.offset_mm == 0.0]
+            grey, masks = mid_slice(vol, d, view, card.windowing, card.views)
             classes = " + ".join(c.display for c in d.classes) or "nothing found"
             caption = f"{d.level} {view.value}: {classes} ({d.confidence:.2f})"
             pixels = draw(grey, masks, caption)
@@ -76,7 +73,7 @@ def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings
                 sop_instance_uid=hd.UID(),
                 instance_number=len(out) + 1,
                 manufacturer=settings.manufacturer,
-                pixel_spacing=(plane.pixel_mm * plane.size / SIZE,) * 2,
+                pixel_spacing=(card.views.fov(view) / SIZE,) * 2,  # the field of view over SIZE pixels
                 patient_orientation=ORIENTATION[view],
                 series_description=SERIES_DESCRIPTION,
                 institution_name=settings.institution_name,
