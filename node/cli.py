@@ -143,14 +143,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not args.dicom_dir.is_dir():
         raise FileNotFoundError(f"{args.dicom_dir}: not a folder")
     model = load_model(args.model, args.device)
+    objects = tuple(o.strip() for o in args.objects.split(",") if o.strip() and o.strip() != "none")
+    settings = OutputSettings(objects=objects)  # checks the names before the analysis runs
     try:
         vol = load_folder(args.dicom_dir)
+        result = analyze_volume(vol, model)
     except VolumeError as exc:
         print(f"idaics analyze: cannot analyse {args.dicom_dir}: {exc}", file=sys.stderr)
         return 3
-    objects = tuple(o.strip() for o in args.objects.split(",") if o.strip() and o.strip() != "none")
-    settings = OutputSettings(objects=objects)  # checks the names before the analysis runs
-    result = analyze_volume(vol, model)
     written = []
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

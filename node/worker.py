@@ -92,12 +92,12 @@ def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, wor
     out = spool.outbox(settings.spool_dir, job_id)
     try:
         vol = load_series(paths)
+        result = analyze_volume(vol, model)
     except VolumeError as exc:
         with sessions() as s:
             transition(s, s.get(Job, job_id), State.SKIPPED, worker, f"cannot analyse: {exc}")
             s.commit()
         return
-    result = analyze_volume(vol, model)
     outputs = build_outputs(result, vol, model.card, settings.outputs.settings(socket.gethostname()))
     if out.exists():
         shutil.rmtree(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +16,7 @@ from node.analysis.spine import find_spine
 from node.analysis.views import View, ViewSpec, disc_plane
 from node.analysis.volume import VolumeError, load_folder, load_nifti
 from node.classes import DiscClass
-from node.geometry import sample_plane
+from node.geometry import Grid, sample_plane
 from node.inference.model import Detection
 from node.phantom.generate import SERIES_DIR, load_labels
 
@@ -136,12 +137,57 @@ def test_disc_levels_are_found_and_named_on_phantoms(phantoms):
     assert total >= 8 and right == total, f"{right}/{total} levels named right"
 
 
+def _chest_ct(shared_data):
+    d = shared_data / "real" / "chest_ct_t1_l3_labels"
+    return load_nifti(d / "ct.nii.gz"), np.asarray(nib.load(d / "labels.nii.gz").dataobj)
+
+
+#: TotalSegmentator label ids of the vertebrae in the real chest CT (labels.csv).
+CHEST_LABELS = {"T10": 34, "T11": 33, "T12": 32, "L1": 31, "L2": 30}
+
+
+def _labelled_disc_centre(vol, labels, upper: str, lower: str) -> np.ndarray:
+    """Midway between the lower endplate of the upper body and the upper endplate of the lower."""
+    def body(name):
+        p = vol.grid.to_patient(np.argwhere(labels == CHEST_LABELS[name]))
+        return p[p[:, 1] < np.percentile(p[:, 1], 40)]  # the front of the vertebra: its body
+    up, lo = body(upper), body(lower)
+    return (up[up[:, 2] < np.percentile(up[:, 2], 5)].mean(axis=0)
+            + lo[lo[:, 2] > np.percentile(lo[:, 2], 95)].mean(axis=0)) / 2
+
+
+def test_real_contrast_chest_ct_levels_are_named_from_the_ribs(shared_data):
+    vol, labels = _chest_ct(shared_data)
+    spine = find_spine(vol)
+    assert not spine.sacrum_found and spine.rib_anchor
+    assert any("named from the lowest ribs" in w for w in spine.warnings)
+    named = {d.level: d for d in spine.named}
+    for upper, lower in (("T11", "T12"), ("T12", "L1"), ("L1", "L2")):
+        level = f"{upper}-{lower}"
+        assert level in named, f"{level} not found: {sorted(named)}"
+        miss = np.linalg.norm(named[level].centre - _labelled_disc_centre(vol, labels, upper, lower))
+        assert miss < 10.0, f"{level} is {miss:.1f} mm from the labelled disc"
+    assert [d.level for d in spine.discs] == ["T12-L1", "L1-L2"]  # the levels the node reports
+
+
+def test_a_series_with_ribs_down_to_its_lowest_vertebra_names_no_lumbar_level(shared_data):
+    vol, labels = _chest_ct(shared_data)
+    # the chest CT from T10 up: every vertebra in view bears ribs
+    k = int(np.argwhere(labels == CHEST_LABELS["T11"])[:, 2].mean())
+    top = replace(vol, hu=vol.hu[:, :, k:],
+                  grid=Grid(vol.hu[:, :, k:].shape, vol.grid.affine @ np.array(
+                      [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]], dtype=float)))
+    spine = find_spine(top)
+    assert not any(d.level.startswith("L") or d.level == "T12-L1" for d in spine.discs)
+
+
 def test_disc_spaces_of_the_real_lumbar_crop(shared_data):
     d = shared_data / "real" / "lumbar_ct_crop_l2_l4"
     vol = load_nifti(d / "sub-ct_label-22_ct.nii.gz")
     verts = np.asarray(nib.load(d / "sub-ct_seg-vert_label-22_msk.nii.gz").dataobj)
     spine = find_spine(vol)
     assert not spine.sacrum_found and any("sacrum" in w for w in spine.warnings)
+    assert all(not d.level for d in spine.discs)  # no anchor in view: nothing named
 
     def label(p):
         k = np.rint(vol.grid.to_index(p[None])[0]).astype(int)

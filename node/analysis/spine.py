@@ -1,17 +1,17 @@
 """Find the disc spaces of a CT volume along the spinal column and name their levels.
 
-1. Column: bone at 2 mm (HU above a threshold, cancellous interiors filled in coronal
-   planes where the cortex encloses them), opened with a 6 mm ball so that vertebral
-   bodies remain and thin posterior elements, ribs and the table go. A smooth curve through
-   the centroids of that mask, slab by slab, is the column's centre line.
-2. Discs: the mean HU over a 7 mm disc across the centre line, sampled every 0.5 mm along
-   it, shows each endplate as a bright peak. A disc space is a dark stretch 1.5-15 mm wide
-   (at half its depth) between two endplate peaks, with bone going on past both; a body,
-   even one with dark (osteoporotic) cancellous bone, is a longer stretch, so the two are
-   told apart by length, not by brightness.
-3. Levels: counted upwards from the sacrum, recognised by its alae (bone lateral to the
-   body in front of the transverse processes). Without a sacrum in view the disc spaces are
-   found but not named.
+1. Column. Where ribs are in view (`lowest_rib`): the bodies in front of the closed
+   spinal canals that axial slices through the pedicles show (`canal_points`), chained
+   along z and refined on the bone of the bodies near them. Otherwise (a lumbar field of
+   view): bone at 2 mm (HU above a threshold, cancellous interiors filled in coronal planes),
+   opened with a 6 mm ball so that the bodies remain, and a smooth curve through it.
+2. Discs. With ribs: dips of the vertebral rim's brightness across the line
+   (`column_profile`), the deepest set that keeps a column's rhythm (`_regular_chain`).
+   Without: dark stretches 1.5-15 mm wide of the mean HU across the line between endplate
+   peaks (`mean_profile`); a body, even an osteoporotic one, is a longer stretch.
+3. Levels: counted upwards from the sacrum, recognised by its alae, and downwards from the
+   lowest ribs (T12). Disagreement is a warning; the sacrum wins. Without either anchor the
+   disc spaces are found but not named.
 """
 
 from __future__ import annotations
@@ -33,14 +33,31 @@ WORK_MM = 2.0
 BONE_HU = 120.0
 OPEN_RADIUS_VOX = 3.0
 STEP_MM = 0.5
-PROFILE_RADIUS_MM = 7.0
 DISC_MIN_MM, DISC_MAX_MM = 1.5, 15.0
-ENDPLATE_PROMINENCE_HU = 90.0
+ENDPLATE_PROMINENCE_HU = 100.0
+RIM_RAYS = 16
+MEAN_PROMINENCE_HU = 90.0
+RIM_R_MM = (4.0, 22.0)
 MIN_DISC_SPACING_MM = 18.0
+MIN_BODY_RATIO, MAX_BODY_RATIO = 0.75, 1.35
+MIN_SPANNED_BODY_MM = 22.0  # a spacing taken to span two bodies holds two of at least this
 SHOULDER_MM = 12.0
 BEYOND_MM = 4.0
 BEYOND_DROP_HU = 30.0
 SACRUM_WIDTH_RATIO = 1.35
+RIB_MEDIAL_MM = 30.0
+RIB_REACH_MM = 68.0
+RIB_HEAD_RISE_MM = 8.0
+RIB_FREE_DISCS = 2  # discs seen below the lowest rib before it is taken for the twelfth
+CORTEX_HU = 200.0
+CANAL_MM2 = (60.0, 700.0)
+CANAL_MAX_DEPTH_MM = 140.0
+CANAL_MAX_HU = 90.0
+CANAL_MAX_OFF_MIDLINE_MM = 50.0
+LINE_BEYOND_MM = 40.0
+CHAIN_GAP_MM = 90.0
+LINE_REACH_MM = 30.0
+BODY_WINDOW_MM = (30.0, 22.0, 18.0)  # |x|, in front of and behind the coarse line
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,15 @@ class Spine:
     sacrum_found: bool
     centre_line: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)), repr=False)
     warnings: tuple[str, ...] = ()
+    named: tuple[DiscSite, ...] = ()  # every disc whose level was named, reported or not
+    rib_anchor: bool = False  # the lowest ribs were found and named levels
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the series cannot be analysed as a lumbar spine, or None."""
+        if not self.discs:
+            return self.warnings[0] if self.warnings else "no disc space found"
+        return None
 
 
 def resample_iso(hu: np.ndarray, grid: Grid, mm: float = WORK_MM) -> tuple[np.ndarray, Grid]:
@@ -106,8 +132,82 @@ def body_mask(small: np.ndarray, grid: Grid) -> np.ndarray:
     return ndimage.binary_opening(bone, structure=_ball(OPEN_RADIUS_VOX))
 
 
-def centre_line(mask: np.ndarray, grid: Grid) -> np.ndarray | None:
-    """Points (LPS, every `STEP_MM` along z, cranial first) of the column's centre line."""
+def _outline(slice_hu: np.ndarray) -> np.ndarray:
+    """The patient's body in one axial slice (soft tissue and everything it encloses)."""
+    body = ndimage.binary_opening(slice_hu > -400.0, iterations=2)
+    lab, n = ndimage.label(body)
+    if n == 0:
+        return body
+    sizes = ndimage.sum_labels(body, lab, range(1, n + 1))
+    return ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
+
+
+def canal_points(small: np.ndarray, grid: Grid) -> np.ndarray:
+    """Points (LPS) of vertebral body centres, one per axial slice that shows a closed canal.
+
+    In an axial slice through the pedicles a vertebra is a ring of bone around the spinal
+    canal: a dark hole (CSF, cord and fat, under `CANAL_MAX_HU` on average) 6-32 mm wide with the body in front of it (at least 14 mm deep) and
+    the arch behind it. Contrast-filled vessels, the heart and bowel are never such a ring,
+    and the hole must lie within `CANAL_MAX_DEPTH_MM` of the patient's back and
+    `CANAL_MAX_OFF_MIDLINE_MM` of the body's midline (ribs, scapulae and the pelvis make
+    rings too). Each point is the body's centre: on the canal's midline, halfway between
+    the canal and the body's front.
+    """
+    zax = _axis_of(grid, 2)
+    bone = np.moveaxis(ndimage.gaussian_filter(small, 0.5) > CORTEX_HU, zax, 0)
+    tissue = np.moveaxis(small, zax, 0)
+    others = [a for a in range(3) if a != zax]
+    pixel_mm2 = float(np.prod([grid.spacing[a] for a in others]))
+
+    def lps(j: int, idx2: np.ndarray) -> np.ndarray:
+        return grid.to_patient(np.insert(idx2.astype(float), zax, j, axis=1))
+
+    out = []
+    for j in range(bone.shape[0]):
+        sl = bone[j]
+        if sl.sum() < 20:
+            continue
+        filled = ndimage.binary_fill_holes(sl)
+        holes, n = ndimage.label(filled & ~sl)
+        if n == 0:
+            continue
+        areas = ndimage.sum_labels(filled, holes, range(1, n + 1)) * pixel_mm2
+        cand = np.flatnonzero((areas >= CANAL_MM2[0]) & (areas <= CANAL_MM2[1])) + 1
+        if cand.size == 0:
+            continue
+        body = lps(j, np.argwhere(_outline(tissue[j])))
+        if len(body) == 0:
+            continue
+        mid_x = float(np.median(body[:, 0]))
+        comp, _ = ndimage.label(sl)
+        for h in cand:
+            hole = holes == h
+            p = lps(j, np.argwhere(hole))
+            width, depth = np.ptp(p[:, 0]), np.ptp(p[:, 1])
+            c = p.mean(axis=0)
+            if not (6.0 <= width <= 32.0 and 5.0 <= depth <= 30.0):
+                continue
+            if abs(c[0] - mid_x) > CANAL_MAX_OFF_MIDLINE_MM or tissue[j][hole].mean() > CANAL_MAX_HU:
+                continue  # off the midline, or the cancellous inside of a body (not a canal)
+            column = body[np.abs(body[:, 0] - c[0]) < 3.0]
+            if len(column) == 0 or column[:, 1].max() - c[1] > CANAL_MAX_DEPTH_MM:
+                continue
+            labs = np.unique(comp[ndimage.binary_dilation(hole) & sl])
+            part = ndimage.binary_fill_holes(np.isin(comp, labs[labs > 0])) & ~hole
+            q = lps(j, np.argwhere(part))
+            y0, y1 = p[:, 1].min(), p[:, 1].max()
+            front = q[(np.abs(q[:, 0] - c[0]) < 8.0) & (q[:, 1] < y0) & (q[:, 1] > y0 - 50.0)]
+            back = q[(np.abs(q[:, 0] - c[0]) < 10.0) & (q[:, 1] > y1)]
+            if len(front) == 0 or len(back) == 0 or y0 - front[:, 1].min() < 14.0:
+                continue
+            # the body's centre: halfway from its front to the canal, on the canal's midline
+            out.append(np.array([c[0], (y0 + front[:, 1].min()) / 2, c[2]]))
+    return np.array(out).reshape(-1, 3)
+
+
+def _line_from_mask(mask: np.ndarray, grid: Grid) -> np.ndarray | None:
+    """A centre line through the bone nearest the median lateral position, for a field of
+    view too small to show a closed canal (a crop around the column)."""
     lab, n = ndimage.label(mask)
     if n == 0:
         return None
@@ -146,6 +246,89 @@ def centre_line(mask: np.ndarray, grid: Grid) -> np.ndarray | None:
     return np.stack([np.polyval(px, zs), np.polyval(py, zs), zs], axis=1)
 
 
+def _robust_chain(pts: np.ndarray) -> np.ndarray:
+    """The longest run of points (sorted along z) that one column can pass through.
+
+    Two points can follow each other when they are at most `CHAIN_GAP_MM` apart along z and
+    the column would not bend more than a lordotic spine does between them (6 mm, plus 0.9
+    mm per mm along z); rings of the ribs, the scapulae or the pelvis fall out of the run.
+    """
+    n = len(pts)
+    best = np.ones(n, dtype=int)
+    prev = np.full(n, -1)
+    for j in range(n):
+        for i in range(j):
+            dz = pts[j, 2] - pts[i, 2]
+            if dz > CHAIN_GAP_MM or best[i] + 1 <= best[j]:
+                continue
+            if np.linalg.norm(pts[j, :2] - pts[i, :2]) <= 6.0 + 0.9 * dz:
+                best[j], prev[j] = best[i] + 1, i
+    j = int(np.argmax(best))
+    run = []
+    while j >= 0:
+        run.append(j)
+        j = int(prev[j])
+    return pts[run[::-1]]
+
+
+def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None) -> np.ndarray | None:
+    """Points (LPS, every `STEP_MM` along z, cranial first) of the column's centre line.
+
+    The line runs through the vertebral bodies found in front of closed canals
+    (`canal_points`), smoothed along z, and goes on for a body height past the last ones.
+    """
+    pts = canal_points(small, grid)
+    if len(pts) >= 3:
+        pts = _robust_chain(pts[np.argsort(pts[:, 2])])
+    if len(pts) < 3 or np.ptp(pts[:, 2]) < 20.0:
+        return None if mask is None else _line_from_mask(mask, grid)
+    line = _smooth_line(pts, grid)
+    if mask is None:
+        return line
+    # twice: the bodies near the line, their front part bin by bin along z, so that the
+    # line follows the bone where it bends past the last canal (the lumbosacral junction)
+    bone_all = grid.to_patient(np.argwhere(mask))
+    for _ in range(2):
+        rev = line[::-1]
+        dx = bone_all[:, 0] - np.interp(bone_all[:, 2], rev[:, 2], rev[:, 0])
+        dy = bone_all[:, 1] - np.interp(bone_all[:, 2], rev[:, 2], rev[:, 1])
+        bone = bone_all[(np.abs(dx) < BODY_WINDOW_MM[0]) & (dy > -BODY_WINDOW_MM[1]) & (dy < BODY_WINDOW_MM[2])]
+        if len(bone) == 0:
+            break
+        edges = np.arange(bone[:, 2].min(), bone[:, 2].max() + 4.0, 4.0)
+        idx = np.digitize(bone[:, 2], edges) - 1
+        fine = []
+        for b in range(len(edges) - 1):
+            sel = bone[idx == b]
+            if len(sel) >= 10:
+                fine.append([np.median(sel[:, 0]), np.percentile(sel[:, 1], 40), sel[:, 2].mean()])
+        if len(fine) < 3:
+            break
+        line = _smooth_line(np.array(fine), grid)
+    return line
+
+
+def _smooth_line(pts: np.ndarray, grid: Grid) -> np.ndarray:
+    """A smooth line through ``pts`` (sorted along z), every `STEP_MM`, cranial first."""
+    corners = grid.to_patient(np.array([[i, j, k] for i in (0, grid.shape[0] - 1)
+                                        for j in (0, grid.shape[1] - 1) for k in (0, grid.shape[2] - 1)]))
+    z_lo = max(float(pts[:, 2].min()) - LINE_BEYOND_MM, float(corners[:, 2].min()))
+    z_hi = min(float(pts[:, 2].max()) + LINE_BEYOND_MM, float(corners[:, 2].max()))
+    zs = np.arange(z_hi, z_lo, -STEP_MM)
+    # a smooth curve: a locally weighted line (tricube weights over +-LINE_REACH_MM)
+    xy = np.empty((len(zs), 2))
+    for i, z in enumerate(zs):
+        d = np.abs(pts[:, 2] - z)
+        reach = max(LINE_REACH_MM, float(np.sort(d)[min(5, len(d) - 1)]) * 1.2)
+        w = np.clip(1 - (d / reach) ** 3, 0, None) ** 3
+        sel = w > 0
+        zc = pts[sel, 2] - z
+        a = np.stack([np.ones(sel.sum()), zc], axis=1) * np.sqrt(w[sel])[:, None]
+        coef, *_ = np.linalg.lstsq(a, pts[sel, :2] * np.sqrt(w[sel])[:, None], rcond=None)
+        xy[i] = coef[0]
+    return np.column_stack([xy, zs])
+
+
 def _tangents(line: np.ndarray) -> np.ndarray:
     t = np.gradient(line, axis=0)
     t = -t  # the line runs caudal; tangents point cranial
@@ -158,8 +341,33 @@ def _frame(up: np.ndarray) -> np.ndarray:
     return np.stack([left, np.cross(up, left), up], axis=1)
 
 
-def column_profile(vol: Volume, line: np.ndarray, radius: float = PROFILE_RADIUS_MM) -> np.ndarray:
-    """Mean HU over a disc of ``radius`` across the centre line at each of its points."""
+def column_profile(vol: Volume, line: np.ndarray) -> np.ndarray:
+    """The brightness of the vertebral rim at each point of the centre line.
+
+    In the plane across the line, the brightest HU along each of `RIM_RAYS` rays from
+    `RIM_R_MM`; the profile is the median over the rays. Through a vertebral body every ray
+    crosses its cortex (bright, osteoporotic or not); through a disc space it crosses only
+    the annulus. The median ignores the few rays that meet the aorta, a rib head or an
+    osteophyte.
+    """
+    tang = _tangents(line)
+    left = np.array([1.0, 0.0, 0.0]) - tang * tang[:, :1]
+    left /= np.linalg.norm(left, axis=1, keepdims=True)
+    post = np.cross(tang, left)
+    ang = np.linspace(0, 2 * np.pi, RIM_RAYS, endpoint=False)
+    rr = np.arange(RIM_R_MM[0], RIM_R_MM[1] + 1e-6, 1.5)
+    u = (np.cos(ang)[:, None] * rr[None, :]).ravel()
+    v = (np.sin(ang)[:, None] * rr[None, :]).ravel()
+    pts = line[:, None, :] + u[None, :, None] * left[:, None, :] + v[None, :, None] * post[:, None, :]
+    vals = ndimage.map_coordinates(vol.hu, vol.grid.to_index(pts.reshape(-1, 3)).T, order=1, mode="nearest")
+    rim = np.median(vals.reshape(len(line), RIM_RAYS, len(rr)).max(axis=2), axis=1)
+    return ndimage.gaussian_filter1d(rim, 0.5 / STEP_MM)
+
+
+def mean_profile(vol: Volume, line: np.ndarray, radius: float = 7.0) -> np.ndarray:
+    """Mean HU over a disc of ``radius`` across the centre line at each of its points: where
+    the line's plane is not the disc's (the lordotic lumbosacral junction), it still shows
+    the disc as darker than the bodies."""
     tang = _tangents(line)
     rr, aa = np.meshgrid(np.linspace(0, radius, 4), np.linspace(0, 2 * np.pi, 12, endpoint=False))
     offs = np.stack([rr.ravel() * np.cos(aa.ravel()), rr.ravel() * np.sin(aa.ravel())], axis=1)
@@ -209,22 +417,77 @@ def _valleys(profile: np.ndarray, min_depth: float, max_mm: float, lo: int = 0, 
     return out
 
 
-def disc_spans(profile: np.ndarray) -> list[tuple[int, int]]:
+def _in_rhythm(above: float, below: float) -> bool:
+    """Whether two successive disc spacings (cranial first) fit one column: the lower body
+    `MIN_BODY_RATIO` to `MAX_BODY_RATIO` times the upper one, where either spacing may
+    span two bodies of at least `MIN_SPANNED_BODY_MM` (a disc missed in between)."""
+    if MIN_BODY_RATIO <= below / above <= MAX_BODY_RATIO:
+        return True
+    return any(MIN_BODY_RATIO <= (below / nb) / (above / na) <= MAX_BODY_RATIO
+               and min(above / na, below / nb) >= MIN_SPANNED_BODY_MM for na, nb in ((2, 1), (1, 2)))
+
+
+def _regular_chain(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int, int]]:
+    """The deepest set of valleys that a column of vertebrae can hold.
+
+    Neighbouring discs are at least `MIN_DISC_SPACING_MM` apart, and successive spacings
+    keep the rhythm of `_in_rhythm` (bodies grow slowly towards the sacrum): a
+    dark band inside a body (a vein, a fracture line) next to the true disc breaks that
+    rhythm and falls out. Among the sets that keep the rhythm, the one whose valleys are
+    deepest in total wins.
+    """
+    cand = sorted({sp: d for sp, d in found}.items())
+    n = len(cand)
+    if n == 0:
+        return []
+    mid = np.array([(a + b) / 2 * STEP_MM for (a, b), _ in cand])
+    dep = np.array([d for _, d in cand])
+    # best[i, j]: deepest chain ending in discs i then j (j = i: a chain of one disc)
+    best = np.full((n, n), -np.inf)
+    back = np.full((n, n), -1)
+    for i in range(n):
+        best[i, i] = dep[i]
+    for j in range(n):
+        for i in range(j):
+            s_ij = mid[j] - mid[i]
+            if s_ij < MIN_DISC_SPACING_MM:
+                continue
+            if best[i, i] + dep[j] > best[i, j]:
+                best[i, j], back[i, j] = best[i, i] + dep[j], i
+            for h in range(i):
+                if best[h, i] == -np.inf or h == i:
+                    continue
+                s_hi = mid[i] - mid[h]
+                if _in_rhythm(s_hi, s_ij) and best[h, i] + dep[j] > best[i, j]:
+                    best[i, j], back[i, j] = best[h, i] + dep[j], h
+    i, j = np.unravel_index(int(np.argmax(best)), best.shape)
+    chain = [int(j)]
+    while i != j:
+        chain.append(int(i))
+        i, j = back[i, j], i
+    return [cand[k][0] for k in sorted(chain)]
+
+
+def _deepest_apart(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int, int]]:
+    """Valleys closer than a body height are one disc: the deeper one stays."""
+    depth = dict(found)
+    kept: list[tuple[int, int]] = []
+    for sp in sorted(depth, key=lambda x: -depth[x]):
+        mid = (sp[0] + sp[1]) / 2
+        if all(abs(mid - (k[0] + k[1]) / 2) * STEP_MM >= MIN_DISC_SPACING_MM for k in kept):
+            kept.append(sp)
+    return sorted(kept)
+
+
+def disc_spans(profile: np.ndarray, regular: bool = True, prominence: float = ENDPLATE_PROMINENCE_HU) -> list[tuple[int, int]]:
     """(start, end) indices of the dark stretches of the profile that are disc spaces.
 
     A disc space is a valley at least `ENDPLATE_PROMINENCE_HU` below the endplates around it
     and `DISC_MIN_MM` to `DISC_MAX_MM` wide at half its depth; the inside of a vertebral
     body may be as dark (osteoporotic bone) but is wider.
     """
-    found = _valleys(profile, ENDPLATE_PROMINENCE_HU, DISC_MAX_MM)
-    depth = dict(found)
-    # two candidates closer than a body height are one disc: keep the deeper one
-    kept: list[tuple[int, int]] = []
-    for sp in sorted(depth, key=lambda x: -depth[x]):
-        mid = (sp[0] + sp[1]) / 2
-        if all(abs(mid - (k[0] + k[1]) / 2) * STEP_MM >= MIN_DISC_SPACING_MM for k in kept):
-            kept.append(sp)
-    kept.sort()
+    found = _valleys(profile, prominence, DISC_MAX_MM)
+    kept = _regular_chain(found) if regular else _deepest_apart(found)
     # a gap of about two spacings hides a disc whose endplates are faint: look again there
     # with relaxed criteria
     mids = [(a + b) / 2 for a, b in kept]
@@ -232,7 +495,7 @@ def disc_spans(profile: np.ndarray) -> list[tuple[int, int]]:
         step = float(np.median(np.diff(mids)))
         for m0, m1 in zip(mids[:-1], mids[1:]):
             if m1 - m0 > 1.6 * step:
-                extra = _valleys(profile, ENDPLATE_PROMINENCE_HU / 2, 1.4 * DISC_MAX_MM,
+                extra = _valleys(profile, prominence / 2, 1.4 * DISC_MAX_MM,
                                  int(m0 + 0.5 * step), int(m1 - 0.5 * step))
                 if extra:
                     kept.append(max(extra, key=lambda e: e[1])[0])
@@ -257,18 +520,84 @@ def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
     return float(xs.max() - xs.min())
 
 
+def lowest_rib(small: np.ndarray, grid: Grid, line: np.ndarray) -> float | None:
+    """Height (LPS z) at which the lowest rib meets the column, or None without ribs.
+
+    Bone lateral to the column (more than `RIB_MEDIAL_MM` to either side, so the vertebrae
+    and their arches are cut away and each rib stands alone) falls into pieces; a rib is a
+    piece that starts next to the column, reaches more than `RIB_REACH_MM` to the side and
+    spans less than 120 mm along z (contrast-filled vessels run long along the spine,
+    transverse processes stay short). The height is that of its medial end, raised by
+    `RIB_HEAD_RISE_MM` for the slope from the rib head to there.
+    """
+    idx = np.argwhere(ndimage.gaussian_filter(small, 0.5) > CORTEX_HU)
+    p = grid.to_patient(idx)
+    rev = line[::-1]
+    dx = p[:, 0] - np.interp(p[:, 2], rev[:, 2], rev[:, 0])
+    dy = p[:, 1] - np.interp(p[:, 2], rev[:, 2], rev[:, 1])
+    keep = ((p[:, 2] >= line[:, 2].min()) & (p[:, 2] <= line[:, 2].max()) & (np.abs(dx) >= RIB_MEDIAL_MM)
+            & (np.abs(dx) < 140.0) & (dy > -30.0) & (dy < 60.0))
+    sel = np.zeros(small.shape, dtype=bool)
+    sel[tuple(idx[keep].T)] = True
+    lab, n = ndimage.label(sel)
+    if n == 0:
+        return None
+    which = lab[tuple(idx[keep].T)]
+    q, adx = p[keep], np.abs(dx[keep])
+    lows = []
+    for c in range(1, n + 1):
+        mine = which == c
+        if mine.sum() < 40:
+            continue
+        a, z = adx[mine], q[mine, 2]
+        if a.min() > RIB_MEDIAL_MM + 10.0 or a.max() < RIB_REACH_MM or np.ptp(z) > 120.0:
+            continue
+        lows.append(float(z[a < a.min() + 5.0].mean()) + RIB_HEAD_RISE_MM)
+    return min(lows) if lows else None
+
+
+def _names_from(anchor_disc: int, anchor_level: str, n: int) -> list[str]:
+    """Level names of ``n`` discs (cranial first) given that disc ``anchor_disc`` is ``anchor_level``."""
+    k0 = VERTEBRAE.index(anchor_level.split("-")[0]) - anchor_disc
+    return [f"{VERTEBRAE[k0 + j]}-{VERTEBRAE[k0 + j + 1]}" if 0 <= k0 + j < len(VERTEBRAE) - 1 else ""
+            for j in range(n)]
+
+
+def _level_offset(a: str, b: str) -> int:
+    """How many levels apart two disc names are ("" counts as above T8)."""
+    def pos(name: str) -> int:
+        return VERTEBRAE.index(name.split("-")[0]) if name else -1
+    return abs(pos(a) - pos(b))
+
+
 def find_spine(vol: Volume) -> Spine:
-    """Disc sites of a CT volume, with their levels named where the sacrum is in view."""
+    """Disc sites of a CT volume, with their levels named from the sacrum and the ribs.
+
+    The sacrum (the bone under the lowest disc much wider than the body above it) makes
+    the lowest disc L5-S1; the lowest rib (`lowest_rib`) marks T12, so the first disc
+    below it is T12-L1. Where both are in view and disagree (a transitional vertebra, 11
+    or 13 rib pairs), the sacrum names the levels and a warning says by how much the ribs
+    disagree; with one anchor the levels are named from it, and the warning says so.
+    """
     small, grid = resample_iso(vol.hu, vol.grid)
     mask = body_mask(small, grid)
-    line = centre_line(mask, grid)
-    if line is None:
-        return Spine((), False, warnings=("no vertebral column found",))
-    profile = column_profile(vol, line)
-    spans = disc_spans(profile)
+    line = centre_line(small, grid, mask)
+    rib_z = lowest_rib(small, grid, line) if line is not None else None
+    if rib_z is not None:
+        assert line is not None
+        spans = disc_spans(column_profile(vol, line))
+    else:
+        # no ribs in view: a lumbar field of view, where the bone of the bodies (and the
+        # mean HU across the line) has found the discs since the first release
+        line = _line_from_mask(mask, grid)
+        if line is None:
+            return Spine((), False, warnings=("no vertebral column found",))
+        spans = disc_spans(mean_profile(vol, line), regular=False, prominence=MEAN_PROMINENCE_HU)
     tang = _tangents(line)
-    sites = [((line[a] + line[b]) / 2, _frame(tang[(a + b) // 2]), (b - a) * STEP_MM, (a + b) // 2)
-             for a, b in spans]
+    sites = []
+    for a, b in spans:
+        f = _frame(tang[(a + b) // 2])
+        sites.append(((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2))
     warnings: list[str] = []
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))
@@ -278,19 +607,39 @@ def find_spine(vol: Volume) -> Spine:
     above = centre + frame[:, 2] * (height / 2 + 10.0)
     w_below, w_above = _front_width(mask, grid, below, frame), _front_width(mask, grid, above, frame)
     sacrum = w_above > 0 and w_below > SACRUM_WIDTH_RATIO * w_above
-    names = [""] * len(sites)
-    if sacrum:
-        s1 = VERTEBRAE.index("S1")
-        for j in range(len(sites)):
-            k = s1 - (len(sites) - j)
-            names[j] = f"{VERTEBRAE[k]}-{VERTEBRAE[k + 1]}" if k >= 0 else ""
+    by_sacrum = _names_from(len(sites) - 1, "L5-S1", len(sites)) if sacrum else None
+    by_ribs = None
+    if rib_z is not None:
+        below_ribs = [j for j, st in enumerate(sites) if st[0][2] < rib_z]
+        if not below_ribs and not sacrum:
+            return Spine((), False, line, ("ribs down to the lowest vertebra in view: no lumbar spine in view",),
+                         rib_anchor=True)
+        # the lowest rib in view is the twelfth only if the column goes on below it
+        if len(below_ribs) >= RIB_FREE_DISCS:
+            by_ribs = _names_from(below_ribs[0], "T12-L1", len(sites))
+    if by_sacrum and by_ribs:
+        names = by_sacrum
+        if by_ribs != by_sacrum:
+            both = next(j for j in range(len(sites)) if by_ribs[j] or by_sacrum[j])
+            shift = _level_offset(by_ribs[both], by_sacrum[both])
+            warnings.append(
+                f"the sacrum and the lowest ribs disagree by {shift} level(s) (a transitional vertebra, or "
+                "11 or 13 rib pairs?): levels are named from the sacrum; check the count")
+    elif by_sacrum:
+        names = by_sacrum
+    elif by_ribs:
+        names = by_ribs
+        warnings.append("sacrum not in the field of view: levels are named from the lowest ribs (T12); "
+                        "check the count")
     else:
-        warnings.append("sacrum not in the field of view: disc levels are not named")
+        names = [""] * len(sites)
+        warnings.append("neither the sacrum nor the lowest ribs in the field of view: disc levels are not named")
     spacing = np.diff([s[3] for s in sites]) * STEP_MM
     for i, gap in enumerate(spacing):
         if gap > 1.7 * float(np.median(spacing)):
             warnings.append(f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed")
     discs = [DiscSite(i, n, c_, f_, h_) for i, ((c_, f_, h_, _), n) in enumerate(zip(sites, names))]
-    if sacrum:
+    named = tuple(d for d in discs if d.level)
+    if named:
         discs = [d for d in discs if d.level in DISC_LEVELS]
-    return Spine(tuple(discs), sacrum, line, tuple(warnings))
+    return Spine(tuple(discs), sacrum, line, tuple(warnings), named=named, rib_anchor=by_ribs is not None)

@@ -20,7 +20,7 @@ from node.analysis.fusion import (
 from node.analysis.measure import BULGE_SHARE, EXTENDS_MM, disc_extension
 from node.analysis.spine import DiscSite, find_spine
 from node.analysis.views import View, disc_plane
-from node.analysis.volume import Volume
+from node.analysis.volume import Volume, VolumeError
 from node.classes import DiscClass
 from node.geometry import Plane, sample_plane
 from node.inference.model import DiscModel
@@ -259,6 +259,8 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
     t0 = time.perf_counter()
     spine = find_spine(vol)
     t["spine"] = time.perf_counter() - t0
+    if spine.skip_reason:
+        raise VolumeError(f"no lumbar spine to analyse: {spine.skip_reason}")
     warnings = list(vol.warnings) + list(spine.warnings)
     t0 = time.perf_counter()
     views = cut_views(vol, spine.discs, model)
