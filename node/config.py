@@ -68,6 +68,12 @@ class Receiver(BaseModel):
     #: Below this much free space in the spool, C-STORE answers Out of Resources (0xA700).
     min_free_mb: int = Field(default=1024, ge=0)
     network_timeout_s: float = 60.0
+    #: A connection that sends no A-ASSOCIATE-RQ within this long is closed.
+    request_timeout_s: float = Field(default=5.0, gt=0)
+    #: Connections one peer address may hold at once (further ones are closed at once).
+    max_connections_per_peer: int = Field(default=8, ge=1)
+    #: The largest PDU the node accepts (and announces); a longer one aborts the association.
+    max_pdu_bytes: int = Field(default=1 << 20, ge=16384)
 
     @field_validator("ae_title")
     @classmethod

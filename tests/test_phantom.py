@@ -147,7 +147,7 @@ def _digest(folder):
 
 
 def test_same_seed_gives_the_same_files(phantom, tmp_path):
-    again = generate_study(tmp_path, 10, 0, slices=150)
+    again = generate_study(tmp_path, 10, 0, slices=150, surroundings=False)
     assert _digest(again.folder) == _digest(phantom.folder)
     other = generate_study(tmp_path / "other", 11, 0, slices=150)
     assert json.loads((other.folder / TRUTH_FILE).read_text())["study_instance_uid"] != phantom.truth["study_instance_uid"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from node.analysis.study import StudyResult
 from node.analysis.views import View, ViewSpec, Windowing, disc_plane
@@ -64,10 +65,48 @@ def mid_slice(vol: Volume, disc, view: View, window: Windowing, spec: ViewSpec) 
     return grey, [(m.mask, m.cls) for m in disc.masks if m.view is view and m.offset_mm == 0.0]
 
 
+SPINE_WINDOW = (-250.0, 1250.0)
+
+
+def spine_picture(result: StudyResult, vol: Volume) -> Image.Image | None:
+    """A sagittal picture of the column (following it sideways, 1 mm pixels), each disc found
+    marked across its plane with its name: where the node found the discs and what it
+    called them."""
+    line = result.column
+    if len(line) < 2:
+        return None
+    z = np.arange(line[:, 2].max() + 25.0, line[:, 2].min() - 25.0, -1.0)
+    rev = line[::-1]
+    x = np.interp(z, rev[:, 2], rev[:, 0])
+    y0 = float(np.interp(z, rev[:, 2], rev[:, 1]).mean())
+    y = np.arange(y0 - 90.0, y0 + 90.0, 1.0)
+    zz, yy = np.meshgrid(z, y, indexing="ij")
+    pts = np.stack([np.broadcast_to(x[:, None], zz.shape), yy, zz], axis=-1).reshape(-1, 3)
+    hu = ndimage.map_coordinates(vol.hu, vol.grid.to_index(pts).T, order=1, mode="constant", cval=-1000.0)
+    lo, hi = SPINE_WINDOW
+    grey = (np.clip((hu.reshape(zz.shape) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    img = Image.fromarray(grey).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for d in result.discs:
+        c, ap = d.site.centre, d.site.frame[:, 1]
+        ends = [c - ap * 22.0, c + ap * 22.0]
+        px = [(float(e[1] - y[0]), float(z[0] - e[2])) for e in ends]
+        colour = CLASS_COLOURS[d.classes[0]] if d.classes else (255, 255, 0)
+        draw.line(px, fill=colour, width=2)
+        draw.text((max(2.0, px[0][0] - 50), px[0][1] - 12), d.level, fill=(255, 255, 0), font=font)
+    return img.resize((img.width * 2, img.height * 2), Image.BILINEAR)
+
+
 def write_previews(result: StudyResult, vol: Volume, out: Path, window: Windowing, spec: ViewSpec) -> list[Path]:
-    """One PNG per level: the mid axial and mid sagittal slices with the model's masks."""
+    """One PNG per level (the mid axial and mid sagittal slices with the model's masks), and
+    ``spine.png``, the column with the discs found and their names."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    overview = spine_picture(result, vol)
+    if overview is not None:
+        overview.save(out / "spine.png")
+        paths.append(out / "spine.png")
     for d in result.discs:
         tiles = []
         for view in (View.AXIAL, View.SAGITTAL):

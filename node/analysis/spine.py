@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -40,24 +41,31 @@ MEAN_PROMINENCE_HU = 90.0
 RIM_R_MM = (4.0, 22.0)
 MIN_DISC_SPACING_MM = 18.0
 MIN_BODY_RATIO, MAX_BODY_RATIO = 0.75, 1.35
+RHYTHM_WEIGHT = 0.5
 MIN_SPANNED_BODY_MM = 22.0  # a spacing taken to span two bodies holds two of at least this
 SHOULDER_MM = 12.0
 BEYOND_MM = 4.0
+EDGE_BODY_MM = 12.0
+EDGE_DEPTH_RATIO = 0.7
 BEYOND_DROP_HU = 30.0
 SACRUM_WIDTH_RATIO = 1.35
+SACRAL_REMNANTS = 1  # dark lines below L5-S1 that may be taken for a disc (S1-S2)
 RIB_MEDIAL_MM = 30.0
 RIB_REACH_MM = 68.0
 RIB_HEAD_RISE_MM = 8.0
 RIB_FREE_DISCS = 2  # discs seen below the lowest rib before it is taken for the twelfth
 CORTEX_HU = 200.0
+CANAL_RING_HU = (200.0, 120.0)  # the ring round the canal: cortex, or any bone (thin cortex)
 CANAL_MM2 = (60.0, 700.0)
 CANAL_MAX_DEPTH_MM = 140.0
 CANAL_MAX_HU = 90.0
-CANAL_MAX_OFF_MIDLINE_MM = 50.0
+CANAL_MAX_OFF_MIDLINE_MM = 28.0
 LINE_BEYOND_MM = 40.0
 CHAIN_GAP_MM = 90.0
+CHAIN_MIN_SPAN_MM = 60.0
 LINE_REACH_MM = 30.0
-BODY_WINDOW_MM = (30.0, 22.0, 18.0)  # |x|, in front of and behind the coarse line
+BODY_WINDOW_MM = (8.0, 22.0, 18.0)  # |x| and in front of / behind the line: the body
+BEYOND_WINDOW_MM = 45.0  # |x| past the canals
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ def canal_points(small: np.ndarray, grid: Grid) -> np.ndarray:
     the canal and the body's front.
     """
     zax = _axis_of(grid, 2)
-    bone = np.moveaxis(ndimage.gaussian_filter(small, 0.5) > CORTEX_HU, zax, 0)
+    smooth = np.moveaxis(ndimage.gaussian_filter(small, 0.5), zax, 0)
     tissue = np.moveaxis(small, zax, 0)
     others = [a for a in range(3) if a != zax]
     pixel_mm2 = float(np.prod([grid.spacing[a] for a in others]))
@@ -162,9 +170,18 @@ def canal_points(small: np.ndarray, grid: Grid) -> np.ndarray:
     def lps(j: int, idx2: np.ndarray) -> np.ndarray:
         return grid.to_patient(np.insert(idx2.astype(float), zax, j, axis=1))
 
+    # patient x of each pixel of a slice (the same for every slice of an axial stack)
+    x_of = lps(0, np.argwhere(np.ones(smooth.shape[1:], dtype=bool)))[:, 0].reshape(smooth.shape[1:])
     out = []
-    for j in range(bone.shape[0]):
-        sl = bone[j]
+    for j, thr in itertools.product(range(smooth.shape[0]), CANAL_RING_HU):
+        if thr == CANAL_RING_HU[0]:
+            inside = _outline(tissue[j])
+            mid_x = float(np.median(x_of[inside])) if inside.any() else 0.0
+        if not inside.any():
+            continue
+        # only bone near the midline: the pelvis or the ribs with the spine enclose larger
+        # rings that would swallow the canal
+        sl = (smooth[j] > thr) & (np.abs(x_of - mid_x) < CANAL_MAX_OFF_MIDLINE_MM + 17.0)
         if sl.sum() < 20:
             continue
         filled = ndimage.binary_fill_holes(sl)
@@ -175,10 +192,7 @@ def canal_points(small: np.ndarray, grid: Grid) -> np.ndarray:
         cand = np.flatnonzero((areas >= CANAL_MM2[0]) & (areas <= CANAL_MM2[1])) + 1
         if cand.size == 0:
             continue
-        body = lps(j, np.argwhere(_outline(tissue[j])))
-        if len(body) == 0:
-            continue
-        mid_x = float(np.median(body[:, 0]))
+        body = lps(j, np.argwhere(inside))
         comp, _ = ndimage.label(sl)
         for h in cand:
             hole = holes == h
@@ -280,8 +294,8 @@ def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None) -
     pts = canal_points(small, grid)
     if len(pts) >= 3:
         pts = _robust_chain(pts[np.argsort(pts[:, 2])])
-    if len(pts) < 3 or np.ptp(pts[:, 2]) < 20.0:
-        return None if mask is None else _line_from_mask(mask, grid)
+    if len(pts) < 3 or np.ptp(pts[:, 2]) < CHAIN_MIN_SPAN_MM:
+        return None  # too few vertebrae in view to chain (a crop around the column)
     line = _smooth_line(pts, grid)
     if mask is None:
         return line
@@ -292,15 +306,22 @@ def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None) -
         rev = line[::-1]
         dx = bone_all[:, 0] - np.interp(bone_all[:, 2], rev[:, 2], rev[:, 0])
         dy = bone_all[:, 1] - np.interp(bone_all[:, 2], rev[:, 2], rev[:, 1])
-        bone = bone_all[(np.abs(dx) < BODY_WINDOW_MM[0]) & (dy > -BODY_WINDOW_MM[1]) & (dy < BODY_WINDOW_MM[2])]
+        win = (np.abs(dx) < BODY_WINDOW_MM[0]) & (dy > -BODY_WINDOW_MM[1]) & (dy < BODY_WINDOW_MM[2])
+        # past the last canal (the sacrum, tilted so that no axial slice closes its canal)
+        # the line is only extrapolated: there all the bone of the column counts
+        beyond = (bone_all[:, 2] < pts[:, 2].min() - 5.0) | (bone_all[:, 2] > pts[:, 2].max() + 5.0)
+        win = np.where(beyond, np.abs(dx) < BEYOND_WINDOW_MM, win)
+        bone = np.column_stack([np.where(beyond, bone_all[:, 0], bone_all[:, 0] - dx), bone_all[:, 1:]])[win]
         if len(bone) == 0:
             break
         edges = np.arange(bone[:, 2].min(), bone[:, 2].max() + 4.0, 4.0)
         idx = np.digitize(bone[:, 2], edges) - 1
+        counts = np.bincount(idx, minlength=len(edges))
+        least = max(10.0, 0.4 * float(np.median(counts[counts > 0])))  # a bin at a disc holds little
         fine = []
         for b in range(len(edges) - 1):
             sel = bone[idx == b]
-            if len(sel) >= 10:
+            if len(sel) >= least:
                 fine.append([np.median(sel[:, 0]), np.percentile(sel[:, 1], 40), sel[:, 2].mean()])
         if len(fine) < 3:
             break
@@ -417,24 +438,34 @@ def _valleys(profile: np.ndarray, min_depth: float, max_mm: float, lo: int = 0, 
     return out
 
 
-def _in_rhythm(above: float, below: float) -> bool:
-    """Whether two successive disc spacings (cranial first) fit one column: the lower body
-    `MIN_BODY_RATIO` to `MAX_BODY_RATIO` times the upper one, where either spacing may
-    span two bodies of at least `MIN_SPANNED_BODY_MM` (a disc missed in between)."""
-    if MIN_BODY_RATIO <= below / above <= MAX_BODY_RATIO:
-        return True
-    return any(MIN_BODY_RATIO <= (below / nb) / (above / na) <= MAX_BODY_RATIO
-               and min(above / na, below / nb) >= MIN_SPANNED_BODY_MM for na, nb in ((2, 1), (1, 2)))
+def _rhythm_cost(above: float, below: float) -> float | None:
+    """How far two successive disc spacings (cranial first) are from one column's rhythm,
+    in units of the largest step allowed (`MAX_BODY_RATIO`), plus one per disc taken as
+    missed in between; None where they cannot follow each other.
+
+    The lower body is `MIN_BODY_RATIO` to `MAX_BODY_RATIO` times the upper one, where
+    either spacing may span two bodies of at least `MIN_SPANNED_BODY_MM` (a missed disc).
+    """
+    best = None
+    for na, nb in ((1, 1), (2, 1), (1, 2)):
+        a, b = above / na, below / nb
+        if not MIN_BODY_RATIO <= b / a <= MAX_BODY_RATIO:
+            continue
+        if (na, nb) != (1, 1) and min(a, b) < MIN_SPANNED_BODY_MM:
+            continue
+        cost = abs(np.log(b / a)) / np.log(MAX_BODY_RATIO) + (na + nb - 2)
+        best = cost if best is None else min(best, cost)
+    return best
 
 
 def _regular_chain(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int, int]]:
     """The deepest set of valleys that a column of vertebrae can hold.
 
     Neighbouring discs are at least `MIN_DISC_SPACING_MM` apart, and successive spacings
-    keep the rhythm of `_in_rhythm` (bodies grow slowly towards the sacrum): a
+    keep the rhythm of `_rhythm_cost` (bodies grow slowly towards the sacrum): a
     dark band inside a body (a vein, a fracture line) next to the true disc breaks that
     rhythm and falls out. Among the sets that keep the rhythm, the one whose valleys are
-    deepest in total wins.
+    deepest in total, less `RHYTHM_WEIGHT` median depths per step out of rhythm, wins.
     """
     cand = sorted({sp: d for sp, d in found}.items())
     n = len(cand)
@@ -442,6 +473,7 @@ def _regular_chain(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int
         return []
     mid = np.array([(a + b) / 2 * STEP_MM for (a, b), _ in cand])
     dep = np.array([d for _, d in cand])
+    unit = float(np.median(dep))  # what a step out of rhythm costs, in valley depth
     # best[i, j]: deepest chain ending in discs i then j (j = i: a chain of one disc)
     best = np.full((n, n), -np.inf)
     back = np.full((n, n), -1)
@@ -458,8 +490,12 @@ def _regular_chain(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int
                 if best[h, i] == -np.inf or h == i:
                     continue
                 s_hi = mid[i] - mid[h]
-                if _in_rhythm(s_hi, s_ij) and best[h, i] + dep[j] > best[i, j]:
-                    best[i, j], back[i, j] = best[h, i] + dep[j], h
+                cost = _rhythm_cost(s_hi, s_ij)
+                if cost is None:
+                    continue
+                score = best[h, i] + dep[j] - RHYTHM_WEIGHT * unit * cost
+                if score > best[i, j]:
+                    best[i, j], back[i, j] = score, h
     i, j = np.unravel_index(int(np.argmax(best)), best.shape)
     chain = [int(j)]
     while i != j:
@@ -479,7 +515,8 @@ def _deepest_apart(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int
     return sorted(kept)
 
 
-def disc_spans(profile: np.ndarray, regular: bool = True, prominence: float = ENDPLATE_PROMINENCE_HU) -> list[tuple[int, int]]:
+def disc_spans(profile: np.ndarray, *, regular: bool = True,
+               prominence: float = ENDPLATE_PROMINENCE_HU) -> list[tuple[int, int]]:
     """(start, end) indices of the dark stretches of the profile that are disc spaces.
 
     A disc space is a valley at least `ENDPLATE_PROMINENCE_HU` below the endplates around it
@@ -488,6 +525,16 @@ def disc_spans(profile: np.ndarray, regular: bool = True, prominence: float = EN
     """
     found = _valleys(profile, prominence, DISC_MAX_MM)
     kept = _regular_chain(found) if regular else _deepest_apart(found)
+    if regular and len(kept) >= 3:
+        # a dip at either end with less than part of a body beyond it before the line ends
+        # (the edge of the field of view), and much shallower than the disc next to it, is
+        # more likely a dark band inside that body
+        depth = dict(found)
+        edge = int(EDGE_BODY_MM / STEP_MM)
+        if kept[-1][1] >= len(profile) - edge and depth[kept[-1]] < EDGE_DEPTH_RATIO * depth[kept[-2]]:
+            kept = kept[:-1]
+        if kept[0][0] < edge and depth[kept[0]] < EDGE_DEPTH_RATIO * depth[kept[1]]:
+            kept = kept[1:]
     # a gap of about two spacings hides a disc whose endplates are faint: look again there
     # with relaxed criteria
     mids = [(a + b) / 2 for a, b in kept]
@@ -518,6 +565,18 @@ def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
         return 0.0
     xs = u[lab == mid]
     return float(xs.max() - xs.min())
+
+
+def _lumbosacral(mask: np.ndarray, grid: Grid, sites: list) -> int | None:
+    """Index of the L5-S1 disc among the lowest two sites, or None without a sacrum."""
+    for j in range(len(sites) - 1, max(-1, len(sites) - 1 - SACRAL_REMNANTS - 1), -1):
+        centre, frame, height, _ = sites[j]
+        below = centre - frame[:, 2] * (height / 2 + 10.0)
+        above = centre + frame[:, 2] * (height / 2 + 10.0)
+        w_below, w_above = _front_width(mask, grid, below, frame), _front_width(mask, grid, above, frame)
+        if w_above > 0 and w_below > SACRUM_WIDTH_RATIO * w_above:
+            return j
+    return None
 
 
 def lowest_rib(small: np.ndarray, grid: Grid, line: np.ndarray) -> float | None:
@@ -582,13 +641,13 @@ def find_spine(vol: Volume) -> Spine:
     small, grid = resample_iso(vol.hu, vol.grid)
     mask = body_mask(small, grid)
     line = centre_line(small, grid, mask)
-    rib_z = lowest_rib(small, grid, line) if line is not None else None
-    if rib_z is not None:
-        assert line is not None
+    rib_z = None
+    if line is not None:
+        rib_z = lowest_rib(small, grid, line)
         spans = disc_spans(column_profile(vol, line))
     else:
-        # no ribs in view: a lumbar field of view, where the bone of the bodies (and the
-        # mean HU across the line) has found the discs since the first release
+        # no closed canal in view (a crop around the column): the bone of the bodies gives
+        # the line, and the mean HU across it the discs
         line = _line_from_mask(mask, grid)
         if line is None:
             return Spine((), False, warnings=("no vertebral column found",))
@@ -601,12 +660,13 @@ def find_spine(vol: Volume) -> Spine:
     warnings: list[str] = []
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))
-    # the sacrum: the bone under the lowest disc is much wider than the body above it
-    centre, frame, height, c = sites[-1]
-    below = centre - frame[:, 2] * (height / 2 + 10.0)
-    above = centre + frame[:, 2] * (height / 2 + 10.0)
-    w_below, w_above = _front_width(mask, grid, below, frame), _front_width(mask, grid, above, frame)
-    sacrum = w_above > 0 and w_below > SACRUM_WIDTH_RATIO * w_above
+    # the sacrum: the bone under L5-S1 (S1 with its alae) is much wider than the body above
+    # it; the lowest dark line may be the rudimentary S1-S2 disc, so the one above it is
+    # tried too, and what lies below L5-S1 is dropped
+    lumbosacral = _lumbosacral(mask, grid, sites)
+    sacrum = lumbosacral is not None
+    if lumbosacral is not None and lumbosacral < len(sites) - 1:
+        sites = sites[: lumbosacral + 1]
     by_sacrum = _names_from(len(sites) - 1, "L5-S1", len(sites)) if sacrum else None
     by_ribs = None
     if rib_z is not None:
@@ -616,7 +676,12 @@ def find_spine(vol: Volume) -> Spine:
                          rib_anchor=True)
         # the lowest rib in view is the twelfth only if the column goes on below it
         if len(below_ribs) >= RIB_FREE_DISCS:
-            by_ribs = _names_from(below_ribs[0], "T12-L1", len(sites))
+            # T12-L1 lies under the body that bears the lowest ribs; a first disc found
+            # further down than a spacing and a half is L1-L2 (T12-L1 was missed)
+            first = below_ribs[0]
+            spacing = float(np.median(np.diff([-st[0][2] for st in sites]))) if len(sites) > 1 else 30.0
+            gap = rib_z - sites[first][0][2]
+            by_ribs = _names_from(first, "L1-L2" if gap > 1.5 * spacing else "T12-L1", len(sites))
     if by_sacrum and by_ribs:
         names = by_sacrum
         if by_ribs != by_sacrum:

@@ -114,6 +114,7 @@ class StudyResult:
     discs: tuple[DiscResult, ...]
     warnings: tuple[str, ...]
     timings: dict[str, float] = field(default_factory=dict)
+    column: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)), repr=False)  # centre line, LPS
 
     def to_dict(self) -> dict:
         return {
@@ -300,5 +301,5 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
     return StudyResult(
         study_uid=vol.study_uid, series_uid=vol.series_uid, frame_of_reference_uid=vol.frame_of_reference_uid,
         sop_instance_uids=vol.sop_instance_uids, model=f"{model.card.name}", device=model.device,
-        discs=tuple(results), warnings=tuple(warnings), timings=t,
+        discs=tuple(results), warnings=tuple(warnings), timings=t, column=spine.centre_line,
     )

@@ -30,12 +30,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Settings
 from node.ingest import spool
+from node.ingest.guard import GuardedAE
 from node.jobs import CT_STORAGE, ReceivedInstance, association_released, record_instance
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,11 @@ class Receiver:
         self._open: dict[str, set[str]] = {}  # association -> series it has carried
         self._lock = threading.Lock()
         r = settings.receiver
-        ae = AE(ae_title=r.ae_title)
-        ae.maximum_associations = r.max_associations
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from senders that allow it
+        ae = GuardedAE(ae_title=r.ae_title)
+        ae.maximum_associations = r.max_associations  # counted once an association is requested
+        ae.maximum_pdu_size = r.max_pdu_bytes  # large PDUs from senders that allow it, but bounded
         ae.network_timeout = r.network_timeout_s
-        ae.acse_timeout = r.network_timeout_s
+        ae.acse_timeout = r.request_timeout_s  # the ARTIM timer: waiting for the A-ASSOCIATE-RQ
         ae.dimse_timeout = r.network_timeout_s
         if r.allowed_calling_aets:
             ae.require_calling_aet = list(r.allowed_calling_aets)
@@ -183,7 +184,7 @@ class Receiver:
                     (evt.EVT_RELEASED, self._on_released), (evt.EVT_ABORTED, self._on_aborted),
                     (evt.EVT_REJECTED, self._on_rejected)]
         self.recorder = _Recorder(self.sessions, self.actor)
-        self.server = self.ae.start_server((r.host, r.port), block=False, evt_handlers=handlers)
+        self.server = self.ae.start_guarded_server((r.host, r.port), handlers, r.max_connections_per_peer)
         log.info("listening as %s on %s:%d", r.ae_title, r.host, r.port)
 
     def stop(self) -> None:

@@ -109,6 +109,7 @@ def _paint_background(hu: np.ndarray, grid: Grid, plan: StudyPlan) -> None:
 
     zc = np.array([v.centre[2] for v in verts])
     order = np.argsort(zc)
+    vessel_hu = plan.skeleton.vessel_hu if plan.skeleton else 42.0
     slab = max(1, int(round(8.0 / plan.scanner.slice_spacing)))
     ms = body.muscle_scale
     for k0 in range(0, nk, slab):
@@ -131,11 +132,11 @@ def _paint_background(hu: np.ndarray, grid: Grid, plan: StudyPlan) -> None:
             sub[((x - su - side * (24 + pr * 0.9)) / pr) ** 2 + ((y - sv + 2) / (pr * 0.8)) ** 2 <= 1.0] = body.muscle_hu
             sub[((x - su - side * 36 * ms) / (26 * ms)) ** 2 + ((y - sv - 52 * ms) / (24 * ms)) ** 2 <= 1.0] = body.muscle_hu + 3
         if lvl < 0.75:  # aorta (left) and inferior vena cava (right) above the bifurcation
-            sub[(x - su - 14) ** 2 + (y - sv + 34) ** 2 <= 100.0] = 42.0
-            sub[((x - su + 20) / 11.0) ** 2 + ((y - sv + 32) / 8.0) ** 2 <= 1.0] = 40.0
+            sub[(x - su - 14) ** 2 + (y - sv + 34) ** 2 <= 100.0] = vessel_hu
+            sub[((x - su + 20) / 11.0) ** 2 + ((y - sv + 32) / 8.0) ** 2 <= 1.0] = vessel_hu - 2.0
         else:
             for side in (-1.0, 1.0):
-                sub[(x - su - side * 22) ** 2 + (y - sv + 30) ** 2 <= 36.0] = 42.0
+                sub[(x - su - side * 22) ** 2 + (y - sv + 30) ** 2 <= 36.0] = vessel_hu
         hu[k0 : k0 + slab] = img
 
 
@@ -217,11 +218,17 @@ def _paint_disc(p: Painted, grid: Grid, plan: StudyPlan, disc: Disc, level_code:
         vu, vv, vr, vh = disc.vacuum
         gas = inside & (((u - vu) / vr) ** 2 + ((v - vv) / (0.5 * vr)) ** 2 + ((d_lo - d_up) / (2 * vh)) ** 2 <= 1.0)
         hu[gas] = -850.0
+    if plan.skeleton is not None and disc.level in plan.skeleton.bridging:
+        side = -40.0 if level_code % 2 else -140.0  # anterolateral, left or right
+        d_ang = np.abs((np.degrees(theta) - side + 180.0) % 360.0 - 180.0)
+        bridge = (d_ang < 22.0) & (r > r_edge + ext) & (r <= r_edge + ext + 4.0) & (d_up > -2.0) & (d_lo > -2.0)
+        hu[bridge] = 650.0
     p.disc_class[box][inside] = disc.morphology.class_id + 1
     p.disc_level[box][inside] = level_code
 
 
-def _paint_vertebra(p: Painted, grid: Grid, v_: Vertebra, code: int, rng: np.random.Generator) -> None:
+def _paint_vertebra(p: Painted, grid: Grid, v_: Vertebra, code: int, rng: np.random.Generator,
+                    sclerotic: bool = False) -> None:
     a, b, h = v_.half_width, v_.half_depth, v_.height
     ca, cb = v_.canal_half_width, v_.canal_half_depth
     vc = b + 1.5 + cb
@@ -267,6 +274,8 @@ def _paint_vertebra(p: Painted, grid: Grid, v_: Vertebra, code: int, rng: np.ran
     lab[post] = code + POSTERIOR_ELEMENT_OFFSET
     hu[body] = v_.cortical_hu
     hu[inner] = v_.cancellous_hu + 35.0 * rng.standard_normal(int(inner.sum())).astype(np.float32)
+    if sclerotic:  # dense bone under both endplates
+        hu[inner & (np.abs(w) > h / 2 - 4.0)] = 0.6 * v_.cortical_hu
     lab[body] = code
 
 
@@ -309,12 +318,143 @@ def paint(plan: StudyPlan, grid: Grid) -> Painted:
     _paint_background(p.hu, grid, plan)
     for i, disc in enumerate(plan.discs):
         _paint_disc(p, grid, plan, disc, i + 1)
+    sclerosis = plan.skeleton.sclerosis if plan.skeleton else ()
     for i, vert in enumerate(plan.vertebrae):
-        _paint_vertebra(p, grid, vert, i + 1, rng)
+        _paint_vertebra(p, grid, vert, i + 1, rng, vert.name in sclerosis)
     for i, disc in enumerate(plan.discs):
         if disc.schmorl is not None:
             _paint_schmorl(p, grid, plan, disc, i + 1)
+    _paint_sacral_segments(p, grid, plan, len(plan.vertebrae))
+    _paint_ribs(p, grid, plan)
+    _paint_pelvis(p, grid, plan)
     return p
+
+
+def _stamp_tube(p: Painted, grid: Grid, pts: np.ndarray, radius: float, hu: tuple[float, float]) -> None:
+    """A bony tube (cortex ``hu[0]``, marrow ``hu[1]``) along ``pts`` (LPS, about 1 mm apart).
+
+    Balls stamped along the path, each in the small box it needs; the cortex goes first
+    and the marrow over it, so that where balls overlap the inside stays marrow.
+    """
+    spacing = np.array(grid.spacing)
+    half = np.ceil(radius / spacing).astype(int) + 1
+    centres = np.rint(grid.to_index(pts)).astype(int)
+    frac = grid.to_index(pts) - centres
+    offs = np.stack(np.meshgrid(*(np.arange(-h, h + 1) for h in half), indexing="ij"), axis=-1).reshape(-1, 3)
+    shape = np.array(grid.shape)
+    for layer, r in ((0, radius), (1, radius - 1.2)):
+        for c, f in zip(centres, frac):
+            d = np.linalg.norm((offs - f) * spacing, axis=1)
+            idx = offs[d <= r] + c
+            idx = idx[np.all((idx >= 0) & (idx < shape), axis=1)]
+            if len(idx) == 0:
+                continue
+            t = tuple(idx.T)
+            keep = p.vertebra[t] == 0  # never over a vertebra
+            p.hu[tuple(idx[keep].T)] = hu[layer]
+
+
+#: How far around the chest each rib reaches (degrees from the back, at its end).
+_RIB_END_DEG = {"T8": 165.0, "T9": 160.0, "T10": 140.0, "T11": 105.0, "T12": 75.0, "L1": 50.0}
+
+
+def _paint_ribs(p: Painted, grid: Grid, plan: StudyPlan) -> None:
+    """A pair of ribs on each rib-bearing vertebra: head at the body's back corner, neck
+    past the transverse process, then round the chest wall, sloping down."""
+    skel = plan.skeleton
+    if skel is None:
+        return
+    body = plan.body
+    ax = body.half_width - body.fat_mm - 14.0
+    by = body.half_depth - body.fat_mm * 0.8 - 12.0
+    for v_ in plan.vertebrae:
+        if v_.name not in skel.rib_bearing:
+            continue
+        f, c = v_.frame, v_.centre
+        for s in (-1.0, 1.0):
+            head = c + f @ np.array([s * v_.half_width * 0.8, v_.half_depth * 0.6, v_.height * 0.15])
+            tub = c + f @ np.array([s * (v_.canal_half_width + 26.0), v_.half_depth + 8.0, v_.height * 0.05])
+            thetas = np.radians(np.arange(25.0, _RIB_END_DEG.get(v_.name, 120.0), 1.0))
+            wall = np.stack([body.centre_x + s * ax * np.sin(thetas), body.centre_y + by * np.cos(thetas),
+                             np.zeros_like(thetas)], axis=1)
+            wall = wall[np.abs(wall[:, 0] - c[0]) > abs(tub[0] - c[0]) + 5.0]
+            path = np.concatenate([head[None], tub[None], wall]) if len(wall) else np.stack([head, tub])
+            # about 1 mm apart, sloping down by 0.3 mm per mm once past the tubercle
+            seg = np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1)
+            s_at = np.concatenate([[0.0], np.cumsum(seg)])
+            fine_s = np.arange(0.0, s_at[-1], 1.0)
+            pts = np.stack([np.interp(fine_s, s_at, path[:, k]) for k in range(2)], axis=1)
+            z = head[2] + np.interp(fine_s, s_at[:2], [0.0, tub[2] - head[2]]) - 0.3 * np.clip(fine_s - s_at[1], 0, None)
+            r = skel.rib_radius_mm * (0.8 if v_.name in ("T12", "L1") else 1.0)
+            _stamp_tube(p, grid, np.column_stack([pts, z]), r, skel.rib_hu)
+
+
+def _paint_pelvis(p: Painted, grid: Grid, plan: StudyPlan) -> None:
+    """Iliac wings: curved plates from beside the sacrum round to the front, their crest
+    near the L4-L5 disc, slice by slice."""
+    skel = plan.skeleton
+    if skel is None:
+        return
+    names = [v.name for v in plan.vertebrae]
+    l4, l5, s1 = (plan.vertebrae[names.index(n)] for n in ("L4", "L5", "S1"))
+    z_crest = (l4.centre[2] + l5.centre[2]) / 2 + skel.crest_offset_mm
+    cx, cy = s1.centre[0], s1.centre[1] - 20.0
+    for k in range(grid.shape[0]):
+        z = float(grid.to_patient(np.array([k, 0, 0]))[2])
+        below = z_crest - z
+        if below < 0 or below > 110.0:
+            continue
+        f = float(np.clip(below / 25.0, 0.15, 1.0))
+        half = 0.5 * (115.0 - 40.0) * f
+        r_idx = np.arange(grid.shape[1])
+        c_idx = np.arange(grid.shape[2])
+        yy = grid.to_patient(np.stack([np.full_like(r_idx, k), r_idx, np.zeros_like(r_idx)], axis=1))[:, 1]
+        xx = grid.to_patient(np.stack([np.full_like(c_idx, k), np.zeros_like(c_idx), c_idx], axis=1))[:, 0]
+        X, Y = np.meshgrid(xx - cx, yy - cy)
+        rr = np.hypot(X / 95.0, Y / 62.0)
+        ang = np.degrees(np.arctan2(np.abs(X), Y))  # 0 behind, 90 beside
+        plate = np.abs(rr - 1.0) * 70.0  # about the distance from the wing's mid-surface, mm
+        along = np.abs(ang - 77.5) <= half
+        wing = along & (plate <= 3.5)
+        marrow = along & (plate <= 1.8)
+        sl = p.hu[k]
+        free = p.vertebra[k] == 0
+        sl[wing & free] = skel.rib_hu[0] * 0.85
+        sl[marrow & free] = skel.rib_hu[1]
+
+
+def _paint_sacral_segments(p: Painted, grid: Grid, plan: StudyPlan, code: int) -> None:
+    """S2 and S3 under S1, each smaller and further back, with the rudimentary S1-S2 disc
+    (thin, often part bone) between S1 and S2: a dark line that is no L5-S1."""
+    skel = plan.skeleton
+    s1 = plan.vertebrae[-1]
+    if skel is None or not s1.is_sacrum:
+        return
+    e = s1.frame[:, 2]
+    top = s1.centre - e * s1.height / 2  # S1's lower endplate
+    segs = []
+    gap = skel.sacral_remnant_mm
+    for scale, back in ((0.75, 4.0), (0.55, 9.0)):
+        h = s1.height * scale
+        centre = top - e * (gap + h / 2) + s1.frame[:, 1] * back
+        segs.append((centre, h, s1.half_width * (0.5 + 0.4 * scale), s1.half_depth * (0.6 + 0.3 * scale), gap, top))
+        top = centre - e * h / 2
+        gap = 1.0
+    for i, (centre, h, a, b, gap, above) in enumerate(segs):
+        box = _box(grid, centre, s1.frame, (-a - 2, -b - 2, -h / 2 - 1), (a + 2, b + 2, h / 2 + gap + 1))
+        if box is None:
+            continue
+        u, v, w = _local(grid, box, centre, s1.frame)
+        r_edge = _ellipse_radius(np.arctan2(v, u), a, b)
+        r = np.hypot(u, v)
+        hu, lab = p.hu[box], p.vertebra[box]
+        free = lab == 0
+        disc = free & (w > h / 2) & (w <= h / 2 + gap) & (r <= r_edge)
+        hu[disc] = skel.sacral_remnant_hu if i == 0 else 300.0
+        bodyv = free & (np.abs(w) <= h / 2) & (r <= r_edge)
+        hu[bodyv] = s1.cortical_hu
+        hu[bodyv & (r <= r_edge - 1.3) & (np.abs(w) <= h / 2 - 1.0)] = s1.cancellous_hu
+        lab[bodyv] = code
 
 
 def _kernel_gain(sigma: float) -> float:

@@ -124,6 +124,29 @@ def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int) -> di
     return entry
 
 
+def _skeleton_truth(plan: StudyPlan, grid: Grid) -> dict:
+    """The ribs, pelvis and variants of a study, and which anchors lie inside its scan."""
+    sk = plan.skeleton
+    if sk is None:
+        return {}
+    z = grid.to_patient(np.array([[0, 0, 0], [grid.shape[0] - 1, 0, 0]], dtype=float))[:, 2]
+    lo, hi = float(z.min()), float(z.max())
+    names = [v.name for v in plan.vertebrae]
+    s1 = plan.vertebrae[-1]
+    lowest = plan.vertebrae[names.index(sk.rib_bearing[-1])]
+    return {
+        "rib_pairs": sk.rib_pairs,
+        "lowest_rib_bearing_vertebra": sk.rib_bearing[-1],
+        "sacrum_in_view": bool(lo < s1.centre[2] < hi),
+        "lowest_ribs_in_view": bool(lo < lowest.centre[2] < hi),
+        "vessel_hu": round(sk.vessel_hu, 1),
+        "sacral_remnant_mm": round(sk.sacral_remnant_mm, 2),
+        "endplate_sclerosis": list(sk.sclerosis),
+        "bridging_osteophytes": list(sk.bridging),
+        "osteoporotic": bool(all(v.cancellous_hu < 125 for v in plan.vertebrae[:-1])),
+    }
+
+
 def generate_study(out: Path, seed: int, index: int, *, slices: int | None = None, **plan_kw) -> GeneratedStudy:
     """Generate one study into ``out/study-SEED-INDEX``."""
     plan = plan_study(seed, index, slices=slices, **plan_kw)
@@ -154,6 +177,7 @@ def generate_study(out: Path, seed: int, index: int, *, slices: int | None = Non
         | {"patient_rotation_deg": round(plan.body.rotation_deg, 2)},
         "levels": levels,
         "vertebrae": [v.name for v in plan.vertebrae],
+        "skeleton": _skeleton_truth(plan, grid),
         "label_legend": {
             "disc_class": {str(c.class_id + 1): c.value for c in DiscClass},
             "disc_level": {str(i + 1): d.level for i, d in enumerate(plan.discs)},

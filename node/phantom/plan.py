@@ -9,7 +9,7 @@ disc 60..110, cancellous bone 120..300, cortical bone 700..1400, CSF 0..15).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -149,6 +149,30 @@ class Body:
 
 
 @dataclass(frozen=True)
+class Skeleton:
+    """What surrounds the lumbar column in a real scan, and its variants.
+
+    ``rib_bearing`` names the vertebrae with a pair of ribs: T8-T12 normally, T8-T11 with
+    11 pairs, T8-L1 with 13 (a lumbar rib). Counted from the sacrum the levels are still
+    right; counted from the lowest ribs they are one off, which the node must say.
+    """
+
+    rib_bearing: tuple[str, ...]
+    rib_radius_mm: float
+    rib_hu: tuple[float, float]  # cortex, marrow
+    crest_offset_mm: float  # iliac crest above (+) or below the L4-L5 disc centre
+    sacral_remnant_mm: float  # the rudimentary S1-S2 disc
+    sacral_remnant_hu: float
+    vessel_hu: float  # aorta and vena cava: 40 without contrast, up to 320 with
+    sclerosis: tuple[str, ...] = ()  # vertebrae with sclerotic endplates
+    bridging: tuple[str, ...] = ()  # disc levels bridged by an osteophyte
+
+    @property
+    def rib_pairs(self) -> int:
+        return 12 + len(self.rib_bearing) - 5
+
+
+@dataclass(frozen=True)
 class StudyPlan:
     seed: int
     index: int
@@ -161,6 +185,7 @@ class StudyPlan:
     patient_age: int
     study_date: str
     extras: dict = field(default_factory=dict)
+    skeleton: Skeleton | None = None
 
 
 def _rot_x(a: float) -> np.ndarray:
@@ -195,8 +220,14 @@ def plan_study(
     co_occurrence: float = 0.15,
     lookalike_rate: float = 0.2,
     slices: int | None = None,
+    surroundings: bool = True,
 ) -> StudyPlan:
-    """Draw one study from ``(seed, index)``; ``slices`` forces the slice count."""
+    """Draw one study from ``(seed, index)``; ``slices`` forces the slice count.
+
+    ``surroundings=False`` leaves out what surrounds the column (ribs, pelvis, sacral
+    segments, contrast, bone variants, 5 mm slices, cut fields of view; see `Skeleton`): a
+    plain lumbar study, for tests of what comes after the disc finder.
+    """
     rng = np.random.default_rng([seed, index])
     mix = {c: float(n) for c, n in (class_mix or PAPER_CLASS_MIX).items()}
 
@@ -366,6 +397,13 @@ def plan_study(
     half_fov = fov / 2
     first = (round(-half_fov + float(rng.uniform(-3, 3)), 3), round(-half_fov + 20.0 + float(rng.uniform(-3, 3)), 3),
              round(z_bottom + length, 3))
+    scanner_plain, vertebrae_plain, first_plain = scanner, tuple(vertebrae), first
+    skel, scanner, vertebrae_t, first = _draw_skeleton(
+        np.random.default_rng([seed, index, 21]), scanner, tuple(vertebrae), first, forced_slices=slices is not None,
+        coverage=coverage)
+    vertebrae = list(vertebrae_t)
+    if not surroundings:
+        skel, scanner, vertebrae, first = None, scanner_plain, list(vertebrae_plain), first_plain
     day = int(rng.integers(0, 3650))
     date = np.datetime64("2015-01-01") + np.timedelta64(day, "D")
     return StudyPlan(
@@ -380,4 +418,52 @@ def plan_study(
         patient_age=int(rng.integers(25, 85)),
         study_date=str(date).replace("-", ""),
         extras={"lordosis_deg": lordosis, "scoliosis_deg": scol_amp, "dose_factor": dose},
+        skeleton=skel,
     )
+
+
+#: Rates of the variants (drawn from a stream of their own, so that a seed keeps the
+#: spine, discs and scanner it had before they were added).
+RIB_VARIANT_RATE = 0.1  # each of 11 and 13 pairs
+THICK_SLICE_RATE = 0.06  # 5 mm reconstructions
+SACRUM_CUT_RATE = 0.1  # the field of view stops above the sacrum
+OSTEOPOROSIS_RATE = 0.2
+CONTRAST_RATE = 0.4
+
+
+def _draw_skeleton(rng: np.random.Generator, scanner: Scanner, vertebrae: tuple[Vertebra, ...],
+                   first: tuple[float, float, float], *, forced_slices: bool, coverage: float):
+    """Ribs, pelvis, sacral segments, vessels and bone quality; 5 mm slices (where the slice
+    count is not forced) and fields of view that cut the sacrum."""
+    u = rng.random()
+    last = "T11" if u < RIB_VARIANT_RATE else "L1" if u < 2 * RIB_VARIANT_RATE else "T12"
+    names = [v.name for v in vertebrae]
+    rib_bearing = tuple(names[: names.index(last) + 1])
+    osteoporotic = rng.random() < OSTEOPOROSIS_RATE
+    verts = tuple(
+        replace(v, cancellous_hu=float(rng.uniform(60, 120))) if osteoporotic and not v.is_sacrum else v
+        for v in vertebrae)
+    lumbar_discs = [f"{a}-{b}" for a, b in zip(names[4:-1], names[5:])]
+    skel = Skeleton(
+        rib_bearing=rib_bearing,
+        rib_radius_mm=float(rng.uniform(3.5, 5.0)),
+        rib_hu=(float(rng.uniform(550, 900)), float(rng.uniform(150, 300))),
+        crest_offset_mm=float(rng.uniform(-12, 12)),
+        sacral_remnant_mm=float(rng.uniform(1.5, 3.5)),
+        sacral_remnant_hu=float(rng.uniform(90, 260)),
+        vessel_hu=float(rng.uniform(150, 320)) if rng.random() < CONTRAST_RATE else 42.0,
+        sclerosis=tuple(v.name for v in verts[4:-1] if rng.random() < 0.08),
+        bridging=tuple(lv for lv in lumbar_discs if rng.random() < 0.04),
+    )
+    thick, cut = rng.random() < THICK_SLICE_RATE, rng.random() < SACRUM_CUT_RATE
+    if thick and not forced_slices:
+        z_bottom = first[2] - (scanner.slices - 1) * scanner.slice_spacing
+        n = int(np.clip(round(coverage / 5.0), 40, 500))
+        scanner = replace(scanner, slice_spacing=5.0, slice_thickness=5.0, slices=n,
+                          noise_sd=scanner.noise_sd * math.sqrt(max(scanner.slice_thickness, 0.625) / 5.0))
+        first = (first[0], first[1], round(z_bottom + (n - 1) * 5.0, 3))
+    if cut:
+        # the scan starts in L5 or L4: no sacrum in view, the levels must come from the ribs
+        lift = float(rng.uniform(45, 75))
+        first = (first[0], first[1], round(first[2] + lift, 3))
+    return skel, scanner, verts, first

@@ -1,0 +1,119 @@
+"""What keeps the DICOM listener serving when peers misbehave.
+
+pynetdicom leaves three openings that a careless or hostile peer can use, and this module
+closes them at pynetdicom's own extension points:
+
+- A TCP connection that never sends an A-ASSOCIATE-RQ holds an association thread until the
+  ARTIM timer runs out (the AE's ACSE timeout), and counts against `maximum_associations`
+  all the while: a dozen idle sockets refuse every real sender. Here the ACSE timeout is
+  `request_timeout_s` (seconds), and only associations whose request has arrived count
+  (`GuardedAE.active_associations`).
+- One peer can take every slot: `GuardedRequestHandler` closes a new connection from a peer
+  that already holds `max_per_peer` connections, before any thread or buffer is given to it.
+- The DUL reads a PDU of whatever length its 6-byte header declares, into memory, before
+  any check: a header that declares 4 GiB is 4 GiB of buffer. `GuardedSocket` refuses to
+  read a PDU longer than the node's negotiated maximum (the A-ASSOCIATE-RQ may be longer
+  than that, up to `MAX_ASSOCIATE_RQ_BYTES`); the DUL sees a closed connection and the
+  association is aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+#: An A-ASSOCIATE-RQ with many presentation contexts runs to a few tens of kilobytes.
+MAX_ASSOCIATE_RQ_BYTES = 256 * 1024
+#: The PDU header (type, reserved, length) that the DUL reads before the body.
+PDU_HEADER_BYTES = 6
+
+
+class PduTooLong(OSError):
+    """A peer announced a PDU longer than this node accepts."""
+
+
+class GuardedSocket(AssociationSocket):
+    """An association socket that will not read a PDU body longer than ``limit`` bytes."""
+
+    limit: int = MAX_ASSOCIATE_RQ_BYTES
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > PDU_HEADER_BYTES and nr_bytes > self.limit:
+            peer = self.assoc.requestor.address_info if self.assoc else "?"
+            log.warning("refused a PDU of %d bytes from %s (at most %d): association aborted",
+                        nr_bytes, peer, self.limit)
+            raise PduTooLong(f"PDU of {nr_bytes} bytes refused (at most {self.limit})")
+        return super().recv(nr_bytes)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Hands each connection a `GuardedSocket`; turns away a peer that holds too many."""
+
+    _assoc: Association | None = None
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        self._assoc = assoc
+        # the socket pynetdicom made, turned into a guarded one (it adds only the check)
+        sock = assoc.dul.socket
+        sock.__class__ = GuardedSocket
+        pdu = self.ae.maximum_pdu_size or MAX_ASSOCIATE_RQ_BYTES
+        sock.limit = max(pdu, MAX_ASSOCIATE_RQ_BYTES) + 64
+        return assoc
+
+    def handle(self) -> None:
+        server = self.server
+        host = self.client_address[0]
+        with server.peer_lock:
+            held = server.peers.get(host, 0)
+            if held >= server.max_per_peer:
+                log.warning("refused a connection from %s: it already holds %d (at most %d per peer)",
+                            host, held, server.max_per_peer)
+                return  # the server closes the socket
+            server.peers[host] = held + 1
+        try:
+            super().handle()  # starts the association's own thread
+            if self._assoc is not None:
+                self._assoc.join()  # the peer holds its slot until the association ends
+        finally:
+            with server.peer_lock:
+                server.peers[host] -= 1
+                if server.peers[host] <= 0:
+                    del server.peers[host]
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """A threaded association server that knows how many connections each peer holds."""
+
+    def __init__(self, *args: Any, max_per_peer: int = 4, **kwargs: Any) -> None:
+        self.peers: dict[str, int] = {}
+        self.peer_lock = threading.Lock()
+        self.max_per_peer = max_per_peer
+        super().__init__(*args, **kwargs)
+
+
+class GuardedAE(AE):
+    """An AE whose association limit counts only associations that have been requested."""
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [a for a in super().active_associations
+                if not (a.is_acceptor and a.dul.state_machine.current_state in ("Sta1", "Sta2"))]
+
+    def start_guarded_server(self, address: tuple[str, int], evt_handlers: list, max_per_peer: int,
+                             ssl_context: Any = None) -> GuardedServer:
+        """Like `start_server(block=False)`, with the guarded server and request handler."""
+        server = self.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
+                                  server_class=GuardedServer, request_handler=GuardedRequestHandler,
+                                  max_per_peer=max_per_peer)
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        self._servers.append(server)
+        return server

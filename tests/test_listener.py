@@ -1,0 +1,120 @@
+"""The listener under peers that never finish an association, hog it, or lie about PDU sizes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+from pynetdicom import AE
+
+from node.config import Settings
+from node.db import make_engine, make_sessions
+from node.ingest.scp import Receiver
+from tests.servers import free_port
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _receiver(tmp_path: Path, **receiver) -> Receiver:
+    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), **receiver})
+    rx = Receiver(settings, make_sessions(make_engine(settings.database_url)), "test")
+    rx.start()
+    return rx
+
+
+def _connect(port: int, source: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _echo_seconds(port: int) -> tuple[bool, float]:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(VERIFICATION)
+    t0 = time.monotonic()
+    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS")
+    ok = assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    if assoc.is_established:
+        assoc.release()
+    return ok, time.monotonic() - t0
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the node closed (or aborted) the connection within ``seconds``."""
+    s.settimeout(seconds)
+    try:
+        while True:
+            data = s.recv(4096)
+            if not data or data[0] == 0x07:  # closed, or an A-ABORT PDU
+                return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_idle_sockets_neither_take_association_slots_nor_stay(tmp_path):
+    rx = _receiver(tmp_path, max_associations=10, max_connections_per_peer=64, request_timeout_s=2.0)
+    port = rx.settings.receiver.port
+    idle = [_connect(port, "127.0.0.2") for _ in range(12)]
+    try:
+        time.sleep(0.3)
+        ok, took = _echo_seconds(port)
+        assert ok and took < 2.0, f"echo behind 12 idle sockets: ok={ok}, {took:.1f} s"
+        # the node drops a connection that never asks for an association
+        assert all(_closed_within(s, 4.0) for s in idle)
+    finally:
+        for s in idle:
+            s.close()
+        rx.stop()
+
+
+def test_one_peer_cannot_hold_every_connection(tmp_path):
+    rx = _receiver(tmp_path, max_associations=10, max_connections_per_peer=4, request_timeout_s=30.0)
+    port = rx.settings.receiver.port
+    held = [_connect(port, "127.0.0.3") for _ in range(6)]
+    try:
+        time.sleep(0.3)
+        closed = [_closed_within(s, 0.5) for s in held]
+        assert closed == [False] * 4 + [True] * 2
+        ok, took = _echo_seconds(port)  # another peer is served at once
+        assert ok and took < 2.0
+    finally:
+        for s in held:
+            s.close()
+        rx.stop()
+
+
+def test_a_pdu_header_declaring_4_gib_is_refused_before_it_is_read(tmp_path):
+    rx = _receiver(tmp_path)
+    port = rx.settings.receiver.port
+    try:
+        before = _rss_mb()
+        s = _connect(port, "127.0.0.1")
+        s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF))  # an A-ASSOCIATE-RQ of 4 GiB
+        sent, chunk = 0, b"\0" * (1 << 20)
+        s.settimeout(5.0)
+        try:
+            while sent < 500 * (1 << 20):
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # the node closed the connection: what is expected
+        s.close()
+        grew = _rss_mb() - before
+        assert sent < 500 * (1 << 20), "the node kept reading a 4 GiB PDU"
+        assert grew < 50.0, f"memory grew by {grew:.0f} MB"
+        ok, _ = _echo_seconds(port)  # and it goes on serving
+        assert ok
+    finally:
+        rx.stop()
