@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pynetdicom import AE
@@ -63,36 +64,34 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
         return True
 
 
-def test_idle_sockets_neither_take_association_slots_nor_stay(tmp_path):
-    rx = _receiver(tmp_path, max_associations=10, max_connections_per_peer=64, request_timeout_s=2.0)
-    port = rx.settings.receiver.port
-    idle = [_connect(port, "127.0.0.2") for _ in range(12)]
+@contextmanager
+def _sockets_from(home: Path, source: str, count: int, **receiver):
+    """A receiver, and ``count`` raw connections to it from ``source`` that ask for nothing."""
+    rx = _receiver(home, max_associations=10, **receiver)
+    socks = [_connect(rx.settings.receiver.port, source) for _ in range(count)]
     try:
         time.sleep(0.3)
+        yield rx.settings.receiver.port, socks
+    finally:
+        for s in socks:
+            s.close()
+        rx.stop()
+
+
+def test_idle_sockets_neither_take_association_slots_nor_stay(tmp_path):
+    with _sockets_from(tmp_path, "127.0.0.2", 12, max_connections_per_peer=64, request_timeout_s=2.0) as (port, idle):
         ok, took = _echo_seconds(port)
         assert ok and took < 2.0, f"echo behind 12 idle sockets: ok={ok}, {took:.1f} s"
         # the node drops a connection that never asks for an association
         assert all(_closed_within(s, 4.0) for s in idle)
-    finally:
-        for s in idle:
-            s.close()
-        rx.stop()
 
 
 def test_one_peer_cannot_hold_every_connection(tmp_path):
-    rx = _receiver(tmp_path, max_associations=10, max_connections_per_peer=4, request_timeout_s=30.0)
-    port = rx.settings.receiver.port
-    held = [_connect(port, "127.0.0.3") for _ in range(6)]
-    try:
-        time.sleep(0.3)
+    with _sockets_from(tmp_path, "127.0.0.3", 6, max_connections_per_peer=4, request_timeout_s=30.0) as (port, held):
         closed = [_closed_within(s, 0.5) for s in held]
         assert closed == [False] * 4 + [True] * 2
         ok, took = _echo_seconds(port)  # another peer is served at once
         assert ok and took < 2.0
-    finally:
-        for s in held:
-            s.close()
-        rx.stop()
 
 
 def test_a_pdu_header_declaring_4_gib_is_refused_before_it_is_read(tmp_path):
