@@ -52,7 +52,7 @@ def outlined_tile(grey: np.ndarray, masks, caption: str, size: int = TILE) -> Im
     for mask, cls in masks:
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(rgb, contours, -1, CLASS_COLOURS[cls], 2)
-    img = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    img = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
     ImageDraw.Draw(img).text((6, 4), caption, fill=(255, 255, 0), font=ImageFont.load_default())
     return img
 
@@ -65,7 +65,7 @@ def mid_slice(vol: Volume, disc, view: View, window: Windowing, spec: ViewSpec) 
     return grey, [(m.mask, m.cls) for m in disc.masks if m.view is view and m.offset_mm == 0.0]
 
 
-SPINE_WINDOW = (-250.0, 1250.0)
+SPINE_WINDOW = Windowing(center=500.0, width=1500.0)  # bone: -250 to 1250 HU
 
 
 def spine_picture(result: StudyResult, vol: Volume) -> Image.Image | None:
@@ -83,8 +83,7 @@ def spine_picture(result: StudyResult, vol: Volume) -> Image.Image | None:
     zz, yy = np.meshgrid(z, y, indexing="ij")
     pts = np.stack([np.broadcast_to(x[:, None], zz.shape), yy, zz], axis=-1).reshape(-1, 3)
     hu = ndimage.map_coordinates(vol.hu, vol.grid.to_index(pts).T, order=1, mode="constant", cval=-1000.0)
-    lo, hi = SPINE_WINDOW
-    grey = (np.clip((hu.reshape(zz.shape) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    grey = SPINE_WINDOW.apply(hu.reshape(zz.shape))
     img = Image.fromarray(grey).convert("RGB")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -95,7 +94,7 @@ def spine_picture(result: StudyResult, vol: Volume) -> Image.Image | None:
         colour = CLASS_COLOURS[d.classes[0]] if d.classes else (255, 255, 0)
         draw.line(px, fill=colour, width=2)
         draw.text((max(2.0, px[0][0] - 50), px[0][1] - 12), d.level, fill=(255, 255, 0), font=font)
-    return img.resize((img.width * 2, img.height * 2), Image.BILINEAR)
+    return img.resize((img.width * 2, img.height * 2), Image.Resampling.BILINEAR)
 
 
 def write_previews(result: StudyResult, vol: Volume, out: Path, window: Windowing, spec: ViewSpec) -> list[Path]:

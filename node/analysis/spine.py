@@ -1,14 +1,14 @@
 """Find the disc spaces of a CT volume along the spinal column and name their levels.
 
-1. Column. Where ribs are in view (`lowest_rib`): the bodies in front of the closed
-   spinal canals that axial slices through the pedicles show (`canal_points`), chained
-   along z and refined on the bone of the bodies near them. Otherwise (a lumbar field of
-   view): bone at 2 mm (HU above a threshold, cancellous interiors filled in coronal planes),
-   opened with a 6 mm ball so that the bodies remain, and a smooth curve through it.
-2. Discs. With ribs: dips of the vertebral rim's brightness across the line
+1. Column. Where closed spinal canals chain over `CHAIN_MIN_SPAN_MM` (`canal_points`):
+   the bodies in front of them, chained along z and refined on the bone of the bodies
+   near the line. Otherwise (a crop around the column): bone at 2 mm (HU above a
+   threshold, cancellous interiors filled in coronal planes), opened with a 6 mm ball so
+   that the bodies remain, and a smooth curve through it.
+2. Discs. On the canal line: dips of the vertebral rim's brightness across the line
    (`column_profile`), the deepest set that keeps a column's rhythm (`_regular_chain`).
-   Without: dark stretches 1.5-15 mm wide of the mean HU across the line between endplate
-   peaks (`mean_profile`); a body, even an osteoporotic one, is a longer stretch.
+   On the bone line: dark stretches 1.5-15 mm wide of the mean HU across the line between
+   endplate peaks (`mean_profile`); a body, even an osteoporotic one, is a longer stretch.
 3. Levels: counted upwards from the sacrum, recognised by its alae, and downwards from the
    lowest ribs (T12). Disagreement is a warning; the sacrum wins. Without either anchor the
    disc spaces are found but not named.
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -154,11 +153,12 @@ def canal_points(small: np.ndarray, grid: Grid) -> np.ndarray:
     """Points (LPS) of vertebral body centres, one per axial slice that shows a closed canal.
 
     In an axial slice through the pedicles a vertebra is a ring of bone around the spinal
-    canal: a dark hole (CSF, cord and fat, under `CANAL_MAX_HU` on average) 6-32 mm wide with the body in front of it (at least 14 mm deep) and
-    the arch behind it. Contrast-filled vessels, the heart and bowel are never such a ring,
-    and the hole must lie within `CANAL_MAX_DEPTH_MM` of the patient's back and
-    `CANAL_MAX_OFF_MIDLINE_MM` of the body's midline (ribs, scapulae and the pelvis make
-    rings too). Each point is the body's centre: on the canal's midline, halfway between
+    canal: a dark hole (CSF, cord and fat, under `CANAL_MAX_HU` on average) 6-32 mm wide,
+    with the body in front of it (at least 14 mm deep) and the arch behind it. Each slice
+    is tried with a ring of cortex and, for thin cortex, of any bone (`CANAL_RING_HU`).
+    Contrast-filled vessels, the heart and bowel are never such a ring, and the hole must
+    lie within `CANAL_MAX_DEPTH_MM` of the patient's back and `CANAL_MAX_OFF_MIDLINE_MM` of
+    the body's midline (ribs, scapulae and the pelvis make rings too). Each point is the body's centre: on the canal's midline, halfway between
     the canal and the body's front.
     """
     zax = _axis_of(grid, 2)
@@ -173,49 +173,51 @@ def canal_points(small: np.ndarray, grid: Grid) -> np.ndarray:
     # patient x of each pixel of a slice (the same for every slice of an axial stack)
     x_of = lps(0, np.argwhere(np.ones(smooth.shape[1:], dtype=bool)))[:, 0].reshape(smooth.shape[1:])
     out = []
-    for j, thr in itertools.product(range(smooth.shape[0]), CANAL_RING_HU):
-        if thr == CANAL_RING_HU[0]:
-            inside = _outline(tissue[j])
-            mid_x = float(np.median(x_of[inside])) if inside.any() else 0.0
+    for j in range(smooth.shape[0]):
+        inside = _outline(tissue[j])
         if not inside.any():
             continue
-        # only bone near the midline: the pelvis or the ribs with the spine enclose larger
-        # rings that would swallow the canal
-        sl = (smooth[j] > thr) & (np.abs(x_of - mid_x) < CANAL_MAX_OFF_MIDLINE_MM + 17.0)
-        if sl.sum() < 20:
-            continue
-        filled = ndimage.binary_fill_holes(sl)
-        holes, n = ndimage.label(filled & ~sl)
-        if n == 0:
-            continue
-        areas = ndimage.sum_labels(filled, holes, range(1, n + 1)) * pixel_mm2
-        cand = np.flatnonzero((areas >= CANAL_MM2[0]) & (areas <= CANAL_MM2[1])) + 1
-        if cand.size == 0:
-            continue
-        body = lps(j, np.argwhere(inside))
-        comp, _ = ndimage.label(sl)
-        for h in cand:
-            hole = holes == h
-            p = lps(j, np.argwhere(hole))
-            width, depth = np.ptp(p[:, 0]), np.ptp(p[:, 1])
-            c = p.mean(axis=0)
-            if not (6.0 <= width <= 32.0 and 5.0 <= depth <= 30.0):
+        mid_x = float(np.median(x_of[inside]))
+        body = None  # the slice's body outline in patient space, once a hole is a candidate
+        for thr in CANAL_RING_HU:
+            # only bone near the midline: the pelvis or the ribs with the spine enclose larger
+            # rings that would swallow the canal
+            sl = (smooth[j] > thr) & (np.abs(x_of - mid_x) < CANAL_MAX_OFF_MIDLINE_MM + 17.0)
+            if sl.sum() < 20:
                 continue
-            if abs(c[0] - mid_x) > CANAL_MAX_OFF_MIDLINE_MM or tissue[j][hole].mean() > CANAL_MAX_HU:
-                continue  # off the midline, or the cancellous inside of a body (not a canal)
-            column = body[np.abs(body[:, 0] - c[0]) < 3.0]
-            if len(column) == 0 or column[:, 1].max() - c[1] > CANAL_MAX_DEPTH_MM:
+            filled = ndimage.binary_fill_holes(sl)
+            holes, n = ndimage.label(filled & ~sl)
+            if n == 0:
                 continue
-            labs = np.unique(comp[ndimage.binary_dilation(hole) & sl])
-            part = ndimage.binary_fill_holes(np.isin(comp, labs[labs > 0])) & ~hole
-            q = lps(j, np.argwhere(part))
-            y0, y1 = p[:, 1].min(), p[:, 1].max()
-            front = q[(np.abs(q[:, 0] - c[0]) < 8.0) & (q[:, 1] < y0) & (q[:, 1] > y0 - 50.0)]
-            back = q[(np.abs(q[:, 0] - c[0]) < 10.0) & (q[:, 1] > y1)]
-            if len(front) == 0 or len(back) == 0 or y0 - front[:, 1].min() < 14.0:
+            areas = ndimage.sum_labels(filled, holes, range(1, n + 1)) * pixel_mm2
+            cand = np.flatnonzero((areas >= CANAL_MM2[0]) & (areas <= CANAL_MM2[1])) + 1
+            if cand.size == 0:
                 continue
-            # the body's centre: halfway from its front to the canal, on the canal's midline
-            out.append(np.array([c[0], (y0 + front[:, 1].min()) / 2, c[2]]))
+            if body is None:
+                body = lps(j, np.argwhere(inside))
+            comp, _ = ndimage.label(sl)
+            for h in cand:
+                hole = holes == h
+                p = lps(j, np.argwhere(hole))
+                width, depth = np.ptp(p[:, 0]), np.ptp(p[:, 1])
+                c = p.mean(axis=0)
+                if not (6.0 <= width <= 32.0 and 5.0 <= depth <= 30.0):
+                    continue
+                if abs(c[0] - mid_x) > CANAL_MAX_OFF_MIDLINE_MM or tissue[j][hole].mean() > CANAL_MAX_HU:
+                    continue  # off the midline, or the cancellous inside of a body (not a canal)
+                column = body[np.abs(body[:, 0] - c[0]) < 3.0]
+                if len(column) == 0 or column[:, 1].max() - c[1] > CANAL_MAX_DEPTH_MM:
+                    continue
+                labs = np.unique(comp[ndimage.binary_dilation(hole) & sl])
+                part = ndimage.binary_fill_holes(np.isin(comp, labs[labs > 0])) & ~hole
+                q = lps(j, np.argwhere(part))
+                y0, y1 = p[:, 1].min(), p[:, 1].max()
+                front = q[(np.abs(q[:, 0] - c[0]) < 8.0) & (q[:, 1] < y0) & (q[:, 1] > y0 - 50.0)]
+                back = q[(np.abs(q[:, 0] - c[0]) < 10.0) & (q[:, 1] > y1)]
+                if len(front) == 0 or len(back) == 0 or y0 - front[:, 1].min() < 14.0:
+                    continue
+                # the body's centre: halfway from its front to the canal, on the canal's midline
+                out.append(np.array([c[0], (y0 + front[:, 1].min()) / 2, c[2]]))
     return np.array(out).reshape(-1, 3)
 
 
@@ -496,11 +498,11 @@ def _regular_chain(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int
                 score = best[h, i] + dep[j] - RHYTHM_WEIGHT * unit * cost
                 if score > best[i, j]:
                     best[i, j], back[i, j] = score, h
-    i, j = np.unravel_index(int(np.argmax(best)), best.shape)
-    chain = [int(j)]
-    while i != j:
-        chain.append(int(i))
-        i, j = back[i, j], i
+    before, last = (int(k) for k in np.unravel_index(int(np.argmax(best)), best.shape))
+    chain = [last]
+    while before != last:  # back to the chain's first disc (where before == last)
+        chain.append(before)
+        before, last = int(back[before, last]), before
     return [cand[k][0] for k in sorted(chain)]
 
 
@@ -569,7 +571,7 @@ def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
 
 def _lumbosacral(mask: np.ndarray, grid: Grid, sites: list) -> int | None:
     """Index of the L5-S1 disc among the lowest two sites, or None without a sacrum."""
-    for j in range(len(sites) - 1, max(-1, len(sites) - 1 - SACRAL_REMNANTS - 1), -1):
+    for j in reversed(range(max(0, len(sites) - 1 - SACRAL_REMNANTS), len(sites))):
         centre, frame, height, _ = sites[j]
         below = centre - frame[:, 2] * (height / 2 + 10.0)
         above = centre + frame[:, 2] * (height / 2 + 10.0)
@@ -679,9 +681,9 @@ def find_spine(vol: Volume) -> Spine:
             # T12-L1 lies under the body that bears the lowest ribs; a first disc found
             # further down than a spacing and a half is L1-L2 (T12-L1 was missed)
             first = below_ribs[0]
-            spacing = float(np.median(np.diff([-st[0][2] for st in sites]))) if len(sites) > 1 else 30.0
-            gap = rib_z - sites[first][0][2]
-            by_ribs = _names_from(first, "L1-L2" if gap > 1.5 * spacing else "T12-L1", len(sites))
+            step = float(np.median(np.diff([-st[0][2] for st in sites]))) if len(sites) > 1 else 30.0
+            below_rib = rib_z - sites[first][0][2]
+            by_ribs = _names_from(first, "L1-L2" if below_rib > 1.5 * step else "T12-L1", len(sites))
     if by_sacrum and by_ribs:
         names = by_sacrum
         if by_ribs != by_sacrum:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -62,14 +62,14 @@ class GuardedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         self._assoc = assoc
         # the socket pynetdicom made, turned into a guarded one (it adds only the check)
-        sock = assoc.dul.socket
+        sock = cast(GuardedSocket, assoc.dul.socket)
         sock.__class__ = GuardedSocket
         pdu = self.ae.maximum_pdu_size or MAX_ASSOCIATE_RQ_BYTES
         sock.limit = max(pdu, MAX_ASSOCIATE_RQ_BYTES) + 64
         return assoc
 
     def handle(self) -> None:
-        server = self.server
+        server = cast(GuardedServer, self.server)
         host = self.client_address[0]
         with server.peer_lock:
             held = server.peers.get(host, 0)
@@ -110,9 +110,9 @@ class GuardedAE(AE):
     def start_guarded_server(self, address: tuple[str, int], evt_handlers: list, max_per_peer: int,
                              ssl_context: Any = None) -> GuardedServer:
         """Like `start_server(block=False)`, with the guarded server and request handler."""
-        server = self.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
+        server = cast(GuardedServer, self.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
                                   server_class=GuardedServer, request_handler=GuardedRequestHandler,
-                                  max_per_peer=max_per_peer)
+                                  max_per_peer=max_per_peer))
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
         thread.start()
         self._servers.append(server)

@@ -399,28 +399,25 @@ def _paint_pelvis(p: Painted, grid: Grid, plan: StudyPlan) -> None:
     l4, l5, s1 = (plan.vertebrae[names.index(n)] for n in ("L4", "L5", "S1"))
     z_crest = (l4.centre[2] + l5.centre[2]) / 2 + skel.crest_offset_mm
     cx, cy = s1.centre[0], s1.centre[1] - 20.0
+    # the wings' cross-section is the same on every slice of the axial stack; only how much
+    # of it shows grows below the crest
+    r_idx, c_idx = np.arange(grid.shape[1]), np.arange(grid.shape[2])
+    yy = grid.to_patient(np.stack([np.zeros_like(r_idx), r_idx, np.zeros_like(r_idx)], axis=1))[:, 1]
+    xx = grid.to_patient(np.stack([np.zeros_like(c_idx), np.zeros_like(c_idx), c_idx], axis=1))[:, 0]
+    X, Y = np.meshgrid(xx - cx, yy - cy)
+    ang = np.degrees(np.arctan2(np.abs(X), Y))  # 0 behind, 90 beside
+    plate = np.abs(np.hypot(X / 95.0, Y / 62.0) - 1.0) * 70.0  # about the distance from the mid-surface, mm
     for k in range(grid.shape[0]):
         z = float(grid.to_patient(np.array([k, 0, 0]))[2])
         below = z_crest - z
         if below < 0 or below > 110.0:
             continue
-        f = float(np.clip(below / 25.0, 0.15, 1.0))
-        half = 0.5 * (115.0 - 40.0) * f
-        r_idx = np.arange(grid.shape[1])
-        c_idx = np.arange(grid.shape[2])
-        yy = grid.to_patient(np.stack([np.full_like(r_idx, k), r_idx, np.zeros_like(r_idx)], axis=1))[:, 1]
-        xx = grid.to_patient(np.stack([np.full_like(c_idx, k), np.zeros_like(c_idx), c_idx], axis=1))[:, 0]
-        X, Y = np.meshgrid(xx - cx, yy - cy)
-        rr = np.hypot(X / 95.0, Y / 62.0)
-        ang = np.degrees(np.arctan2(np.abs(X), Y))  # 0 behind, 90 beside
-        plate = np.abs(rr - 1.0) * 70.0  # about the distance from the wing's mid-surface, mm
+        half = 0.5 * (115.0 - 40.0) * float(np.clip(below / 25.0, 0.15, 1.0))
         along = np.abs(ang - 77.5) <= half
-        wing = along & (plate <= 3.5)
-        marrow = along & (plate <= 1.8)
         sl = p.hu[k]
         free = p.vertebra[k] == 0
-        sl[wing & free] = skel.rib_hu[0] * 0.85
-        sl[marrow & free] = skel.rib_hu[1]
+        sl[along & (plate <= 3.5) & free] = skel.rib_hu[0] * 0.85
+        sl[along & (plate <= 1.8) & free] = skel.rib_hu[1]
 
 
 def _paint_sacral_segments(p: Painted, grid: Grid, plan: StudyPlan, code: int) -> None:

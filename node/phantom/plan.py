@@ -397,13 +397,12 @@ def plan_study(
     half_fov = fov / 2
     first = (round(-half_fov + float(rng.uniform(-3, 3)), 3), round(-half_fov + 20.0 + float(rng.uniform(-3, 3)), 3),
              round(z_bottom + length, 3))
-    scanner_plain, vertebrae_plain, first_plain = scanner, tuple(vertebrae), first
-    skel, scanner, vertebrae_t, first = _draw_skeleton(
-        np.random.default_rng([seed, index, 21]), scanner, tuple(vertebrae), first, forced_slices=slices is not None,
-        coverage=coverage)
-    vertebrae = list(vertebrae_t)
-    if not surroundings:
-        skel, scanner, vertebrae, first = None, scanner_plain, list(vertebrae_plain), first_plain
+    skel = None
+    if surroundings:  # a stream of its own: the draws above stay the same either way
+        skel, scanner, vertebrae_t, first = _draw_skeleton(
+            np.random.default_rng([seed, index, 21]), scanner, tuple(vertebrae), first,
+            forced_slices=slices is not None, coverage=coverage)
+        vertebrae = list(vertebrae_t)
     day = int(rng.integers(0, 3650))
     date = np.datetime64("2015-01-01") + np.timedelta64(day, "D")
     return StudyPlan(
