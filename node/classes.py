@@ -57,6 +57,9 @@ CLASS_COLOURS: dict[DiscClass, tuple[int, int, int]] = {
     DiscClass.PROTRUSION: (230, 40, 60),
 }
 
+#: The plain disc of a level whose finding is shown on its own (a neutral blue).
+DISC_COLOUR: tuple[int, int, int] = (110, 160, 230)
+
 #: Vertebrae from cranial to caudal, as the phantom and the level naming use them.
 VERTEBRAE: tuple[str, ...] = ("T8", "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1")
 

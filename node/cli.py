@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from node.outputs.settings import OBJECTS
+from node.outputs.settings import DEFAULT_OBJECTS, OBJECTS
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-phantom-v1"
 
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path)
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.add_argument("--device", default=None)
-    a.add_argument("--objects", default=",".join(OBJECTS),
+    a.add_argument("--objects", default=",".join(DEFAULT_OBJECTS),
                    help=f"DICOM objects written under OUT/dicom: any of {','.join(OBJECTS)}, or none")
     a.set_defaults(func=cmd_analyze)
 

@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from node.outputs.settings import OBJECTS, OutputSettings
+from node.outputs.settings import DEFAULT_OBJECTS, OutputSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "config" / "node.toml"
@@ -137,16 +137,18 @@ class Web(BaseModel):
 
 
 class Outputs(BaseModel):
-    objects: list[str] = list(OBJECTS)
+    objects: list[str] = list(DEFAULT_OBJECTS)
     seg_series_number: int = 9801
     sr_series_number: int = 9802
     key_images_series_number: int = 9803
+    volumetric_sr_series_number: int = 9804
     institution_name: str | None = None
 
     def settings(self, device_serial_number: str) -> OutputSettings:
         return OutputSettings(
             objects=tuple(self.objects), seg_series_number=self.seg_series_number,
             sr_series_number=self.sr_series_number, key_images_series_number=self.key_images_series_number,
+            volumetric_sr_series_number=self.volumetric_sr_series_number,
             institution_name=self.institution_name, device_serial_number=device_serial_number,
         )
 

@@ -19,6 +19,9 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
+from pydicom.errors import InvalidDicomError
+
 from node import logs
 from node.analysis.report import write_json, write_previews
 from node.analysis.study import analyze_volume
@@ -30,6 +33,8 @@ from node.inference.model import DiscModel, load_model
 from node.ingest import spool
 from node.jobs import claim, heartbeat, transition
 from node.outputs import build_outputs, write_outputs
+from node.outputs.build import DicomOutputs
+from node.outputs.sr import build_not_analysed_sr
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +99,7 @@ def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, wor
         vol = load_series(paths)
         result = analyze_volume(vol, model)
     except VolumeError as exc:
-        with sessions() as s:
-            transition(s, s.get(Job, job_id), State.SKIPPED, worker, f"cannot analyse: {exc}")
-            s.commit()
+        report_not_analysed(settings, sessions, model, job_id, worker, State.SKIPPED, f"cannot analyse: {exc}")
         return
     outputs = build_outputs(result, vol, model.card, settings.outputs.settings(socket.gethostname()))
     if out.exists():
@@ -117,6 +120,49 @@ def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, wor
     deliver_due(sessions, settings, worker, job_id)
 
 
+def report_not_analysed(settings: Settings, sessions, model: DiscModel, job_id: int, worker: str, final: State,
+                        reason: str) -> None:
+    """End a job that could not be analysed in ``final`` (SKIPPED or FAILED) with ``reason``,
+    after sending its destinations an SR that says so (where the SR is among the objects):
+    in PACS the series then has an answer, not the look of one still waiting."""
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        paths = [Path(i.path) for i in job.received]
+        dests = settings.destinations_for(job.calling_aet)
+    headers = []
+    for p in paths:
+        try:
+            headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("job %s: %s not read for the report: %s", job_id, p.name, exc)
+    objects = settings.outputs.settings(socket.gethostname())
+    written = False
+    if headers and dests and "sr" in objects.objects:
+        try:
+            sr = build_not_analysed_sr(headers, reason, objects, model.card.name)
+            out = spool.outbox(settings.spool_dir, job_id)
+            if out.exists():
+                shutil.rmtree(out)
+            write_outputs(DicomOutputs(None, sr, (), ()), out / "dicom")
+            written = True
+        except (ValueError, AttributeError, OSError) as exc:  # e.g. instances without a study's attributes
+            log.warning("job %s: no report of the reason could be made: %s", job_id, exc)
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        if job.state is not State.RUNNING or job.worker != worker:
+            return
+        if not written:
+            transition(s, job, final, worker, reason)
+        else:
+            job.result = {"analysed": False, "final_state": final.value, "reason": reason, "objects": ["sr.dcm"]}
+            job.outputs_dir = str(spool.outbox(settings.spool_dir, job_id))
+            job.reason = reason
+            queue_deliveries(s, job, settings, worker)
+        s.commit()
+    if written:
+        deliver_due(sessions, settings, worker, job_id)
+
+
 def run_claimed(settings: Settings, sessions, model: DiscModel, job: Job, worker: str) -> None:
     """Run a claimed job; an unexpected error queues it again, or fails it after the last attempt."""
     with _Heartbeat(sessions, job.id, worker, settings.workers.heartbeat_seconds):
@@ -126,11 +172,15 @@ def run_claimed(settings: Settings, sessions, model: DiscModel, job: Job, worker
             log.exception("job %s failed on attempt %d", job.id, job.attempts)
             with sessions() as s:
                 j = s.get(Job, job.id)
+                final, why = False, ""
                 if j.state is State.RUNNING:
                     why = f"attempt {j.attempts}: {type(exc).__name__}: {exc}"
                     final = j.attempts >= settings.workers.max_attempts
-                    transition(s, j, State.FAILED if final else State.QUEUED, worker, why)
-                    s.commit()
+                    if not final:
+                        transition(s, j, State.QUEUED, worker, why)
+                        s.commit()
+            if final:
+                report_not_analysed(settings, sessions, model, job.id, worker, State.FAILED, f"analysis failed: {why}")
 
 
 def work(settings: Settings, stop: threading.Event | None = None, once: bool = False) -> None:

@@ -26,7 +26,7 @@ def report_groups(sr: Dataset) -> list[dict]:
             for g in item.ContentSequence:
                 if g.ValueType != "CONTAINER" or _code(g)[1] != MEASUREMENT_GROUP:
                     continue
-                out: dict = {"findings": [], "measurements": {}, "segment": None}
+                out: dict = {"findings": [], "measurements": {}, "segment": None, "region": None}
                 for x in g.ContentSequence:
                     value = _code(x)[1]
                     if value == TRACKING_IDENTIFIER:
@@ -43,6 +43,10 @@ def report_groups(sr: Dataset) -> list[dict]:
                             float(mv.NumericValue), str(mv.MeasurementUnitsCodeSequence[0].CodeValue))
                     elif x.ValueType == "IMAGE" and "ReferencedSegmentNumber" in x.ReferencedSOPSequence[0]:
                         out["segment"] = int(x.ReferencedSOPSequence[0].ReferencedSegmentNumber)
+                    elif x.ValueType == "SCOORD":
+                        ref = x.ContentSequence[0].ReferencedSOPSequence[0]
+                        out["region"] = (str(x.GraphicType), np.array(x.GraphicData, dtype=float).reshape(-1, 2),
+                                         str(ref.ReferencedSOPInstanceUID))
                 groups.append(out)
     return groups
 

@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -89,6 +90,16 @@ def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None,
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def dcmqi_tool(tool: str) -> str:
+    """A dcmqi tool (PyPI dcmqi): next to the running interpreter (a venv that is not
+    activated), else on PATH."""
+    here = Path(sys.executable).parent / tool
+    found = str(here) if here.is_file() else shutil.which(tool)
+    if found is None:
+        raise RuntimeError(f"dcmqi's {tool} not found (pip install dcmqi; deploy/test.sh installs it)")
+    return found
 
 
 DCMTK_BIN = Path("/usr/bin")

@@ -2,91 +2,20 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import websocket
 
 from node.phantom.generate import SERIES_DIR
+from tests.browser import Browser
 from tests.servers import NodeProcess, dcmtk, free_port, node_config, orthanc
 
 TOKEN = "browser-test-token"
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol."""
-
-    def __init__(self, workdir: Path):
-        exe = shutil.which("chromium") or shutil.which("chromium-browser")
-        if exe is None:
-            raise RuntimeError("Chromium is not installed (Debian package chromium; deploy/test.sh installs it)")
-        port = free_port()
-        self.proc = subprocess.Popen(
-            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--disable-extensions", f"--remote-debugging-port={port}",
-             f"--user-data-dir={workdir / 'chromium-profile'}", "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
-                    pages = [t for t in json.loads(r.read()) if t["type"] == "page"]
-                if pages:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("Chromium did not start")
-            time.sleep(0.2)
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
-        self.next_id = 0
-        self.call("Page.enable")
-        self.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self.next_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-
-    def go(self, url: str) -> None:
-        self.call("Page.navigate", url=url)
-
-    def js(self, expression: str):
-        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        return r.get("result", {}).get("value")
-
-    def wait(self, expression: str, timeout: float = 60):
-        t_end = time.monotonic() + timeout
-        while time.monotonic() < t_end:
-            value = self.js(expression)
-            if value:
-                return value
-            time.sleep(0.3)
-        raise AssertionError(f"not true within {timeout} s: {expression}")
-
-    def screenshot(self, path: Path) -> Path:
-        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
-        path.write_bytes(base64.b64decode(data))
-        return path
-
-    def close(self) -> None:
-        try:
-            self.ws.close()
-        finally:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture

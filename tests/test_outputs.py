@@ -13,17 +13,18 @@ import numpy as np
 import pydicom
 import pytest
 from pynetdicom import AE
+from scipy import ndimage
 
 from node.analysis.study import StudyResult, analyze_volume
-from node.analysis.volume import Volume, load_folder, load_series
+from node.analysis.volume import Volume, load_folder, load_nifti, load_series
 from node.classes import DiscClass
 from node.geometry import Plane, axial_grid, plane_mask_voxels
 from node.inference.model import load_model
 from node.outputs import OutputSettings, build_outputs, codes, write_outputs
-from node.outputs.segments import Segment
+from node.outputs.segments import BONE_HU, NODE_DEPTH_MM, Part, Segment, build_segments
 from node.phantom.generate import SERIES_DIR
 from tests.dicom_readers import as_set, report_comments, report_groups, seg_voxels_lps
-from tests.servers import orthanc
+from tests.servers import dcmqi_tool, orthanc
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-phantom-v1"
 
@@ -64,10 +65,41 @@ def test_every_finding_has_its_segment_and_every_class_is_seen(made):
     classes = set()
     for m in made:
         for i, disc in enumerate(m.result.discs):
-            mine = {s.cls for s in m.segments if s.disc == i}
-            assert mine == set(disc.classes), disc.level
-            classes |= mine
+            mine = [s for s in m.segments if s.disc == i]
+            assert {s.cls for s in mine if not s.plain} == set(disc.classes), disc.level
+            assert [s.part for s in mine].count(Part.DISC) == (1 if disc.findings else 0), disc.level
+            classes |= {s.cls for s in mine if not s.plain}
     assert classes == set(DiscClass), classes  # the phantoms hold every class between them
+
+
+def assert_segments_are_one_region_in_their_disc_space(segments, result, vol) -> int:
+    """Each segment one 6-connected region; a disc or its extension between its endplates and
+    not bone; a node in the body beyond its endplate."""
+    for s in segments:
+        box = np.zeros(vol.grid.shape, dtype=bool)
+        box[tuple(s.voxels.T)] = True
+        assert ndimage.label(box, ndimage.generate_binary_structure(3, 1))[1] == 1, s.label
+        site = result.discs[s.disc].site
+        d = (vol.grid.to_patient(s.voxels) - site.centre) @ site.frame[:, 2]
+        half = site.height_mm / 2
+        if s.part is Part.NODE:
+            assert (np.abs(d) >= half - 1e-6).all() and (np.abs(d) <= half + NODE_DEPTH_MM + 1e-6).all(), s.label
+        else:
+            assert (np.abs(d) <= half + 1e-6).all(), s.label
+            assert vol.hu[tuple(s.voxels.T)].max() <= BONE_HU, s.label
+    return len(segments)
+
+
+def test_each_segment_is_one_region_inside_its_disc_space(made):
+    assert sum(assert_segments_are_one_region_in_their_disc_space(m.segments, m.result, m.vol) for m in made) >= 15
+
+
+def test_segments_on_the_real_chest_ct_are_one_region_inside_their_disc_space(shared_data):
+    vol = load_nifti(shared_data / "real" / "chest_ct_t1_l3_labels" / "ct.nii.gz")
+    result = analyze_volume(vol, load_model(MODEL))
+    segments = build_segments(result, vol.grid, vol.hu)
+    assert {s.level for s in segments} >= {"T12-L1", "L1-L2"}
+    assert assert_segments_are_one_region_in_their_disc_space(segments, result, vol) >= 2
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
@@ -93,7 +125,7 @@ def test_dcmqi_reads_the_seg_and_its_masks_match_ours_in_patient_space(made, tmp
     m = max(made, key=lambda m: len(m.segments))
     out = tmp_path / "dcmqi"
     out.mkdir()
-    subprocess.run(["segimage2itkimage", "--inputDICOM", str(m.paths["seg"]), "--outputDirectory", str(out),
+    subprocess.run([dcmqi_tool("segimage2itkimage"), "--inputDICOM", str(m.paths["seg"]), "--outputDirectory", str(out),
                     "-t", "nrrd"], check=True, capture_output=True, timeout=300)
     meta = json.loads((out / "meta.json").read_text())
     labels = {int(s["labelID"]): s["SegmentLabel"] for group in meta["segmentAttributes"] for s in group}
@@ -104,21 +136,23 @@ def test_dcmqi_reads_the_seg_and_its_masks_match_ours_in_patient_space(made, tmp
         ijk = np.argwhere(data > 0)  # pynrrd gives (i, j, k) in the order of "space directions"
         lps = header["space origin"] + ijk @ np.asarray(header["space directions"], dtype=float)
         ours = m.vol.grid.to_patient(s.voxels)
-        assert len(ours) > 100
+        assert len(ours) > (100 if s.part is Part.DISC else 20), s.label
         assert as_set(lps, 1) == as_set(ours, 1), s.label
 
 
-def test_dcmqi_reads_the_sr_and_names_every_level(made, tmp_path):
+def test_dcmqi_reads_both_reports_and_names_every_segment(made, tmp_path):
+    card = load_model(MODEL).card
     for m in made:
-        out = tmp_path / f"{m.result.study_uid}.json"
-        subprocess.run(["tid1500reader", "--inputDICOM", str(m.paths["sr"]), "--outputMetadata", str(out)],
-                       check=True, capture_output=True, timeout=120)
-        meas = json.loads(out.read_text())["Measurements"]
-        ids = [x["TrackingIdentifier"] for x in meas]
-        assert len(ids) == len(m.result.discs)
-        for disc, ident in zip(m.result.discs, ids):
-            assert ident.startswith(disc.level + " "), (disc.level, ident)
-        assert {x["ReferencedSegment"] for x in meas} <= {s.number for s in m.segments}
+        both = build_outputs(m.result, m.vol, card, OutputSettings(objects=("seg", "sr", "sr_volumetric")))
+        paths = {p.stem: p for p in write_outputs(both, tmp_path / m.result.study_uid)}
+        for name in ("sr", "sr-volumetric"):
+            out = tmp_path / f"{m.result.study_uid}-{name}.json"
+            subprocess.run([dcmqi_tool("tid1500reader"), "--inputDICOM", str(paths[name]), "--outputMetadata",
+                            str(out)], check=True, capture_output=True, timeout=120)
+            meas = json.loads(out.read_text())["Measurements"]
+            assert sorted(x["TrackingIdentifier"] for x in meas) == sorted(s.label for s in both.segments), name
+            if name == "sr-volumetric":  # what 3D Slicer follows to the SEG's segments
+                assert sorted(x["ReferencedSegment"] for x in meas) == sorted(s.number for s in both.segments)
 
 
 def test_read_back_gives_the_findings_of_the_result(made):
@@ -134,20 +168,31 @@ def test_read_back_gives_the_findings_of_the_result(made):
         assert seg.FrameOfReferenceUID == m.result.frame_of_reference_uid
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == m.result.series_uid
         assert (seg.SeriesNumber, sr.SeriesNumber) == (9801, 9802)
-        segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+        in_seg = {str(s.TrackingUID): s for s in seg.SegmentSequence}
         groups = report_groups(sr)
-        assert len(groups) == len(m.result.discs)
-        for disc, g in zip(m.result.discs, groups):
-            wanted = [codes.FINDING_CODES[c].value for c in disc.classes]
-            assert g["findings"] == wanted, disc.level
+        assert len(groups) == len(m.segments)  # one planar group per segment
+        for s, g in zip(m.segments, groups):
+            disc = m.result.discs[s.disc]
+            assert g["tracking_id"] == s.label and in_seg[g["tracking_uid"]].SegmentLabel == s.label
+            assert int(in_seg[g["tracking_uid"]].SegmentNumber) == s.number
             assert g["site"] == codes.disc_code(disc.level).meaning
-            assert g["measurements"]["Height"] == (pytest.approx(disc.measurements.height_mm, abs=1e-3), "mm")
-            assert g["measurements"]["Model confidence"][0] == pytest.approx(disc.confidence, abs=1e-3)
-            s = segments[g["segment"]]
-            assert s.SegmentLabel == f"{disc.level} {disc.classes[0].display}"
-            assert s.TrackingUID == g["tracking_uid"]
-            colour = s.RecommendedDisplayCIELabValue
-            assert len(colour) == 3
+            if s.plain:
+                assert "Confidence of" not in " ".join(g["measurements"])
+            else:
+                assert g["findings"] == [codes.FINDING_CODES[s.cls].value], s.label
+                conf = g["measurements"][codes.CONFIDENCE[s.cls].meaning]
+                assert conf == (pytest.approx(100 * s.confidence, abs=1e-3), "%")
+            if s.part is Part.DISC:
+                assert g["measurements"]["Height"] == (pytest.approx(disc.measurements.height_mm, abs=1e-3), "mm")
+            # the outline: closed, on an acquired slice, along the edge of the segment's footprint
+            kind, pts, sop = g["region"]
+            assert kind == "POLYLINE" and len(pts) >= 4 and (pts[0] == pts[-1]).all()
+            assert sop in m.result.sop_instance_uids
+            foot = np.zeros(m.vol.grid.shape[1:], dtype=bool)
+            foot[s.voxels[:, 1], s.voxels[:, 2]] = True
+            c, r = np.rint(pts - 0.5).astype(int).T
+            assert foot[r, c].all(), s.label
+            assert (foot & ~ndimage.binary_erosion(foot))[r, c].all(), s.label
         # every frame's pixels are where the segment's voxels are
         back = seg_voxels_lps(seg)
         for s in m.segments:
@@ -208,13 +253,10 @@ def test_a_study_without_discs_gets_a_report_that_says_why_and_no_seg(made, tmp_
     errors, warnings = dciodvfy(paths[0])
     assert not errors
     assert all(any(re.search(p, w) for p in ACCEPTED_WARNINGS) for w in warnings)
-    groups = report_groups(pydicom.dcmread(paths[0]))
-    assert [g["findings"] for g in groups] == [[codes.NO_DISC_FOUND.value]]
-    assert any("no vertebral column found" in c for c in report_comments(pydicom.dcmread(paths[0])))
-    out = tmp_path / "sr.json"
-    subprocess.run(["tid1500reader", "--inputDICOM", str(paths[0]), "--outputMetadata", str(out)],
-                   check=True, capture_output=True, timeout=120)
-    assert json.loads(out.read_text())["Measurements"][0]["TrackingIdentifier"] == "no disc found"
+    report = pydicom.dcmread(paths[0])
+    assert report_groups(report) == []  # no measurement group without image geometry
+    assert report.ContentSequence[-1].ConceptNameCodeSequence[0].CodeMeaning == "Findings"
+    assert any("no vertebral column found" in c for c in report_comments(report))
 
 
 def test_which_objects_are_made_is_configurable(made):
@@ -223,9 +265,12 @@ def test_which_objects_are_made_is_configurable(made):
     only_sr = build_outputs(m.result, m.vol, card, OutputSettings(objects=("sr",)))
     assert only_sr.seg is None and only_sr.key_images == () and only_sr.sr is not None
     groups = report_groups(only_sr.sr)
-    assert len(groups) == len(m.result.discs) and all(g["segment"] is None for g in groups)
+    assert len(groups) == len(m.segments) and all(g["segment"] is None and g["region"] for g in groups)
     with pytest.raises(ValueError, match="unknown output object"):
         OutputSettings(objects=("seg", "pdf"))
+    with pytest.raises(ValueError, match="add seg"):
+        OutputSettings(objects=("sr", "sr_volumetric"))
+    assert OutputSettings().objects == ("seg", "sr", "key_images")  # the volumetric report only where asked
 
 
 def test_a_mask_on_a_plane_lands_on_the_voxels_it_covers():

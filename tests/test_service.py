@@ -19,6 +19,7 @@ from node.db import Job, State, make_engine, make_sessions
 from node.ingest.scp import OUT_OF_RESOURCES, Receiver
 from node.ingest.spool import SpoolError, instance_path
 from node.phantom.generate import SERIES_DIR
+from tests.dicom_readers import report_comments
 from tests.servers import NodeProcess, dcmtk, free_port, node_config, orthanc, postgres
 from tests.test_outputs import enhanced_ct
 
@@ -79,7 +80,8 @@ def in_pacs(pacs, study_uid: str, modality: str) -> list[Dataset]:
 
 def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom, pacs, tmp_path, shared_data,
                                                                         monkeypatch):
-    node, _ = start_node(tmp_path / "node", pacs)
+    # 5.5 mm slices accepted, so that the real head CT below reaches the analysis
+    node, _ = start_node(tmp_path / "node", pacs, series={"max_slice_thickness_mm": 6.0})
     try:
         sent = storescu(node, phantom.folder / SERIES_DIR)
         assert sent.returncode == 0, sent.stderr[-2000:]
@@ -109,6 +111,19 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         assert storescu(node, seg_file).returncode == 0
         skipped = wait_job(node.home, lambda j: j.id != job.id and j.state is State.SKIPPED, 60)
         assert "not a CT image series (modality SEG)" in skipped.reason
+
+        # a CT series the node cannot analyse (a head CT with gantry tilt): SKIPPED with the
+        # reason, and a report in the PACS that says so (no SEG)
+        head = shared_data / "real" / "ge_head_ct_gantry_tilt"
+        head_study = pydicom.dcmread(next(head.iterdir()), stop_before_pixels=True).StudyInstanceUID
+        assert storescu(node, head).returncode == 0
+        refused = wait_job(node.home, lambda j: j.study_uid == head_study and j.state in (
+            State.DONE, State.FAILED, State.SKIPPED), 120)
+        assert refused.state is State.SKIPPED and "gantry tilt" in refused.reason, refused.reason
+        (report,) = in_pacs(pacs, head_study, "SR")
+        assert report.SeriesDescription == "IDAICS report: series not analysed"
+        assert refused.reason in report_comments(report)[0] and not in_pacs(pacs, head_study, "SEG")
+        assert [d.state.value for d in refused.deliveries] == ["SENT"]
 
         # an unknown calling AE is refused at association; a known one is served
         refused = echoscu(node, "STRANGER")

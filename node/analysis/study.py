@@ -89,6 +89,9 @@ class DiscResult:
     measurements: Measurements
     warnings: tuple[str, ...]
     masks: tuple[MaskOnPlane, ...]
+    #: The outline of the vertebral bodies next to the disc on the plane of its mid axial
+    #: mask (`vertebral_edge`): what lies outside it is beyond the vertebral edge.
+    vertebral_edge: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def level(self) -> str:
@@ -215,18 +218,20 @@ def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> n
     return out
 
 
-def measure(vol: Volume, site: DiscSite, plane: Plane, disc_mask: np.ndarray | None) -> Measurements:
+def measure(vol: Volume, site: DiscSite, plane: Plane, disc_mask: np.ndarray | None
+            ) -> tuple[Measurements, np.ndarray | None]:
+    """The disc's measurements, and the vertebral edge on ``plane`` they were taken against."""
     if disc_mask is None or not disc_mask.any():
-        return Measurements(height_mm=site.height_mm)
+        return Measurements(height_mm=site.height_mm), None
     edge = vertebral_edge(vol, plane, site.height_mm / 2, site.height_mm / 2)
     area = float(disc_mask.sum()) * plane.pixel_mm**2
     if not edge.any():
-        return Measurements(height_mm=site.height_mm, disc_area_mm2=area)
+        return Measurements(height_mm=site.height_mm, disc_area_mm2=area), None
     ext = disc_extension(disc_mask, edge, plane.pixel_mm)
     share, mx = ext.share, ext.max_mm
     rule = (DiscClass.BULGE if share > BULGE_SHARE else DiscClass.PROTRUSION if mx > EXTENDS_MM and share > 0
             else DiscClass.NORMAL)
-    return Measurements(site.height_mm, mx, share, ext.direction_deg, area, rule)
+    return Measurements(site.height_mm, mx, share, ext.direction_deg, area, rule), edge
 
 
 def _apply_rule(findings: list[Finding], votes: dict[str, float], m: Measurements, warnings: list[str]) -> list[Finding]:
@@ -291,12 +296,12 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
                     half = ENDPLATE_SLAB_MM / 2 if v.role == "endplate" else SLAB_MM / 2
                     masks.append(MaskOnPlane(v.view, v.offset_mm, v.plane, x.mask, DiscClass.SCHMORL,
                                              x.confidence, half))
-        m = measure(vol, site, mid[0], mid[1]) if mid else Measurements(site.height_mm)
+        m, edge = measure(vol, site, mid[0], mid[1]) if mid else (Measurements(site.height_mm), None)
         w = []
         if not findings:
             w.append("the model found no disc at this level")
         findings = _apply_rule(findings, votes, m, w)
-        results.append(DiscResult(site, tuple(findings), votes, m, tuple(w), tuple(masks)))
+        results.append(DiscResult(site, tuple(findings), votes, m, tuple(w), tuple(masks), edge))
     t["fusion+measure"] = time.perf_counter() - t0
     return StudyResult(
         study_uid=vol.study_uid, series_uid=vol.series_uid, frame_of_reference_uid=vol.frame_of_reference_uid,

@@ -49,7 +49,11 @@ def _settle(session: Session, job: Job, actor: str) -> None:
     if job.state is not State.SENDING:
         return
     if states == {DeliveryState.SENT}:
-        transition(session, job, State.DONE, actor)
+        result = job.result or {}
+        if result.get("analysed") is False:  # the report of why it was not analysed is sent
+            transition(session, job, State(result.get("final_state", State.SKIPPED.value)), actor, job.reason)
+        else:
+            transition(session, job, State.DONE, actor)
     elif DeliveryState.FAILED in states and DeliveryState.PENDING not in states:
         failed = [d for d in latest.values() if d.state is DeliveryState.FAILED]
         transition(session, job, State.FAILED, actor, "; ".join(

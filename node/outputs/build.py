@@ -18,7 +18,7 @@ from node.outputs.keyimages import build_key_images
 from node.outputs.seg import build_seg
 from node.outputs.segments import Segment, build_segments
 from node.outputs.settings import OutputSettings
-from node.outputs.sr import build_sr
+from node.outputs.sr import build_sr, build_volumetric_sr
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,13 @@ class DicomOutputs:
     key_images: tuple[Dataset, ...]
     segments: tuple[Segment, ...]
     timings: dict[str, float] = field(default_factory=dict)
+    sr_volumetric: Dataset | None = None
 
     def datasets(self) -> list[tuple[str, Dataset]]:
         """(file name, dataset) of every object, SEG first: the SR refers to it."""
         out = [("seg.dcm", self.seg)] if self.seg is not None else []
         out += [("sr.dcm", self.sr)] if self.sr is not None else []
+        out += [("sr-volumetric.dcm", self.sr_volumetric)] if self.sr_volumetric is not None else []
         out += [(f"key-{i:02d}.dcm", ds) for i, ds in enumerate(self.key_images, start=1)]
         return out
 
@@ -43,7 +45,7 @@ def build_outputs(result: StudyResult, vol: Volume, card: ModelCard, settings: O
         raise ValueError("DICOM outputs need a volume loaded from DICOM instances")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    segments = build_segments(result, vol.grid) if {"seg", "sr"} & set(settings.objects) else []
+    segments = build_segments(result, vol.grid, vol.hu) if {"seg", "sr", "sr_volumetric"} & set(settings.objects) else []
     tracking = {s.number: hd.UID() for s in segments}
     t["segments"] = time.perf_counter() - t0
     seg = None
@@ -54,17 +56,22 @@ def build_outputs(result: StudyResult, vol: Volume, card: ModelCard, settings: O
     sr = None
     if "sr" in settings.objects:
         t0 = time.perf_counter()
-        sr = build_sr(result, vol, card, settings, segments if seg is not None else [], seg, tracking)
+        sr = build_sr(result, vol, card, settings, segments, seg, tracking)
         t["sr"] = time.perf_counter() - t0
+    volumetric = None
+    if "sr_volumetric" in settings.objects and seg is not None:
+        t0 = time.perf_counter()
+        volumetric = build_volumetric_sr(result, vol, card, settings, segments, seg, tracking)
+        t["sr_volumetric"] = time.perf_counter() - t0
     keys: list[Dataset] = []
     if "key_images" in settings.objects:
         t0 = time.perf_counter()
         keys = build_key_images(result, vol, card, settings)
         t["key_images"] = time.perf_counter() - t0
-    for ds in (seg, sr):
+    for ds in (seg, sr, volumetric):
         if ds is not None:
             codes.declare_local_scheme(ds)
-    return DicomOutputs(seg, sr, tuple(keys), tuple(segments), t)
+    return DicomOutputs(seg, sr, tuple(keys), tuple(segments), t, volumetric)
 
 
 def write_outputs(outputs: DicomOutputs, folder: Path) -> list[Path]:

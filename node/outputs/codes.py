@@ -45,10 +45,17 @@ FINDING_CODES: dict[DiscClass, Code] = {
     DiscClass.PROTRUSION: Code("disc-protrusion", LOCAL_SCHEME, "Intervertebral disc protrusion"),
 }
 NO_DISC_FOUND = Code("no-disc-found", LOCAL_SCHEME, "No intervertebral disc found")
+#: A disc whose level is not named, as plain anatomy (beside its finding's own segment).
+INTERVERTEBRAL_DISC = Code("disc", LOCAL_SCHEME, "Intervertebral disc")
+NOT_ANALYSED = Code("not-analysed", LOCAL_SCHEME, "Series not analysed")
 
 # -- SR concept names ----------------------------------------------------------------------
 FINDING = Code("121071", "DCM", "Finding")
 COMMENT = Code("121106", "DCM", "Comment")
+FINDINGS = Code("121070", "DCM", "Findings")  # CID 7001 section heading
+PROCEDURE_REPORTED = Code("121058", "DCM", "Procedure reported")
+#: CID 7000 document title of a report with nothing measured (TID 2000 form).
+DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic Imaging Report")
 #: TID 1500 row 12, the report's own qualitative evaluations.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 DEVICE_OBSERVER = Code("121007", "DCM", "Device")  # CID 270 observer type
@@ -60,12 +67,15 @@ HEIGHT = Code("121207", "DCM", "Height")
 AREA = Code("121202", "DCM", "Area of Defined Region")
 EXTENSION = Code("extension", LOCAL_SCHEME, "Extension beyond vertebral body edge")
 EXTENSION_SHARE = Code("extension-share", LOCAL_SCHEME, "Share of circumference beyond vertebral body edge")
-CONFIDENCE = Code("confidence", LOCAL_SCHEME, "Model confidence")
+#: The model's confidence in one class, per class: a viewer that prints a group's
+#: measurements by their names (OHIF) then shows what the confidence is of.
+CONFIDENCE: dict[DiscClass, Code] = {
+    c: Code(f"conf-{c.value}", LOCAL_SCHEME, f"Confidence of {c.display}") for c in DiscClass
+}
 
 MM = Code("mm", "UCUM", "mm")
 MM2 = Code("mm2", "UCUM", "mm2")
 PERCENT = Code("%", "UCUM", "%")
-NO_UNITS = Code("1", "UCUM", "no units")
 
 
 def declare_local_scheme(ds) -> None:
@@ -85,8 +95,11 @@ def disc_code(level: str) -> Code:
     return DISC_CODES.get(level, LUMBAR_SPINE)
 
 
-def segment_property(cls: DiscClass, level: str) -> tuple[Code, Code]:
-    """(category, type) of a segment: a normal disc is anatomy, a finding is abnormal."""
+def segment_property(cls: DiscClass, level: str, plain: bool = False) -> tuple[Code, Code]:
+    """(category, type) of a segment: a normal disc, or the plain disc beside its finding, is
+    anatomy; a finding is abnormal."""
+    if plain:
+        return ANATOMICAL_STRUCTURE, DISC_CODES.get(level, INTERVERTEBRAL_DISC)
     if cls is DiscClass.NORMAL:
         return ANATOMICAL_STRUCTURE, DISC_CODES.get(level, FINDING_CODES[DiscClass.NORMAL])
     return MORPHOLOGICALLY_ABNORMAL_STRUCTURE, FINDING_CODES[cls]

@@ -2,7 +2,8 @@
 
 For every disc level, the mid axial (disc-parallel) and mid sagittal slices are drawn with
 the model's masks outlined in their class colours, a caption naming level, view, classes and
-confidence, and a banner that says the picture is an AI result, not for diagnosis.
+confidence, orientation letters on every edge, and a banner at the top and at the bottom that
+says the picture is an AI result, not for diagnosis.
 """
 
 from __future__ import annotations
@@ -37,15 +38,30 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def draw(grey: np.ndarray, masks, caption: str) -> np.ndarray:
-    """RGB picture: the slice with masks outlined, a banner on top and a caption below."""
+#: The letters at the picture's left, right, top and bottom edges: where the patient's
+#: sides lie on each view (rows and columns as in `ORIENTATION`).
+EDGE_LETTERS = {View.AXIAL: ("R", "L", "A", "P"), View.SAGITTAL: ("A", "P", "H", "F")}
+
+
+def draw(grey: np.ndarray, masks, caption: str, view: View = View.AXIAL) -> np.ndarray:
+    """RGB picture: the slice with masks outlined, the banner along the top and again along
+    the bottom (a viewer's overlays, its cine bar among them, cover at most one of them),
+    the caption above the lower banner, and orientation letters at the edges."""
     img = outlined_tile(grey, masks, "", size=SIZE)
     d = ImageDraw.Draw(img)
-    bar = SIZE // 14
-    d.rectangle([0, 0, SIZE, bar], fill=BANNER_COLOUR)
-    d.text((SIZE // 2, bar // 2), BANNER, fill=(255, 255, 255), font=_font(bar * 2 // 3), anchor="mm")
-    d.rectangle([0, SIZE - bar, SIZE, SIZE], fill=(0, 0, 0))
-    d.text((8, SIZE - bar // 2), caption, fill=(255, 255, 0), font=_font(bar // 2), anchor="lm")
+    bar = SIZE // 16
+    big, small = _font(bar * 2 // 3), _font(bar // 2)
+    for top in (0, SIZE - bar):
+        d.rectangle([0, top, SIZE, top + bar], fill=BANNER_COLOUR)
+        d.text((SIZE // 2, top + bar // 2), BANNER, fill=(255, 255, 255), font=big, anchor="mm")
+    d.rectangle([0, SIZE - 2 * bar, SIZE, SIZE - bar], fill=(0, 0, 0))
+    d.text((8, SIZE - bar - bar // 2), caption, fill=(255, 255, 0), font=small, anchor="lm")
+    left, right, up, down = EDGE_LETTERS[view]
+    mid = (bar + SIZE - 2 * bar) // 2
+    d.text((6, mid), left, fill=(255, 255, 0), font=big, anchor="lm")
+    d.text((SIZE - 6, mid), right, fill=(255, 255, 0), font=big, anchor="rm")
+    d.text((SIZE // 2, bar + 4), up, fill=(255, 255, 0), font=big, anchor="mt")
+    d.text((SIZE // 2, SIZE - 2 * bar - 4), down, fill=(255, 255, 0), font=big, anchor="mb")
     return np.asarray(img.convert("RGB"))
 
 
@@ -61,7 +77,7 @@ def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings
             grey, masks = mid_slice(vol, d, view, card.windowing, card.views)
             classes = " + ".join(c.display for c in d.classes) or "nothing found"
             caption = f"{d.level} {view.value}: {classes} ({d.confidence:.2f})"
-            pixels = draw(grey, masks, caption)
+            pixels = draw(grey, masks, caption, view)
             sc = hd.sc.SCImage.from_ref_dataset(
                 ref_dataset=ref,
                 pixel_array=pixels,

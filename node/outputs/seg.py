@@ -1,4 +1,4 @@
-"""The DICOM Segmentation: one BINARY segment per disc finding, on the CT's own grid.
+"""The DICOM Segmentation: BINARY segments of each disc and its findings, on the CT's own grid.
 
 What viewers need (OHIF, 3D Slicer, Weasis): the CT's study, patient and frame of
 reference; a reference to the source series and, per frame, to the source image and its
@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from node.analysis.volume import Volume
-from node.classes import CLASS_COLOURS
+from node.classes import CLASS_COLOURS, DISC_COLOUR
 from node.inference.model import ModelCard
 from node.outputs import codes
 from node.outputs.segments import Segment, label_volume
@@ -30,7 +30,7 @@ def algorithm(card: ModelCard) -> hd.AlgorithmIdentificationSequence:
 
 
 def segment_description(seg: Segment, card: ModelCard, tracking_uid: str) -> hd.seg.SegmentDescription:
-    category, kind = codes.segment_property(seg.cls, seg.level)
+    category, kind = codes.segment_property(seg.cls, seg.level, seg.plain)
     return hd.seg.SegmentDescription(
         segment_number=seg.number,
         segment_label=seg.label,
@@ -41,7 +41,7 @@ def segment_description(seg: Segment, card: ModelCard, tracking_uid: str) -> hd.
         tracking_uid=tracking_uid,
         tracking_id=seg.label,
         anatomic_regions=[codes.disc_code(seg.level)],
-        display_color=hd.color.CIELabColor.from_rgb(*CLASS_COLOURS[seg.cls]),
+        display_color=hd.color.CIELabColor.from_rgb(*(DISC_COLOUR if seg.plain else CLASS_COLOURS[seg.cls])),
     )
 
 

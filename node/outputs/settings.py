@@ -6,17 +6,22 @@ from dataclasses import dataclass, field
 
 from node import __version__
 
-OBJECTS = ("seg", "sr", "key_images")
+#: Every object the node can make: the SEG, the planar SR (TID 1410, what OHIF and most
+#: viewers show), key images, and the volumetric SR (TID 1411 groups referencing the SEG,
+#: for 3D Slicer), which is made only where asked for.
+OBJECTS = ("seg", "sr", "key_images", "sr_volumetric")
+DEFAULT_OBJECTS = ("seg", "sr", "key_images")
 
 
 @dataclass(frozen=True)
 class OutputSettings:
     #: Which objects to produce, from `OBJECTS`. A study with no disc gets no SEG.
-    objects: tuple[str, ...] = OBJECTS
+    objects: tuple[str, ...] = DEFAULT_OBJECTS
     #: Series numbers are stable, so that a PACS shows the node's series in the same place.
     seg_series_number: int = 9801
     sr_series_number: int = 9802
     key_images_series_number: int = 9803
+    volumetric_sr_series_number: int = 9804
     manufacturer: str = "IDAICS"
     model_name: str = "IDAICS node"
     software_version: str = field(default=__version__)
@@ -27,3 +32,5 @@ class OutputSettings:
         unknown = [o for o in self.objects if o not in OBJECTS]
         if unknown:
             raise ValueError(f"unknown output object(s) {', '.join(unknown)}; choose from {', '.join(OBJECTS)}")
+        if "sr_volumetric" in self.objects and "seg" not in self.objects:
+            raise ValueError("the volumetric SR (sr_volumetric) refers to the SEG's segments: add seg to the objects")

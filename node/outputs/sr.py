@@ -1,14 +1,27 @@
-"""The TID 1500 Measurement Report (Comprehensive 3D SR): one measurement group per disc level.
+"""TID 1500 Measurement Reports (Comprehensive 3D SR).
 
-Each group has a readable Tracking Identifier (level and classes) and a Tracking UID (the
-one of its segment in the SEG), the finding and its site, the referenced SEG segment, the
-measurements with UCUM units, the model's confidence and the algorithm. A level judged
-normal is reported too. A study where no disc was found gets one group that says so, and
-the reason in the report's own qualitative evaluations, where warnings go as well.
+The report every viewer opens (`build_sr`) holds one TID 1410 planar ROI group per segment
+of the SEG (a level's disc, the part of a bulge or protrusion beyond the vertebral edge, a
+Schmorl's node): its outline as a closed SCOORD polyline on the level's central axial CT
+image, a Tracking Identifier (the segment's label) and the segment's Tracking UID, the
+finding and its site, the measurements with UCUM units, the model's confidence and the
+algorithm. A level where the model drew nothing gets a 5 mm circle at the disc centre, so
+that no group lacks image geometry: OHIF refuses the whole report for one such group.
+
+The volumetric form (`build_volumetric_sr`, TID 1411 groups that reference the SEG's
+segments, as 3D Slicer and dcmqi read them) is a separate, optional object: a TID 1411
+group carries a segment or image regions, never both, so one report cannot serve both.
+
+A series that was not analysed, or where no disc was found, gets a text report (TID 2000
+form) that says so and why: TID 1500 needs a measurement group, and OHIF refuses one
+without image geometry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import cv2
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -16,13 +29,17 @@ from pydicom.uid import generate_uid
 
 from node.analysis.study import DiscResult, StudyResult
 from node.analysis.volume import Volume
+from node.classes import DiscClass
 from node.inference.model import ModelCard
 from node.outputs import codes
-from node.outputs.segments import Segment
+from node.outputs.segments import Part, Segment
 from node.outputs.settings import OutputSettings
 
 SERIES_DESCRIPTION = "IDAICS disc findings report (AI, unverified)"
+VOLUMETRIC_SERIES_DESCRIPTION = "IDAICS disc findings report, volumetric (AI, unverified)"
+NOT_ANALYSED_DESCRIPTION = "IDAICS report: series not analysed"
 NO_DISC_REASON = "no intervertebral disc space was found along the vertebral column"
+UNSEEN_RADIUS_MM = 5.0
 
 
 def level_identifier(disc: DiscResult) -> str:
@@ -31,49 +48,128 @@ def level_identifier(disc: DiscResult) -> str:
     return f"{disc.level} {names}"
 
 
-def _measurements(disc: DiscResult) -> list[hd.sr.Measurement]:
+def _measurements(disc: DiscResult, part: Part | None, confidence: tuple[DiscClass, float] | None
+                  ) -> list[hd.sr.Measurement]:
     m = disc.measurements
-    values = [(codes.HEIGHT, m.height_mm, codes.MM), (codes.AREA, m.disc_area_mm2, codes.MM2),
-              (codes.EXTENSION, m.extension_mm, codes.MM),
-              (codes.EXTENSION_SHARE, None if m.extension_share is None else 100 * m.extension_share, codes.PERCENT)]
-    if disc.findings:
-        values.append((codes.CONFIDENCE, disc.confidence, codes.NO_UNITS))
+    values: list[tuple[hd.sr.CodedConcept | codes.Code, float | None, codes.Code]] = []
+    if part in (Part.DISC, None):
+        values += [(codes.HEIGHT, m.height_mm, codes.MM), (codes.AREA, m.disc_area_mm2, codes.MM2)]
+    if part in (Part.DISC, Part.EXTENSION, None):
+        share = None if m.extension_share is None else 100 * m.extension_share
+        values += [(codes.EXTENSION, m.extension_mm, codes.MM), (codes.EXTENSION_SHARE, share, codes.PERCENT)]
+    if confidence is not None:
+        values.append((codes.CONFIDENCE[confidence[0]], 100 * confidence[1], codes.PERCENT))
     return [hd.sr.Measurement(name=n, value=round(float(v), 3), unit=u) for n, v, u in values if v is not None]
 
 
-def _group(
-    disc: DiscResult, segment: Segment | None, seg: Dataset | None, series_uid: str, tracking_uid: str,
-    card: ModelCard,
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
-    primary = disc.findings[0].cls if disc.findings else None
-    common = {
-        "tracking_identifier": hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=level_identifier(disc)),
-        "finding_type": codes.FINDING_CODES[primary] if primary else None,
-        "finding_category": codes.segment_property(primary, disc.level)[0] if primary else None,
+def _context(settings: OutputSettings, model_name: str) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=[settings.manufacturer, settings.model_name, settings.device_serial_number]),
+        name=settings.model_name, manufacturer_name=settings.manufacturer, model_name=model_name,
+        serial_number=settings.device_serial_number,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER),
+            observer_identifying_attributes=device))
+
+
+def _nearest_slice(vol: Volume, k: float) -> int:
+    """Index into the volume's instances (or frames) of the acquired slice nearest ``k``."""
+    return int(np.argmin(np.abs(np.array(vol.slice_index) - k)))
+
+
+def _source(vol: Volume, i: int) -> hd.sr.SourceImageForRegion:
+    if vol.multi_frame:
+        ref = vol.instances[0]
+        return hd.sr.SourceImageForRegion(ref.SOPClassUID, ref.SOPInstanceUID, [int(vol.frames[i]) + 1])
+    h = vol.headers[i]
+    return hd.sr.SourceImageForRegion(h.SOPClassUID, h.SOPInstanceUID)
+
+
+def outline(voxels: np.ndarray, vol: Volume) -> hd.sr.ImageRegion | None:
+    """The outline of a segment's footprint on the axial plane (the union of its voxels over
+    the slices), as a closed polyline on the acquired slice nearest its centre; SCOORD
+    pixel coordinates put 0,0 at the top left corner of the top left pixel."""
+    if not len(voxels):
+        return None
+    foot = np.zeros(vol.grid.shape[1:], dtype=np.uint8)
+    foot[voxels[:, 1], voxels[:, 2]] = 1
+    contours, _ = cv2.findContours(foot, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    pts = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(float) + 0.5  # (column, row)
+    if len(pts) < 3:  # a line or a dot: its bounding square
+        (c0, r0), (c1, r1) = pts.min(axis=0) - 0.5, pts.max(axis=0) + 0.5
+        pts = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1]])
+    pts = np.vstack([pts, pts[:1]])
+    i = _nearest_slice(vol, float(voxels[:, 0].mean()))
+    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
+                             source_image=_source(vol, i))
+
+
+def _circle(disc: DiscResult, vol: Volume) -> hd.sr.ImageRegion:
+    """A closed polygon of `UNSEEN_RADIUS_MM` around the disc centre on its nearest slice."""
+    k, r, c = vol.grid.to_index(disc.site.centre)
+    i = _nearest_slice(vol, float(k))
+    rs, cs = vol.grid.spacing[1:]
+    a = np.linspace(0, 2 * np.pi, 17)
+    pts = np.stack([c + 0.5 + UNSEEN_RADIUS_MM / cs * np.cos(a), r + 0.5 + UNSEEN_RADIUS_MM / rs * np.sin(a)], 1)
+    pts[-1] = pts[0]
+    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
+                             source_image=_source(vol, i))
+
+
+def _finding(seg: Segment | None) -> tuple[codes.Code | None, codes.Code | None]:
+    """(finding type, finding category) of a group."""
+    if seg is None:
+        return None, None
+    category, kind = codes.segment_property(seg.cls, seg.level, seg.plain)
+    return (kind if seg.plain else codes.FINDING_CODES[seg.cls]), category
+
+
+def _common(disc: DiscResult, seg: Segment | None, identifier: str, uid: str, card: ModelCard) -> dict:
+    finding, category = _finding(seg)
+    confidence = None if seg is None or seg.plain else (seg.cls, seg.confidence)
+    return {
+        "tracking_identifier": hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
+        "finding_type": finding,
+        "finding_category": category,
         "finding_sites": [hd.sr.FindingSite(anatomic_location=codes.disc_code(disc.level))],
         "algorithm_id": hd.sr.AlgorithmIdentification(name=card.name, version=card.version),
-        "measurements": _measurements(disc) or None,
-        # the primary class is the group's Finding; a second one (a node beside a bulge or
-        # protrusion) is a qualitative evaluation with the same concept name
-        "qualitative_evaluations": [hd.sr.QualitativeEvaluation(name=codes.FINDING, value=codes.FINDING_CODES[c])
-                                    for c in disc.classes[1:]] or None,
+        "measurements": _measurements(disc, seg.part if seg else None, confidence) or None,
     }
-    if segment is None or seg is None:
-        return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
-    ref = hd.sr.ReferencedSegment(
-        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=segment.number,
-        source_series=hd.sr.SourceSeriesForSegmentation(series_uid),
-    )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common)
 
 
-def _no_disc_group(card: ModelCard) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="no disc found"),
-        finding_type=codes.NO_DISC_FOUND,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LUMBAR_SPINE)],
-        algorithm_id=hd.sr.AlgorithmIdentification(name=card.name, version=card.version),
-    )
+def planar_groups(result: StudyResult, vol: Volume, card: ModelCard, segments: Sequence[Segment],
+                  tracking_uids: Mapping[int, str]) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    groups = []
+    for i, disc in enumerate(result.discs):
+        mine = [s for s in segments if s.disc == i]
+        for s in mine:
+            region = outline(s.voxels, vol)
+            if region is not None:
+                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    referenced_region=region, **_common(disc, s, s.label, tracking_uids[s.number], card)))
+        if not mine:
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=_circle(disc, vol),
+                **_common(disc, None, level_identifier(disc), hd.UID(), card)))
+    return groups
+
+
+def volumetric_groups(result: StudyResult, vol: Volume, card: ModelCard, segments: Sequence[Segment],
+                      seg: Dataset, tracking_uids: Mapping[int, str]
+                      ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    groups = []
+    for s in segments:
+        disc = result.discs[s.disc]
+        ref = hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=s.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(vol.series_uid))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=ref, **_common(disc, s, s.label, tracking_uids[s.number], card)))
+    return groups
 
 
 def _comments(result: StudyResult) -> list[str]:
@@ -89,74 +185,57 @@ def library_images(result: StudyResult, vol: Volume) -> list[Dataset]:
     whose frames the library cannot describe one by one."""
     if vol.multi_frame:  # the one instance is referenced as evidence and by the SEG
         return []
-    ks = np.array(vol.slice_index)
-    picked = []
+    picked: list[int] = []
     for d in result.discs:
-        k = float(vol.grid.to_index(d.site.centre)[0])
-        i = int(np.argmin(np.abs(ks - k)))
+        i = _nearest_slice(vol, float(vol.grid.to_index(d.site.centre)[0]))
         if i not in picked:
             picked.append(i)
     return [vol.headers[i] for i in picked] or [vol.headers[len(vol.headers) // 2]]
 
 
-def primary_segments(segments: list[Segment], result: StudyResult) -> dict[int, Segment]:
-    """The segment each level's group refers to: the one of its first (primary) finding."""
-    out: dict[int, Segment] = {}
-    for i, disc in enumerate(result.discs):
-        mine = {s.cls: s for s in segments if s.disc == i}
-        for f in disc.findings:
-            if f.cls in mine:
-                out[i] = mine[f.cls]
-                break
+#: Patient and study attributes a report copies from its first evidence (type 2: present,
+#: possibly empty); a modality that leaves one out still gets its report.
+PATIENT_STUDY_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                       "StudyDate", "StudyTime")
+
+
+def _evidence(evidence: Sequence[Dataset]) -> list[Dataset]:
+    out = list(evidence)
+    missing = [k for k in PATIENT_STUDY_TYPE2 if k not in out[0]] if out else []
+    if missing:
+        first = Dataset()
+        for elem in out[0]:
+            if elem.tag.group != 0x7FE0:
+                first.add(elem)
+        for k in missing:
+            setattr(first, k, None)
+        out[0] = first
     return out
 
 
-def build_sr(
-    result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
-    segments: list[Segment], seg: Dataset | None, tracking_uids: dict[int, str],
-) -> Dataset:
-    """The report; ``tracking_uids`` maps segment numbers to the Tracking UIDs in the SEG."""
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=[settings.manufacturer, settings.model_name, settings.device_serial_number]),
-        name=settings.model_name, manufacturer_name=settings.manufacturer, model_name=card.name,
-        serial_number=settings.device_serial_number,
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DEVICE_OBSERVER, observer_identifying_attributes=device
-        )
-    )
-    primary = primary_segments(segments, result)
-    groups = []
-    for i, disc in enumerate(result.discs):
-        s = primary.get(i)
-        uid = tracking_uids[s.number] if s is not None else hd.UID()
-        groups.append(_group(disc, s, seg, vol.series_uid, uid, card))
-    if not groups:
-        groups = [_no_disc_group(card)]
+def _document(groups: Sequence, comments: Sequence[str], evidence: Sequence[Dataset], settings: OutputSettings,
+              model_name: str, series_number: int, description: str,
+              library: Sequence[Dataset] | None = None) -> Dataset:
     report = hd.sr.MeasurementReport(
-        observation_context=context,
+        observation_context=_context(settings, model_name),
         procedure_reported=codes.PROCEDURE_CT,
-        imaging_measurements=groups,
-        referenced_images=library_images(result, vol) or None,
+        imaging_measurements=list(groups) or None,
+        referenced_images=list(library) if library else None,
     )
-    comments = _comments(result)
     if comments:
         box = hd.sr.ContainerContentItem(
-            name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-        )
+            name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         box.ContentSequence = hd.sr.ContentSequence([
             hd.sr.TextContentItem(name=codes.COMMENT, value=c[:1024],
                                   relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
             for c in comments
         ])
         report[0].ContentSequence.append(box)
-    evidence = list(vol.instances) + ([seg] if seg is not None else [])
     return hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+        evidence=_evidence(evidence),
         content=report[0],
         series_instance_uid=hd.UID(),
-        series_number=settings.sr_series_number,
+        series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=settings.manufacturer,
@@ -164,6 +243,59 @@ def build_sr(
         is_final=False,
         is_verified=False,
         institution_name=settings.institution_name,
-        series_description=SERIES_DESCRIPTION,
+        series_description=description,
     )
 
+
+def build_sr(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
+             segments: Sequence[Segment], seg: Dataset | None, tracking_uids: Mapping[int, str]) -> Dataset:
+    """The planar report; ``tracking_uids`` maps segment numbers to the Tracking UIDs in the SEG.
+    Without any disc, the report says so and why, as text."""
+    evidence = list(vol.instances) + ([seg] if seg is not None else [])
+    if not result.discs:
+        return _text_report(_comments(result), evidence, settings, card.name, SERIES_DESCRIPTION)
+    return _document(planar_groups(result, vol, card, segments, tracking_uids), _comments(result), evidence,
+                     settings, card.name, settings.sr_series_number, SERIES_DESCRIPTION,
+                     library_images(result, vol))
+
+
+def build_volumetric_sr(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
+                        segments: Sequence[Segment], seg: Dataset, tracking_uids: Mapping[int, str]) -> Dataset:
+    """The volumetric report (TID 1411 groups referencing the SEG's segments)."""
+    return _document(volumetric_groups(result, vol, card, segments, seg, tracking_uids), _comments(result),
+                     list(vol.instances) + [seg], settings, card.name, settings.volumetric_sr_series_number,
+                     VOLUMETRIC_SERIES_DESCRIPTION)
+
+
+def _text_report(lines: Sequence[str], evidence: Sequence[Dataset], settings: OutputSettings, model_name: str,
+                 description: str) -> Dataset:
+    """A Basic Diagnostic Imaging Report (TID 2000 form): the observer, the procedure, and
+    the lines as findings. TID 1500 needs at least one measurement group, and a group without
+    image geometry is what OHIF refuses, so a report with nothing to measure takes this form."""
+    root = hd.sr.ContainerContentItem(name=codes.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
+    items: list = list(_context(settings, model_name))
+    items.append(hd.sr.CodeContentItem(name=codes.PROCEDURE_REPORTED, value=codes.PROCEDURE_CT,
+                                       relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD))
+    section = hd.sr.ContainerContentItem(name=codes.FINDINGS,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    section.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.TextContentItem(name=codes.FINDING, value=line[:1024],
+                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for line in lines
+    ])
+    items.append(section)
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    return hd.sr.Comprehensive3DSR(
+        evidence=_evidence(evidence), content=root, series_instance_uid=hd.UID(),
+        series_number=settings.sr_series_number, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer=settings.manufacturer, is_complete=True, is_final=False, is_verified=False,
+        institution_name=settings.institution_name, series_description=description,
+    )
+
+
+def build_not_analysed_sr(headers: Sequence[Dataset], reason: str, settings: OutputSettings,
+                          model_name: str) -> Dataset:
+    """A report for a series the node received but could not analyse, saying why, so that
+    PACS shows an answer rather than a series still waiting."""
+    return _text_report([f"Series not analysed: {reason}"], headers, settings, model_name,
+                        NOT_ANALYSED_DESCRIPTION)

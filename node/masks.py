@@ -1,0 +1,46 @@
+"""Binary mask operations that scipy.ndimage has, done faster where the masks are sparse.
+
+Each gives exactly what its scipy namesake gives; the tests compare them on random masks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`ndimage.binary_fill_holes` (background connectivity 1), by labelling the background:
+    every background component that does not touch the array's edge is a hole."""
+    lab, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[0] = True  # the mask itself
+    for ax in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.take(lab, end, axis=ax)] = True
+    return mask | ~outside[lab]
+
+
+def opening(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """`ndimage.binary_opening` for a mask whose erosion is sparse: the dilation runs only
+    over the eroded voxels' bounding box grown by the structure (the dilation of a sparse
+    set in the whole array is what makes scipy's opening slow)."""
+    eroded = ndimage.binary_erosion(mask, structure=structure)
+    out = np.zeros_like(mask)
+    if not eroded.any():
+        return out
+    grow = np.array(structure.shape) // 2
+    found = ndimage.find_objects(eroded.astype(np.uint8))[0]
+    box = tuple(slice(max(0, f.start - g), f.stop + g) for f, g in zip(found, grow))
+    out[box] = ndimage.binary_dilation(eroded[box], structure=structure)
+    return out
+
+
+def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    lab, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndimage.sum_labels(mask, lab, range(1, n + 1))
+    return lab == 1 + int(np.argmax(sizes))
