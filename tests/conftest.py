@@ -41,3 +41,20 @@ def phantoms(phantom_root):
 @pytest.fixture(scope="session")
 def phantom(phantoms):
     return phantoms[0]
+
+
+@pytest.fixture(scope="session")
+def analysed_phantoms(phantoms):
+    """Each of the three phantoms loaded and analysed with the bundled model, once a session:
+    (study, volume, result)."""
+    from node.analysis.study import analyze_volume
+    from node.analysis.volume import load_folder
+    from node.inference.model import load_model
+    from node.phantom.generate import SERIES_DIR
+
+    model = load_model(ROOT / "models" / "idaics-phantom-v1")
+    out = []
+    for p in phantoms:
+        vol = load_folder(p.folder / SERIES_DIR)
+        out.append((p, vol, analyze_volume(vol, model)))
+    return out

@@ -16,7 +16,7 @@ from pynetdicom import AE
 from scipy import ndimage
 
 from node.analysis.study import StudyResult, analyze_volume
-from node.analysis.volume import Volume, load_folder, load_nifti, load_series
+from node.analysis.volume import Volume, load_nifti, load_series
 from node.classes import DiscClass
 from node.geometry import Plane, axial_grid, plane_mask_voxels
 from node.inference.model import load_model
@@ -47,13 +47,11 @@ class Made:
 
 
 @pytest.fixture(scope="module")
-def made(phantoms, tmp_path_factory) -> list[Made]:
-    """Each phantom analysed and its objects written, once for the module."""
+def made(analysed_phantoms, tmp_path_factory) -> list[Made]:
+    """Each phantom's objects written, once for the module."""
     model = load_model(MODEL)
     out = []
-    for p in phantoms:
-        vol = load_folder(p.folder / SERIES_DIR)
-        result = analyze_volume(vol, model)
+    for p, vol, result in analysed_phantoms:
         outputs = build_outputs(result, vol, model.card, OutputSettings())
         folder = tmp_path_factory.mktemp("dicom-out")
         paths = {f.stem: f for f in write_outputs(outputs, folder)}
