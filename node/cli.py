@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -176,9 +177,15 @@ def _settings(args: argparse.Namespace):
     return load_settings(args.config)
 
 
+#: Files and folders the node makes (spool, database, outbox, logs) are its own: patients'
+#: images are no one else's to read on the host.
+PRIVATE_UMASK = 0o077
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.service import Node
 
+    os.umask(PRIVATE_UMASK)
     settings = _settings(args)
     if args.workers is not None:
         settings.workers.count = args.workers
@@ -192,6 +199,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from node.worker import work
 
+    os.umask(PRIVATE_UMASK)
     settings = _settings(args)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -64,6 +64,9 @@ class Receiver(BaseModel):
     port: int = Field(default=11112, ge=1, le=65535)
     #: Calling AE titles allowed to associate; empty allows any (the node logs a warning).
     allowed_calling_aets: list[str] = []
+    #: Refuse an association whose called AE title is not `ae_title` (off: some routers send
+    #: to one port under several titles).
+    check_called_aet: bool = False
     max_associations: int = Field(default=10, ge=1)
     #: Below this much free space in the spool, C-STORE answers Out of Resources (0xA700).
     min_free_mb: int = Field(default=1024, ge=0)

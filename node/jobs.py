@@ -145,8 +145,11 @@ def evenly_stacked(instances: list[Instance]) -> bool:
 def skip_reason(job: Job, instances: list[Instance], rules: SeriesRules) -> str | None:
     """Why a complete series is not for this node, or None when it is."""
     sop_classes = {i.sop_class_uid for i in instances}
-    if (job.modality or "").upper() != "CT" or not sop_classes <= set(CT_STORAGE):
+    if (job.modality or "").upper() != "CT":
         return f"not a CT image series (modality {job.modality or 'missing'})"
+    if not sop_classes <= set(CT_STORAGE):
+        others = ", ".join(sorted(sop_classes - set(CT_STORAGE)))
+        return f"not a CT image series (modality CT, but SOP class {others}, not a CT image storage class)"
     desc = job.series_description or ""
     for pattern in rules.skip_descriptions:
         if re.search(pattern, desc, re.IGNORECASE):

@@ -57,6 +57,9 @@ class Node:
             s.commit()
 
     def clean_up(self) -> None:
+        left = spool.remove_leftovers(self.settings.spool_dir)
+        if left:
+            log.info("removed %d temporary file(s) of writes that never finished", left)
         hours = self.settings.retention.delete_instances_after_hours
         if hours <= 0:
             return
@@ -77,6 +80,7 @@ class Node:
 
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.clean_up()  # leftovers of a node that was killed
         self.recover()
         self.receiver.start()
         every = [(self.check_completion, 1), (self.check_deliveries, 2), (self.recover, 10), (self.clean_up, 600)]

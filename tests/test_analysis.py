@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import replace
 
@@ -9,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from node.analysis.fusion import SliceDetections, fuse
 from node.analysis.measure import disc_extension
@@ -105,6 +108,37 @@ def test_mixed_and_non_ct_series_are_refused(phantom, tmp_path):
     _copy_series(phantom.folder / SERIES_DIR, tmp_path / "mr", transform=mr)
     with pytest.raises(VolumeError, match="not a CT series"):
         load_folder(tmp_path / "mr")
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"abc ", "ImagePositionPatient 'abc' is not 3 numbers"),
+    (b"", "ImagePositionPatient 'None' is not 3 numbers"),
+])
+def test_an_instance_with_malformed_geometry_is_refused_with_a_one_line_reason(phantom, tmp_path, raw, why):
+    """A careless modality's slice position (not numbers, or empty) is a reason to skip the
+    series, named with the instance, not an error to retry."""
+    tag = Tag(0x00200032)
+
+    def spoil(i, ds):
+        if i == 7:
+            ds._dict[tag] = RawDataElement(tag, "DS", len(raw), raw, 0, False, True)
+        return ds
+
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "bad", transform=spoil)
+    with pytest.raises(VolumeError, match=re.escape(why)) as got:
+        load_folder(tmp_path / "bad")
+    assert "\n" not in str(got.value) and str(got.value).startswith("instance 1.")
+
+
+def test_a_colour_image_in_a_ct_series_is_refused(phantom, tmp_path):
+    def colour(i, ds):
+        if i == 3:
+            ds.SamplesPerPixel = 3
+        return ds
+
+    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "rgb", transform=colour)
+    with pytest.raises(VolumeError, match="SamplesPerPixel 3: not a greyscale CT image"):
+        load_folder(tmp_path / "rgb")
 
 
 def test_real_tilted_ge_head_ct_is_refused_with_the_reason(shared_data):

@@ -120,3 +120,19 @@ def test_retention_removes_spooled_instances_of_old_done_jobs(tmp_path):
         assert old.instances_deleted and not new.instances_deleted
         assert old.events[-1].event == "instances removed"
     node.engine.dispose()
+
+
+def test_temporary_files_of_unfinished_writes_are_removed_and_recent_ones_kept(tmp_path):
+    s = Settings(home=tmp_path, web={"enabled": False})
+    node = Node(s)
+    folder = s.spool_dir / "incoming" / "1.2" / "1.2.3"
+    folder.mkdir(parents=True)
+    old, recent, kept = folder / ".1.dcm.11.22.tmp", folder / ".2.dcm.11.22.tmp", folder / "3.dcm"
+    for f in (old, recent, kept):
+        f.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    os.utime(kept, (an_hour_ago, an_hour_ago))
+    node.clean_up()  # also run when the node starts
+    assert not old.exists() and recent.exists() and kept.exists()
+    node.engine.dispose()

@@ -97,6 +97,8 @@ def test_a_series_completes_after_the_quiet_time_or_at_release_of_an_even_stack(
 
 @pytest.mark.parametrize("kw, why", [
     ({"modality": "MR", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4"}, "not a CT image series (modality MR)"),
+    ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.7"},  # Secondary Capture labelled CT
+     "modality CT, but SOP class 1.2.840.10008.5.1.4.1.1.7, not a CT image storage class"),
     ({"series_description": "Scout 0.5"}, "matches the skip rule"),
     ({"slice_thickness": 10.0}, "10.0 mm thick"),
     ({"orientation": "0\\1\\0\\0\\0\\-1"}, "not an axial series"),

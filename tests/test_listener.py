@@ -117,3 +117,24 @@ def test_a_pdu_header_declaring_4_gib_is_refused_before_it_is_read(tmp_path):
         assert ok
     finally:
         rx.stop()
+
+
+def test_the_called_ae_title_is_checked_where_configured(tmp_path):
+    def echo(port: int, called: str) -> bool:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(VERIFICATION)
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        ok = assoc.is_established
+        if ok:
+            assoc.release()
+        return ok
+
+    strict = _receiver(tmp_path / "strict", check_called_aet=True)
+    loose = _receiver(tmp_path / "loose")
+    try:
+        port = strict.settings.receiver.port
+        assert echo(port, "IDAICS") and not echo(port, "SOMEONE_ELSE")
+        assert echo(loose.settings.receiver.port, "SOMEONE_ELSE")  # the default: any called title
+    finally:
+        strict.stop()
+        loose.stop()

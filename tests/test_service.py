@@ -99,6 +99,10 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         assert len(in_pacs(pacs, study, "OT")) == 2 * len(job.result["levels"])
         levels = {lv["level"] for lv in job.result["levels"]}
         assert {lv["level"] for lv in phantom.truth["levels"]} <= levels
+        # what the node wrote is its own: spool folders 0700, instances, results and database 0600
+        spooled = Path(job.received[0].path)
+        for path in (spooled, spooled.parent, node.home / "idaics.db", next(node.home.rglob("sr.dcm"))):
+            assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
 
         # the same study again: every instance is a duplicate, no new job
         again = storescu(node, phantom.folder / SERIES_DIR)

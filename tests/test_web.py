@@ -137,6 +137,9 @@ def test_job_detail_has_findings_previews_objects_deliveries_and_audit(client):
     assert d["attempts"] == 2 and [h["ok"] for h in d["history"]] == [False, True]
     assert j["can_retry"] and j["can_resend"]
     assert client.get("/api/jobs/99", headers=BEARER).status_code == 404
+    for huge in ("99999999999999999999", str(2**63), "0", "-1"):  # beyond any key: 404, not 500
+        assert client.get(f"/api/jobs/{huge}", headers=BEARER).status_code == 404, huge
+        assert client.get(f"/api/jobs/{huge}/previews/L4-L5.png", headers=BEARER).status_code == 404, huge
     png = client.get("/api/jobs/1/previews/L4-L5.png", headers=BEARER)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert client.get("/api/jobs/1/previews/..%2F..%2Fetc.png", headers=BEARER).status_code == 404

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from node.geometry import Grid
 
@@ -67,6 +68,28 @@ def _orientation(ds: Dataset) -> tuple[float, ...]:
     return tuple(np.round(np.array(ds.ImageOrientationPatient, dtype=float), 3))
 
 
+#: The geometry attributes of a slice, with how many numbers each holds.
+GEOMETRY = {"ImageOrientationPatient": 6, "ImagePositionPatient": 3, "PixelSpacing": 2}
+
+
+def _check_instance(ds: Dataset) -> None:
+    """Refuse, with a one-line reason naming the instance, a slice whose geometry is not
+    numbers or whose pixels are not one grey sample: a careless modality's mistakes are a
+    reason to skip the series, not an error to retry."""
+    who = f"instance {ds.get('SOPInstanceUID', '?')}"
+    for kw, n in GEOMETRY.items():
+        value = ds.get(kw)
+        items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+        try:
+            numbers = [float(x) for x in items]
+        except (TypeError, ValueError):
+            numbers = []
+        if len(numbers) != n or not np.all(np.isfinite(numbers)):
+            raise VolumeError(f"{who}: {kw} {str(value)!r} is not {n} numbers")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise VolumeError(f"{who}: SamplesPerPixel {ds.SamplesPerPixel}: not a greyscale CT image")
+
+
 def load_series(paths: Iterable[Path]) -> Volume:
     """Load one axial CT series; raises `VolumeError` with the reason when it cannot.
 
@@ -97,6 +120,8 @@ def load_series(paths: Iterable[Path]) -> Volume:
                if any(kw not in ds for ds in datasets)]
     if missing:
         raise VolumeError(f"no {', '.join(missing)}: the slices cannot be placed in patient space")
+    for ds in datasets:
+        _check_instance(ds)
     iops = Counter(_orientation(ds) for ds in datasets)
     if len(iops) > 1:
         main_iop, n_main = iops.most_common(1)[0]

@@ -165,6 +165,7 @@ class Receiver:
         ae.network_timeout = r.network_timeout_s
         ae.acse_timeout = r.request_timeout_s  # the ARTIM timer: waiting for the A-ASSOCIATE-RQ
         ae.dimse_timeout = r.network_timeout_s
+        ae.require_called_aet = r.check_called_aet
         if r.allowed_calling_aets:
             ae.require_calling_aet = list(r.allowed_calling_aets)
         else:

@@ -87,3 +87,25 @@ def remove_files(paths: list[str]) -> int:
             except OSError:
                 break
     return n
+
+
+#: A temporary file older than this is left over from a write that never finished (a
+#: process killed mid-write); a write in progress takes seconds.
+STALE_TMP_S = 600.0
+
+
+def remove_leftovers(spool: Path, older_than_s: float = STALE_TMP_S) -> int:
+    """Remove temporary files of writes that never finished; returns how many."""
+    import time
+
+    cutoff = time.time() - older_than_s
+    n = 0
+    for part in ("incoming", "outbox"):
+        for tmp in (spool / part).rglob(".*.tmp") if (spool / part).is_dir() else ():
+            try:
+                if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    n += 1
+            except FileNotFoundError:
+                pass
+    return n

@@ -31,6 +31,8 @@ from node.jobs import counts_by_state, resend, retry
 from node.web.metrics import metrics_text
 
 STATIC = Path(__file__).parent / "static"
+#: Job ids are 64-bit integer keys (SQLite INTEGER, PostgreSQL BIGINT at most).
+MAX_JOB_ID = 2**63 - 1
 COOKIE = "idaics_session"
 
 
@@ -169,6 +171,8 @@ def create_app(view: NodeView, token: str | None) -> FastAPI:
                                            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:"})
 
     def get_job(db, job_id: int) -> Job:
+        if not 1 <= job_id <= MAX_JOB_ID:  # beyond a 64-bit key no job is, nor can the database look
+            raise HTTPException(404, f"no job {job_id}")
         job = db.get(Job, job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id}")
