@@ -33,4 +33,4 @@ fi
 
 PY=${PYTHON:-python3}
 $PY -m pip install -q -e ".[test]"
-exec $PY -m pytest -q "$@"
+exec $PY -m pytest -q --durations=15 "$@"
