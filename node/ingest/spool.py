@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -96,8 +97,6 @@ STALE_TMP_S = 600.0
 
 def remove_leftovers(spool: Path, older_than_s: float = STALE_TMP_S) -> int:
     """Remove temporary files of writes that never finished; returns how many."""
-    import time
-
     cutoff = time.time() - older_than_s
     n = 0
     for part in ("incoming", "outbox"):

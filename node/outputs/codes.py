@@ -44,10 +44,8 @@ FINDING_CODES: dict[DiscClass, Code] = {
     DiscClass.BULGE: Code("disc-bulge", LOCAL_SCHEME, "Intervertebral disc bulge"),
     DiscClass.PROTRUSION: Code("disc-protrusion", LOCAL_SCHEME, "Intervertebral disc protrusion"),
 }
-NO_DISC_FOUND = Code("no-disc-found", LOCAL_SCHEME, "No intervertebral disc found")
 #: A disc whose level is not named, as plain anatomy (beside its finding's own segment).
 INTERVERTEBRAL_DISC = Code("disc", LOCAL_SCHEME, "Intervertebral disc")
-NOT_ANALYSED = Code("not-analysed", LOCAL_SCHEME, "Series not analysed")
 
 # -- SR concept names ----------------------------------------------------------------------
 FINDING = Code("121071", "DCM", "Finding")

@@ -85,19 +85,24 @@ def clean_mask(mask: np.ndarray, pixel_mm: float) -> np.ndarray:
     return largest_component(opened) if opened.any() else m
 
 
-def _slab_voxels(mask: np.ndarray, plane: Plane, grid: Grid, hu: np.ndarray, lo_mm: float, hi_mm: float,
-                 half_mm: float) -> np.ndarray:
-    """Voxels under ``mask`` whose centre lies ``lo_mm``..``hi_mm`` along the plane's normal
-    (``half_mm`` is the slab `plane_mask_voxels` is asked for), not bone, in one piece."""
+def _slab_voxels(mask: np.ndarray, plane: Plane, grid: Grid, hu: np.ndarray, half_mm: float) -> np.ndarray:
+    """Voxels under ``mask`` whose centre lies within ``half_mm`` of the plane, not bone, in
+    one piece."""
     vox = plane_mask_voxels(mask, plane, half_mm, grid)
     if not len(vox):
         return vox
     d = (grid.to_patient(vox) - plane.centre) @ plane.normal
-    vox = vox[(d >= lo_mm) & (d <= hi_mm) & (hu[vox[:, 0], vox[:, 1], vox[:, 2]] <= BONE_HU)]
-    return _one_piece(vox, grid.shape)
+    vox = vox[(np.abs(d) <= half_mm) & (hu[vox[:, 0], vox[:, 1], vox[:, 2]] <= BONE_HU)]
+    return _one_piece(vox)
 
 
-def _one_piece(vox: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _shape_class(disc: DiscResult) -> DiscClass | None:
+    """The level's finding on the disc's shape (normal, bulge, protrusion), None where the
+    only finding is a node or there is none."""
+    return next((f.cls for f in disc.findings if f.cls is not DiscClass.SCHMORL), None)
+
+
+def _one_piece(vox: np.ndarray) -> np.ndarray:
     if len(vox) < 2:
         return vox
     lo = vox.min(axis=0)
@@ -130,22 +135,21 @@ def disc_parts(disc: DiscResult, grid: Grid, hu: np.ndarray) -> dict[Part, np.nd
             d = d * np.sign(m.offset_mm) if m.view is View.AXIAL and m.offset_mm else np.abs(d)
             parts.append(vox[(d >= half) & (d <= half + NODE_DEPTH_MM)])
         vox = np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 3), dtype=np.int64)
-        vox = _one_piece(vox, grid.shape)
+        vox = _one_piece(vox)
         if len(vox):
             out[Part.NODE] = vox
     mid = _mid_axial(disc)
     if mid is None:
         return out
     shape = clean_mask(mid.mask, mid.plane.pixel_mm)
-    disc_vox = _slab_voxels(shape, mid.plane, grid, hu, -half, half, half)
-    morph = next((f.cls for f in disc.findings if f.cls is not DiscClass.SCHMORL), DiscClass.NORMAL)
-    if morph is not DiscClass.NORMAL and disc.vertebral_edge is not None:
+    disc_vox = _slab_voxels(shape, mid.plane, grid, hu, half)
+    if _shape_class(disc) not in (None, DiscClass.NORMAL) and disc.vertebral_edge is not None:
         grown = ndimage.binary_dilation(disc.vertebral_edge, structure=_disk(EXTENDS_MM / mid.plane.pixel_mm))
         beyond = shape & ~grown
         if beyond.sum() * mid.plane.pixel_mm**2 >= MIN_EXTENSION_MM2:
             beyond = largest_component(opening(beyond, _disk(0.5 / mid.plane.pixel_mm)))
         if beyond.sum() * mid.plane.pixel_mm**2 >= MIN_EXTENSION_MM2:
-            ext = _slab_voxels(beyond, mid.plane, grid, hu, -half, half, half)
+            ext = _slab_voxels(beyond, mid.plane, grid, hu, half)
             if len(ext):
                 out[Part.EXTENSION] = ext
     if len(disc_vox):
@@ -161,7 +165,7 @@ def build_segments(result: StudyResult, grid: Grid, hu: np.ndarray) -> list[Segm
     for i, disc in enumerate(result.discs):
         parts = disc_parts(disc, grid, hu)
         conf = {f.cls: f.confidence for f in disc.findings}
-        shape = next((f.cls for f in disc.findings if f.cls is not DiscClass.SCHMORL), None)
+        shape = _shape_class(disc)
         morph = shape or DiscClass.NORMAL
         made: set[Part] = set()
         for part in (Part.NODE, Part.EXTENSION, Part.DISC):
@@ -170,7 +174,7 @@ def build_segments(result: StudyResult, grid: Grid, hu: np.ndarray) -> list[Segm
             vox = parts[part]
             vox = vox[~taken[vox[:, 0], vox[:, 1], vox[:, 2]]]
             if part is Part.DISC:
-                vox = _one_piece(vox, grid.shape)  # what a node or an extension left of it
+                vox = _one_piece(vox)  # what a node or an extension left of it
             if not len(vox):
                 continue
             taken[vox[:, 0], vox[:, 1], vox[:, 2]] = True

@@ -102,22 +102,23 @@ def outline(voxels: np.ndarray, vol: Volume) -> hd.sr.ImageRegion | None:
     if len(pts) < 3:  # a line or a dot: its bounding square
         (c0, r0), (c1, r1) = pts.min(axis=0) - 0.5, pts.max(axis=0) + 0.5
         pts = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1]])
-    pts = np.vstack([pts, pts[:1]])
-    i = _nearest_slice(vol, float(voxels[:, 0].mean()))
-    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
-                             source_image=_source(vol, i))
+    return _polyline(vol, np.vstack([pts, pts[:1]]), float(voxels[:, 0].mean()))
 
 
 def _circle(disc: DiscResult, vol: Volume) -> hd.sr.ImageRegion:
     """A closed polygon of `UNSEEN_RADIUS_MM` around the disc centre on its nearest slice."""
     k, r, c = vol.grid.to_index(disc.site.centre)
-    i = _nearest_slice(vol, float(k))
     rs, cs = vol.grid.spacing[1:]
     a = np.linspace(0, 2 * np.pi, 17)
     pts = np.stack([c + 0.5 + UNSEEN_RADIUS_MM / cs * np.cos(a), r + 0.5 + UNSEEN_RADIUS_MM / rs * np.sin(a)], 1)
     pts[-1] = pts[0]
+    return _polyline(vol, pts, float(k))
+
+
+def _polyline(vol: Volume, pts: np.ndarray, k: float) -> hd.sr.ImageRegion:
+    """A closed polyline (column, row) on the acquired slice nearest slice index ``k``."""
     return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
-                             source_image=_source(vol, i))
+                             source_image=_source(vol, _nearest_slice(vol, k)))
 
 
 def _finding(seg: Segment | None) -> tuple[codes.Code | None, codes.Code | None]:
@@ -223,17 +224,26 @@ def _document(groups: Sequence, comments: Sequence[str], evidence: Sequence[Data
         referenced_images=list(library) if library else None,
     )
     if comments:
-        box = hd.sr.ContainerContentItem(
-            name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        box.ContentSequence = hd.sr.ContentSequence([
-            hd.sr.TextContentItem(name=codes.COMMENT, value=c[:1024],
-                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-            for c in comments
-        ])
-        report[0].ContentSequence.append(box)
+        report[0].ContentSequence.append(_texts(codes.QUALITATIVE_EVALUATIONS, codes.COMMENT, comments))
+    return _sr_object(report[0], evidence, settings, series_number, description)
+
+
+def _texts(section: codes.Code, name: codes.Code, lines: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """A container ``section`` holding each line as a TEXT item ``name``."""
+    box = hd.sr.ContainerContentItem(name=section, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    box.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.TextContentItem(name=name, value=line[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for line in lines
+    ])
+    return box
+
+
+def _sr_object(content: Dataset, evidence: Sequence[Dataset], settings: OutputSettings, series_number: int,
+               description: str) -> Dataset:
+    """The Comprehensive 3D SR instance around ``content``: complete, preliminary, unverified."""
     return hd.sr.Comprehensive3DSR(
         evidence=_evidence(evidence),
-        content=report[0],
+        content=content,
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
@@ -276,21 +286,9 @@ def _text_report(lines: Sequence[str], evidence: Sequence[Dataset], settings: Ou
     items: list = list(_context(settings, model_name))
     items.append(hd.sr.CodeContentItem(name=codes.PROCEDURE_REPORTED, value=codes.PROCEDURE_CT,
                                        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD))
-    section = hd.sr.ContainerContentItem(name=codes.FINDINGS,
-                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    section.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(name=codes.FINDING, value=line[:1024],
-                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        for line in lines
-    ])
-    items.append(section)
+    items.append(_texts(codes.FINDINGS, codes.FINDING, lines))
     root.ContentSequence = hd.sr.ContentSequence(items)
-    return hd.sr.Comprehensive3DSR(
-        evidence=_evidence(evidence), content=root, series_instance_uid=hd.UID(),
-        series_number=settings.sr_series_number, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer=settings.manufacturer, is_complete=True, is_final=False, is_verified=False,
-        institution_name=settings.institution_name, series_description=description,
-    )
+    return _sr_object(root, evidence, settings, settings.sr_series_number, description)
 
 
 def build_not_analysed_sr(headers: Sequence[Dataset], reason: str, settings: OutputSettings,
