@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the test suite needs (where missing), then run it.
+# Install what the test suite needs (where missing), run the static checks, then the suite.
 # Debian packages: dcmtk, dicom3tools, orthanc, orthanc-dicomweb, postgresql, chromium, npm;
 # npm: @ohif/app (its prebuilt dist/); PyPI: the project with [test].
 set -euo pipefail
@@ -33,4 +33,5 @@ fi
 
 PY=${PYTHON:-python3}
 $PY -m pip install -q -e ".[test]"
+PYTHON=$PY bash deploy/check.sh  # ruff and mypy (deploy/check.sh says which modules)
 exec $PY -m pytest -q --durations=15 "$@"
