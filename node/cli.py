@@ -29,6 +29,8 @@ def _studies_in(paths: list[Path]) -> list[Path]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from node.phantom.generate import generate_studies
 
+    if args.base is not None:
+        return _synth_from_base(args)
     if args.studies < 1:
         raise ValueError(f"--studies must be at least 1, got {args.studies}")
     if args.slices is not None and not 150 <= args.slices <= 500:
@@ -38,6 +40,29 @@ def cmd_synth(args: argparse.Namespace) -> int:
         co_occurrence=args.co_occurrence,
     )
     print(f"{len(folders)} studies written under {args.out}")
+    return 0
+
+
+def _synth_from_base(args: argparse.Namespace) -> int:
+    from node.phantom.insert import base_levels, load_base, synth_from_base
+
+    if args.base_labels is None:
+        raise ValueError("--base needs --base-labels (a vertebra label map on the same grid)")
+    if args.studies < 1:
+        raise ValueError(f"--studies must be at least 1, got {args.studies}")
+    base = load_base(args.base, args.base_labels, args.label_scheme, name=args.base_name)
+    levels = base_levels(base)
+    print(f"{base.name}: lesions go into {', '.join(lv.level for lv in levels) or 'no level'}")
+    folders = synth_from_base(base, args.out, args.studies, args.seed, levels=levels)
+    if args.pictures:
+        from node.analysis.volume import Volume
+        from node.phantom.preview import render_inserted
+
+        original = Volume(hu=base.hu, grid=base.grid, study_uid="", series_uid="", frame_of_reference_uid="",
+                          sop_instance_uids=())
+        for f in folders:
+            render_inserted(f, original, args.pictures)
+    print(f"{len(folders)} studies of {base.name} with inserted lesions written under {args.out}")
     return 0
 
 
@@ -59,7 +84,10 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 
     if args.source == "phantoms":
         studies = _studies_in(args.input)
-        writer = build_from_phantoms(studies, args.out, val_fraction=args.val_fraction, seed=args.seed)
+        from node.training.from_phantoms import Randomise
+
+        writer = build_from_phantoms(studies, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                                     randomise=Randomise() if args.randomise else None)
     elif args.source == "labelme":
         writer = importers.build_from_labelme(args.input, args.out, mapping=args.mapping,
                                               val_fraction=args.val_fraction, seed=args.seed)
@@ -76,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from node.training.train import TrainOptions, train, update_card
 
     opts = TrainOptions(epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, lr0=args.lr0, seed=args.seed,
-                        device=args.device, workers=args.workers, fraction=args.fraction)
+                        device=args.device, workers=args.workers, fraction=args.fraction, degrees=args.degrees)
     card = train(args.data, args.out, from_weights=args.from_weights, options=opts,
                  description=args.description or "", command="idaics " + " ".join(sys.argv[1:]))
     metrics, _ = evaluate_dataset(args.out, args.data, out=args.out, device=args.device)
@@ -322,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--co-occurrence", type=float, default=0.15,
                    help="rate of a Schmorl's node beside a bulge or protrusion")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--base", type=Path, help="a real CT (NIfTI, HU) to insert disc lesions into, instead of phantoms")
+    s.add_argument("--base-labels", type=Path, help="vertebra label map of --base, on its grid")
+    s.add_argument("--label-scheme", choices=["totalsegmentator", "verse"], default="totalsegmentator")
+    s.add_argument("--base-name", help="name of the base CT in study folders (default: its file name)")
+    s.add_argument("--pictures", type=Path, help="with --base: write before/after pictures here")
     s.set_defaults(func=cmd_synth)
 
     r = sub.add_parser("render", help="axial and sagittal pictures of phantom studies with truth overlays")
@@ -340,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ct", type=Path, nargs="*", default=[], help="CT series folders for --source seg")
     b.add_argument("--val-fraction", type=float, default=0.15)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--randomise", action="store_true",
+                   help="phantoms: jitter window, blur and noise per slice (domain randomisation)")
     b.set_defaults(func=cmd_dataset_build)
 
     t = sub.add_parser("train", help="train a YOLOv8-seg disc model (defaults follow the IDAICS paper)")
@@ -354,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu, 0, ... (default: GPU if there is one)")
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--fraction", type=float, default=1.0, help="share of the training images to use")
+    t.add_argument("--degrees", type=float, default=0.0, help="random rotations up to this many degrees")
     t.add_argument("--description", help="what the training data is, for the model card")
     t.set_defaults(func=cmd_train)
 

@@ -93,6 +93,8 @@ class SeriesRules(BaseModel):
     """When a series is complete, and which series are for this node."""
 
     quiet_seconds: float = Field(default=5.0, gt=0)
+    #: A whole-looking series completes early only after this long without a new instance.
+    grace_seconds: float = Field(default=1.0, ge=0)
     min_instances: int = Field(default=20, ge=2)
     max_slice_thickness_mm: float = 5.0
     #: BodyPartExamined values accepted (upper case); empty accepts any, a missing value too.

@@ -96,6 +96,8 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
         select(Job).where(Job.series_uid == got.series_uid, Job.state == State.RECEIVING).limit(1)
     ).scalar_one_or_none()
     if job is None:
+        job = reopen(session, got, actor)
+    if job is None:
         job = Job(state=State.RECEIVING, study_uid=got.study_uid, series_uid=got.series_uid,
                   calling_aet=got.calling_aet, called_aet=got.called_aet, modality=got.modality,
                   study_date=got.study_date, series_description=got.series_description,
@@ -112,6 +114,61 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
                          path=got.path, size=got.size, position=got.position,
                          slice_thickness=got.slice_thickness, orientation=got.orientation, frames=got.frames))
     return job, True
+
+
+def reopen(session: Session, got: ReceivedInstance, actor: str) -> Job | None:
+    """A new instance of a series whose job has left RECEIVING reopens the series.
+
+    A queued job goes back to RECEIVING and takes the instance. Otherwise a new job starts
+    with every instance the last one had (the same files) plus this one: a running job is
+    superseded (SKIPPED, its results discarded by its worker), a finished one stays as it
+    is and its results are replaced by the new job's (the new SR names the old one as its
+    predecessor). Both jobs' histories say so. None when the series has no earlier job, or
+    when its files are gone.
+    """
+    old = session.execute(
+        select(Job).where(Job.series_uid == got.series_uid).order_by(Job.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    if old is None or old.instances_deleted:
+        return None
+    if old.state is State.QUEUED:
+        won = session.execute(update(Job).where(Job.id == old.id, Job.state == State.QUEUED)
+                              .values(state=State.RECEIVING)).rowcount
+        if won == 1:
+            old.state = State.QUEUED  # for the transition's bookkeeping
+            transition(session, old, State.RECEIVING, actor, None)
+            audit(session, old, actor, "reopened", f"instance {got.sop_instance_uid} arrived after the series was queued")
+            return old
+        session.refresh(old)  # a worker claimed it meanwhile
+    job = Job(state=State.RECEIVING, study_uid=old.study_uid, series_uid=old.series_uid,
+              calling_aet=got.calling_aet, called_aet=got.called_aet, modality=old.modality or got.modality,
+              study_date=old.study_date, series_description=old.series_description, body_part=old.body_part,
+              patient_name=old.patient_name, patient_id=old.patient_id,
+              instances=0, bytes_received=0, stage_seconds={})
+    session.add(job)
+    session.flush()
+    for i in old.received:
+        session.add(Instance(job=job, sop_instance_uid=i.sop_instance_uid, sop_class_uid=i.sop_class_uid,
+                             path=i.path, size=i.size, position=i.position, slice_thickness=i.slice_thickness,
+                             orientation=i.orientation, frames=i.frames, received_at=i.received_at))
+        job.instances += 1
+        job.bytes_received += i.size
+    audit(session, job, actor, "received",
+          f"supersedes job {old.id} ({old.state.value}): instance {got.sop_instance_uid} arrived after it "
+          f"left RECEIVING; its {len(old.received)} instances carried over")
+    audit(session, old, actor, "superseded", f"by job {job.id}: more instances of the series arrived")
+    if old.state is State.RUNNING:
+        transition(session, old, State.SKIPPED, actor, f"superseded by job {job.id}: more instances of the series arrived")
+    log.info("series %s reopened: job %s supersedes job %s", got.series_uid, job.id, old.id)
+    return job
+
+
+def predecessor(session: Session, job: Job) -> Job | None:
+    """The latest earlier job of the same series that has results (whose SR the job's SR replaces)."""
+    return session.execute(
+        select(Job).where(Job.series_uid == job.series_uid, Job.id < job.id, Job.outputs_dir.is_not(None))
+        .order_by(Job.id.desc()).limit(1)
+    ).scalar_one_or_none()
 
 
 def association_released(session: Session, series_uids: list[str]) -> None:
@@ -171,13 +228,21 @@ def skip_reason(job: Job, instances: list[Instance], rules: SeriesRules) -> str 
 
 
 def complete_series(session: Session, rules: SeriesRules, actor: str, now: dt.datetime | None = None) -> list[Job]:
-    """Move RECEIVING jobs whose series is complete to QUEUED, or SKIPPED with the reason."""
+    """Move RECEIVING jobs whose series is complete to QUEUED, or SKIPPED with the reason.
+
+    A series is complete once no instance of it arrived for ``quiet_seconds``; or earlier,
+    when it looks whole: no open association is carrying it, nothing arrived for
+    ``grace_seconds``, it has at least ``min_instances`` slices and they form an even stack
+    without a gap.
+    """
     now = now or utcnow()
     done = []
     for job in session.execute(select(Job).where(Job.state == State.RECEIVING)).scalars():
-        quiet = (now - job.last_instance_at).total_seconds() >= rules.quiet_seconds
+        idle = (now - job.last_instance_at).total_seconds()
         instances = list(job.received)
-        if not quiet and not (job.association_released and evenly_stacked(instances)):
+        whole = (job.association_released and idle >= rules.grace_seconds
+                 and sum(i.frames for i in instances) >= rules.min_instances and evenly_stacked(instances))
+        if idle < rules.quiet_seconds and not whole:
             continue
         why = skip_reason(job, instances, rules)
         if why:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from node.config import Settings
 from node.db import Job, State, actor, make_engine, make_sessions, utcnow
-from node.export.delivery import deliver_due
+from node.export.delivery import deliver_due, release_dead_holds
 from node.ingest import spool
 from node.ingest.scp import Receiver
 from node.jobs import audit, complete_series, requeue_stale
@@ -54,6 +54,7 @@ class Node:
         w = self.settings.workers
         with self.sessions() as s:
             requeue_stale(s, w.stale_after_seconds, w.max_attempts, self.actor, dead=dead_here)
+            release_dead_holds(s, dead_here, self.actor)
             s.commit()
 
     def clean_up(self) -> None:

@@ -31,7 +31,7 @@ from node.db import Job, State, WorkerStatus, actor, make_engine, make_sessions,
 from node.export.delivery import deliver_due, queue_deliveries
 from node.inference.model import DiscModel, load_model
 from node.ingest import spool
-from node.jobs import claim, heartbeat, transition
+from node.jobs import claim, heartbeat, predecessor, transition
 from node.outputs import build_outputs, write_outputs
 from node.outputs.build import DicomOutputs
 from node.outputs.sr import build_not_analysed_sr
@@ -39,12 +39,29 @@ from node.outputs.sr import build_not_analysed_sr
 log = logging.getLogger(__name__)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies (a killed node leaves no orphan)."""
+def _die_with_parent(parent: int | None) -> None:
+    """Ask Linux to kill this process when its parent dies (a killed node leaves no orphan).
+
+    A parent that died before the request (while this process was still starting) is seen
+    by the parent pid having changed: the process then ends at once, before any job. A
+    watchdog thread checks the same once a second where the request is not available.
+    """
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if parent is None:
+        return
+    if os.getppid() != parent:
+        os._exit(0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="idaics-parent-watch", daemon=True).start()
 
 
 def pid_alive(pid: int) -> bool:
@@ -89,11 +106,26 @@ class _Heartbeat:
         self.thread.join()
 
 
+def previous_reports(outputs_dir: Path) -> list:
+    """The SR(s) an earlier job of the series wrote, which a new analysis replaces."""
+    import pydicom
+
+    out = []
+    for path in sorted((outputs_dir / "dicom").glob("sr*.dcm")):
+        try:
+            out.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            log.warning("could not read the earlier report %s: %s", path, exc)
+    return out
+
+
 def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, worker: str) -> None:
     """Analyse one claimed (RUNNING) job and hand its results to the sender."""
     with sessions() as s:
         job = s.get(Job, job_id)
         paths = [Path(i.path) for i in job.received]
+        before = predecessor(s, job)
+        previous = previous_reports(Path(before.outputs_dir)) if before is not None and before.outputs_dir else []
     out = spool.outbox(settings.spool_dir, job_id)
     try:
         vol = load_series(paths)
@@ -101,7 +133,7 @@ def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, wor
     except VolumeError as exc:
         report_not_analysed(settings, sessions, model, job_id, worker, State.SKIPPED, f"cannot analyse: {exc}")
         return
-    outputs = build_outputs(result, vol, model.card, settings.outputs.settings(socket.gethostname()))
+    outputs = build_outputs(result, vol, model.card, settings.outputs.settings(socket.gethostname()), previous)
     if out.exists():
         shutil.rmtree(out)
     write_outputs(outputs, out / "dicom")
@@ -230,14 +262,15 @@ def report(sessions, name: str, model: DiscModel, job_id: int | None, stopped: b
 def spawn(settings: Settings, name: str | None = None) -> mp.Process:
     """Start a worker process (spawned, so it loads its own model) at the node's log level."""
     level = logging.getLogger("node").getEffectiveLevel()
-    p = mp.get_context("spawn").Process(target=worker_process, args=(settings.model_dump_json(), level), name=name)
+    p = mp.get_context("spawn").Process(target=worker_process, args=(settings.model_dump_json(), level, os.getpid()),
+                                        name=name)
     p.start()
     return p
 
 
-def worker_process(settings_json: str, log_level: int = logging.INFO) -> None:
-    """Entry point of a worker process started by the node."""
-    _die_with_parent()
+def worker_process(settings_json: str, log_level: int = logging.INFO, parent: int | None = None) -> None:
+    """Entry point of a worker process started by the node (``parent``: the node's pid)."""
+    _die_with_parent(parent)
     logs.setup(min(log_level, logging.INFO), log_level)
     settings = Settings.model_validate_json(settings_json)
     stop = threading.Event()

@@ -19,6 +19,7 @@ from node.jobs import (
     association_released,
     claim,
     complete_series,
+    predecessor,
     record_instance,
     requeue_stale,
     resend,
@@ -67,7 +68,11 @@ def receive(sessions, series: str, n: int, **kw) -> int:
         return job.id
 
 
-RULES = SeriesRules(quiet_seconds=5, min_instances=20, skip_descriptions=["scout"])
+RULES = SeriesRules(quiet_seconds=5, grace_seconds=1, min_instances=20, skip_descriptions=["scout"])
+
+
+def after(seconds: float) -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=seconds)
 
 
 def test_instances_gather_in_one_job_and_a_duplicate_is_harmless(sessions):
@@ -87,12 +92,85 @@ def test_a_series_completes_after_the_quiet_time_or_at_release_of_an_even_stack(
         j.received.remove(j.received[10])  # delete-orphan: the row goes
         association_released(s, ["2.1"])
         association_released(s, ["2.2"])
-        assert [j.id for j in complete_series(s, RULES, "test")] == [even]
+        assert complete_series(s, RULES, "test") == []  # within the grace: more may come
+        assert [j.id for j in complete_series(s, RULES, "test", now=after(1.5))] == [even]
         s.commit()
         assert s.get(Job, even).state is State.QUEUED and s.get(Job, gap).state is State.RECEIVING
         later = utcnow() + dt.timedelta(seconds=6)
         assert [j.id for j in complete_series(s, RULES, "test", now=later)] == [gap]
         s.commit()
+
+
+def test_a_whole_looking_stack_below_min_instances_waits_for_the_quiet_time(sessions):
+    short = receive(sessions, "2.3", 12, assoc="s")
+    with sessions() as s:
+        association_released(s, ["2.3"])
+        assert complete_series(s, RULES, "test", now=after(1.5)) == []
+        assert [j.id for j in complete_series(s, RULES, "test", now=after(6))] == [short]
+        s.commit()
+
+
+def test_one_association_per_instance_ends_as_one_job_of_all_instances(sessions):
+    for k in range(60):
+        with sessions() as s:
+            record_instance(s, instance("5.1", k, assoc=f"a{k}"), "test")
+            s.flush()
+            association_released(s, ["5.1"])  # each instance's association closes at once
+            complete_series(s, RULES, "test", now=after(0.05))  # the next comes well within the grace
+            s.commit()
+    with sessions() as s:
+        done = complete_series(s, RULES, "test", now=after(1.5))
+        s.commit()
+        jobs = s.execute(select(Job).where(Job.series_uid == "5.1")).scalars().all()
+        assert [j.id for j in done] == [j.id for j in jobs] and len(jobs) == 1
+        assert jobs[0].state is State.QUEUED and len(jobs[0].received) == 60
+
+
+def _events(job: Job) -> list[str]:
+    return [f"{e.event} {e.detail or ''}" for e in job.events]
+
+
+def test_instances_after_the_series_was_queued_reopen_its_job(sessions):
+    job_id = receive(sessions, "6.1", 75)
+    with sessions() as s:
+        complete_series(s, RULES, "test", now=after(6))
+        s.commit()
+        for k in range(150):  # the sender sends the whole series again
+            job, _ = record_instance(s, instance("6.1", k), "test")
+        s.commit()
+        assert job.id == job_id
+        job = s.get(Job, job_id)
+        assert job.state is State.RECEIVING and len(job.received) == 150 and job.instances == 150
+        assert any(e.startswith("reopened") for e in _events(job))
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_instances_after_the_job_ran_start_one_analysis_of_all_instances(sessions, finished):
+    old_id = receive(sessions, "6.2", 75)
+    with sessions() as s:
+        complete_series(s, RULES, "test", now=after(6))
+        s.commit()
+        old = claim(s, "w1")
+        if finished:
+            transition(s, old, State.DONE, "w1")
+            old.outputs_dir = "/spool/outbox/1"
+        s.commit()
+        new_ids = {record_instance(s, instance("6.2", k), "test")[0].id for k in range(150)}
+        s.commit()
+        old = s.get(Job, old_id)
+        assert len(new_ids - {old_id}) == 1
+        new = s.get(Job, (new_ids - {old_id}).pop())
+        assert new.state is State.RECEIVING and len(new.received) == 150
+        assert {i.sop_instance_uid for i in new.received} == {f"6.2.{k}" for k in range(150)}
+        assert any(f"supersedes job {old_id}" in e for e in _events(new))
+        assert any(e.startswith(f"superseded by job {new.id}") for e in _events(old))
+        if finished:
+            assert old.state is State.DONE and predecessor(s, new).id == old_id
+        else:  # its worker discards what it finds: the job is no longer its
+            assert old.state is State.SKIPPED and f"superseded by job {new.id}" in old.reason
+            assert predecessor(s, new) is None
+        # sending the same 150 again changes nothing
+        assert {record_instance(s, instance("6.2", k), "test")[0].id for k in range(150)} == {new.id}
 
 
 @pytest.mark.parametrize("kw, why", [
@@ -240,6 +318,38 @@ def test_deliveries_retry_with_backoff_fail_visibly_and_can_be_resent(sessions, 
         with pytest.raises(ValueError, match="nothing to retry"):
             transition(s, job, State.QUEUED, "t")
             retry(s, job, "admin")
+
+
+def test_a_send_held_by_a_sender_that_died_is_due_again_at_once(sessions, tmp_path, monkeypatch):
+    import node.export.delivery as delivery
+
+    (job_id,) = _queued(sessions, 1)
+    settings = Settings(destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1",
+                                                  port=free_port()).model_dump()],
+                        default_destinations=["pacs"], sending={"timeout_s": 30}, home=tmp_path)
+    with sessions() as s:
+        claim(s, "w:1")
+        job = s.get(Job, job_id)
+        job.outputs_dir = str(tmp_path)
+        (d,) = queue_deliveries(s, job, settings, "w:1")
+        s.commit()
+        d_id = d.id
+
+    def killed(*_a, **_k):  # the sender's process dies in the middle of the C-STORE
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(delivery, "result_files", lambda job: [tmp_path / "sr.dcm"])
+    monkeypatch.setattr(delivery, "send_files", killed)
+    with pytest.raises(SystemExit):
+        delivery.attempt(sessions, d_id, settings, "host:999999")
+    with sessions() as s:
+        d = s.get(Delivery, d_id)
+        assert delivery.holder(d) == "host:999999" and d.next_try_at > utcnow() + dt.timedelta(seconds=60)
+        assert delivery.release_dead_holds(s, lambda who: who == "alive:1", "test") == []  # a live holder keeps it
+        (freed,) = delivery.release_dead_holds(s, lambda who: who == "host:999999", "test")
+        s.commit()
+        assert freed.id == d_id and delivery.holder(freed) is None and freed.next_try_at <= utcnow()
+        assert freed.history == [] and any(e.event == "send lease released" for e in freed.job.events)
 
 
 def test_backoff_doubles_up_to_the_cap():

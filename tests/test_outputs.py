@@ -257,6 +257,24 @@ def test_a_study_without_discs_gets_a_report_that_says_why_and_no_seg(made, tmp_
     assert any("no vertebral column found" in c for c in report_comments(report))
 
 
+def test_a_report_that_replaces_an_earlier_one_names_it_as_its_predecessor(made, tmp_path):
+    m = made[0]
+    card = load_model(MODEL).card
+    first = m.outputs.sr
+    again = build_outputs(m.result, m.vol, card, OutputSettings(objects=("seg", "sr")), previous=[first]).sr
+    assert again.SOPInstanceUID != first.SOPInstanceUID and again.SeriesInstanceUID != first.SeriesInstanceUID
+    ref = again.PredecessorDocumentsSequence[0]
+    assert ref.StudyInstanceUID == first.StudyInstanceUID
+    sop = ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert (ref.ReferencedSeriesSequence[0].SeriesInstanceUID, sop.ReferencedSOPInstanceUID) == (
+        first.SeriesInstanceUID, first.SOPInstanceUID)
+    assert "PredecessorDocumentsSequence" not in first
+    path = tmp_path / "sr.dcm"
+    again.save_as(path, enforce_file_format=True)
+    errors, _ = dciodvfy(path)
+    assert not errors, errors
+
+
 def test_which_objects_are_made_is_configurable(made):
     m = made[0]
     card = load_model(MODEL).card

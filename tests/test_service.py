@@ -286,7 +286,7 @@ def test_a_series_sent_over_two_associations_completes_only_when_both_are_releas
     sessions = make_sessions(make_engine(settings.database_url))
     rx = Receiver(settings, sessions, "test")
     rx.start()
-    rules = SeriesRules(quiet_seconds=3600)  # only the early completion can complete it here
+    rules = SeriesRules(quiet_seconds=3600, grace_seconds=0.2)  # only the early completion can complete it
     files = sorted((phantom.folder / SERIES_DIR).glob("*.dcm"))
 
     def connect():
@@ -320,3 +320,65 @@ def test_a_series_sent_over_two_associations_completes_only_when_both_are_releas
             assert s.query(Job).one().instances == 150
     finally:
         rx.stop()
+
+
+def test_a_series_sent_again_in_full_after_a_pause_ends_as_one_analysis_of_all_instances(phantom, pacs, tmp_path):
+    """The modality sends half the series, pauses until the node has analysed it, then sends
+    the whole series: the last job covers all 150 slices and its report replaces the first."""
+    node, _ = start_node(tmp_path / "node", pacs)
+    files = sorted((phantom.folder / SERIES_DIR).glob("*.dcm"))
+    half = tmp_path / "half"
+    half.mkdir()
+    for f in files[:75]:
+        (half / f.name).symlink_to(f)
+    final = (State.DONE, State.FAILED, State.SKIPPED)
+    try:
+        assert storescu(node, half).returncode == 0
+        first = wait_job(node.home, lambda j: j.state in final)
+        assert first.instances == 75
+        assert storescu(node, phantom.folder / SERIES_DIR).returncode == 0
+        last = wait_job(node.home, lambda j: j.id != first.id and j.state in final)
+        assert last.state is State.DONE, (last.reason, node.log()[-3000:])
+        assert last.instances == 150 and len({i.sop_instance_uid for i in last.received}) == 150
+        history = jobs(node.home)
+        assert [j.id for j in history] == [first.id, last.id]
+        assert any(e.event == "superseded" and f"by job {last.id}" in e.detail for e in history[0].events)
+        assert any(f"supersedes job {first.id}" in (e.detail or "") for e in history[1].events)
+        older, newer = (pydicom.dcmread(Path(j.outputs_dir) / "dicom" / "sr.dcm") for j in history)
+        in_the_pacs = {d.SOPInstanceUID: d for d in in_pacs(pacs, phantom.truth["study_instance_uid"], "SR")}
+        assert {older.SOPInstanceUID, newer.SOPInstanceUID} <= set(in_the_pacs)
+        ref = in_the_pacs[newer.SOPInstanceUID].PredecessorDocumentsSequence[0]
+        sop = ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert sop.ReferencedSOPInstanceUID == older.SOPInstanceUID
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("after_s", [0.5, 3.0])
+def test_a_node_killed_early_leaves_no_process_behind(tmp_path, after_s):
+    """kill -9 of the node while its workers are still starting: none of them lives on, and
+    none takes a job (workers are in the node's process group, which must empty)."""
+    import os
+    import signal
+    import sys
+
+    home = tmp_path / "node"
+    path, _ = node_config(home)
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "IDAICS_CONFIG": str(path)},
+                            start_new_session=True)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 30
+    left = True
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            left = False
+            break
+        time.sleep(0.2)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, "a process of the killed node was still alive 30 s later"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,10 @@ class DicomOutputs:
         return out
 
 
-def build_outputs(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings) -> DicomOutputs:
-    """SEG (when a finding has a mask), SR and key images, as ``settings.objects`` asks."""
+def build_outputs(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
+                  previous: Sequence[Dataset] = ()) -> DicomOutputs:
+    """SEG (when a finding has a mask), SR and key images, as ``settings.objects`` asks.
+    ``previous``: the SRs of an earlier analysis of the series, which the new SR replaces."""
     if not vol.headers:
         raise ValueError("DICOM outputs need a volume loaded from DICOM instances")
     t: dict[str, float] = {}
@@ -56,7 +59,7 @@ def build_outputs(result: StudyResult, vol: Volume, card: ModelCard, settings: O
     sr = None
     if "sr" in settings.objects:
         t0 = time.perf_counter()
-        sr = build_sr(result, vol, card, settings, segments, seg, tracking)
+        sr = build_sr(result, vol, card, settings, segments, seg, tracking, previous)
         t["sr"] = time.perf_counter() - t0
     volumetric = None
     if "sr_volumetric" in settings.objects and seg is not None:

@@ -216,7 +216,7 @@ def _evidence(evidence: Sequence[Dataset]) -> list[Dataset]:
 
 def _document(groups: Sequence, comments: Sequence[str], evidence: Sequence[Dataset], settings: OutputSettings,
               model_name: str, series_number: int, description: str,
-              library: Sequence[Dataset] | None = None) -> Dataset:
+              library: Sequence[Dataset] | None = None, previous: Sequence[Dataset] = ()) -> Dataset:
     report = hd.sr.MeasurementReport(
         observation_context=_context(settings, model_name),
         procedure_reported=codes.PROCEDURE_CT,
@@ -225,7 +225,7 @@ def _document(groups: Sequence, comments: Sequence[str], evidence: Sequence[Data
     )
     if comments:
         report[0].ContentSequence.append(_texts(codes.QUALITATIVE_EVALUATIONS, codes.COMMENT, comments))
-    return _sr_object(report[0], evidence, settings, series_number, description)
+    return _sr_object(report[0], evidence, settings, series_number, description, previous)
 
 
 def _texts(section: codes.Code, name: codes.Code, lines: Sequence[str]) -> hd.sr.ContainerContentItem:
@@ -239,9 +239,11 @@ def _texts(section: codes.Code, name: codes.Code, lines: Sequence[str]) -> hd.sr
 
 
 def _sr_object(content: Dataset, evidence: Sequence[Dataset], settings: OutputSettings, series_number: int,
-               description: str) -> Dataset:
-    """The Comprehensive 3D SR instance around ``content``: complete, preliminary, unverified."""
+               description: str, previous: Sequence[Dataset] = ()) -> Dataset:
+    """The Comprehensive 3D SR instance around ``content``: complete, preliminary, unverified;
+    ``previous`` are the reports it replaces (Predecessor Documents)."""
     return hd.sr.Comprehensive3DSR(
+        previous_versions=list(previous) or None,
         evidence=_evidence(evidence),
         content=content,
         series_instance_uid=hd.UID(),
@@ -258,15 +260,16 @@ def _sr_object(content: Dataset, evidence: Sequence[Dataset], settings: OutputSe
 
 
 def build_sr(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
-             segments: Sequence[Segment], seg: Dataset | None, tracking_uids: Mapping[int, str]) -> Dataset:
+             segments: Sequence[Segment], seg: Dataset | None, tracking_uids: Mapping[int, str],
+             previous: Sequence[Dataset] = ()) -> Dataset:
     """The planar report; ``tracking_uids`` maps segment numbers to the Tracking UIDs in the SEG.
     Without any disc, the report says so and why, as text."""
     evidence = list(vol.instances) + ([seg] if seg is not None else [])
     if not result.discs:
-        return _text_report(_comments(result), evidence, settings, card.name, SERIES_DESCRIPTION)
+        return _text_report(_comments(result), evidence, settings, card.name, SERIES_DESCRIPTION, previous)
     return _document(planar_groups(result, vol, card, segments, tracking_uids), _comments(result), evidence,
                      settings, card.name, settings.sr_series_number, SERIES_DESCRIPTION,
-                     library_images(result, vol))
+                     library_images(result, vol), previous)
 
 
 def build_volumetric_sr(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
@@ -278,7 +281,7 @@ def build_volumetric_sr(result: StudyResult, vol: Volume, card: ModelCard, setti
 
 
 def _text_report(lines: Sequence[str], evidence: Sequence[Dataset], settings: OutputSettings, model_name: str,
-                 description: str) -> Dataset:
+                 description: str, previous: Sequence[Dataset] = ()) -> Dataset:
     """A Basic Diagnostic Imaging Report (TID 2000 form): the observer, the procedure, and
     the lines as findings. TID 1500 needs at least one measurement group, and a group without
     image geometry is what OHIF refuses, so a report with nothing to measure takes this form."""
@@ -288,7 +291,7 @@ def _text_report(lines: Sequence[str], evidence: Sequence[Dataset], settings: Ou
                                        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD))
     items.append(_texts(codes.FINDINGS, codes.FINDING, lines))
     root.ContentSequence = hd.sr.ContentSequence(items)
-    return _sr_object(root, evidence, settings, settings.sr_series_number, description)
+    return _sr_object(root, evidence, settings, settings.sr_series_number, description, previous)
 
 
 def build_not_analysed_sr(headers: Sequence[Dataset], reason: str, settings: OutputSettings,

@@ -193,8 +193,15 @@ def generate_study(out: Path, seed: int, index: int, *, slices: int | None = Non
 
 
 def save_labels(path: Path, painted: Painted, grid: Grid) -> None:
-    """Store the label volumes cropped to their bounding box (most of a CT is no spine)."""
-    any_label = (painted.vertebra > 0) | (painted.disc_level > 0)
+    """Store a phantom's label volumes (see `save_label_volumes`)."""
+    save_label_volumes(path, grid, disc_class=painted.disc_class, disc_level=painted.disc_level,
+                       vertebra=painted.vertebra)
+
+
+def save_label_volumes(path: Path, grid: Grid, *, disc_class: np.ndarray, disc_level: np.ndarray,
+                       vertebra: np.ndarray) -> None:
+    """Store label volumes cropped to their bounding box (most of a CT is no spine)."""
+    any_label = (vertebra > 0) | (disc_level > 0)
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
@@ -204,9 +211,9 @@ def save_labels(path: Path, painted: Painted, grid: Grid) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(
         tmp,
-        disc_class=painted.disc_class[sl],
-        disc_level=painted.disc_level[sl],
-        vertebra=painted.vertebra[sl],
+        disc_class=disc_class[sl],
+        disc_level=disc_level[sl],
+        vertebra=vertebra[sl],
         offset=np.array([b[0] for b in box]),
         shape=np.array(grid.shape),
         affine=grid.affine,

@@ -60,3 +60,42 @@ def render_study(folder: Path, out: Path, window: Windowing | None = None) -> Pa
     path = out / f"{folder.name}.png"
     sheet.save(path)
     return path
+
+
+def render_inserted(folder: Path, original: Volume, out: Path, window: Windowing | None = None) -> Path:
+    """Write ``out/<study>-inserted.png``: per inserted level, the untouched real slice, the same
+    slice with the lesion, and the lesion's truth outline; axial then sagittal."""
+    window = window or Windowing(40, 400)
+    truth = json.loads((folder / TRUTH_FILE).read_text())
+    vol = load_folder(folder / SERIES_DIR)
+    labels = load_labels(folder)
+    spec = ViewSpec(size=384)
+    tiles: list[Image.Image] = []
+    for entry in truth["levels"]:
+        if not entry.get("inserted"):
+            continue
+        centre = np.array(entry["centre_lps"])
+        up, left = np.array(entry["normal_lps"]), np.array(entry["left_lps"])
+        frame = np.stack([left, np.cross(up, left), up], axis=1)
+        node = entry.get("schmorl")
+        name = f"{entry['level']} {'+'.join(entry['classes'])}"
+        for view in (View.AXIAL, View.SAGITTAL):
+            off = 0.0
+            if node and entry["morphology"] == "unknown":  # through the node
+                d = np.array(node["centre_lps"]) - centre
+                off = float(d @ (up if view is View.AXIAL else left))
+            plane = disc_plane(view, centre, frame, spec, offset_mm=off)
+            before = window.apply(sample_plane(original.hu, original.grid, plane, order=1, fill=-1000.0))
+            tiles.append(outlined_tile(before, [], f"{entry['level']} {view.value} as scanned", TILE))
+            after = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
+            tiles.append(outlined_tile(after, [], f"{name} inserted", TILE))
+            tiles.append(_tile(vol, labels, plane, window, f"{name} truth"))
+    cols = 6
+    rows = max(1, (len(tiles) + cols - 1) // cols)
+    sheet = Image.new("RGB", (cols * TILE, rows * TILE))
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % cols) * TILE, (i // cols) * TILE))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{folder.name}-inserted.png"
+    sheet.save(path)
+    return path

@@ -73,14 +73,10 @@ def _base_dataset(plan: StudyPlan, grid: Grid) -> Dataset:
     ds.StudyID = f"{plan.index + 1}"
     ds.SeriesNumber = 2
     ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.FrameOfReferenceUID = phantom_uid(plan, "frame-of-reference")
     ds.PositionReferenceIndicator = ""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = grid.shape[1]
-    ds.Columns = grid.shape[2]
-    ds.PixelSpacing = [sc.pixel_spacing, sc.pixel_spacing]
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
@@ -96,23 +92,84 @@ def _base_dataset(plan: StudyPlan, grid: Grid) -> Dataset:
 
 def write_series(hu: np.ndarray, grid: Grid, plan: StudyPlan, folder: Path) -> list[Path]:
     """Write one file per slice into ``folder``; returns the paths in slice order."""
-    folder.mkdir(parents=True, exist_ok=True)
     ds = _base_dataset(plan, grid)
+    return _write_slices(hu, grid, ds, lambda what: phantom_uid(plan, what), plan.scanner.rescale_intercept, folder)
+
+
+def write_volume_series(hu: np.ndarray, grid: Grid, folder: Path, *, uid, patient: str, description: str,
+                        rescale_intercept: float = -1024.0) -> list[Path]:
+    """Write any HU volume on an axial-ish grid as a CT series (a real CT with inserted lesions).
+
+    ``uid(what)`` gives the study, series, frame-of-reference and slice UIDs.
+    """
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    for tag in ("StudyDate", "SeriesDate", "ContentDate"):
+        setattr(ds, tag, "20260101")
+    for tag in ("StudyTime", "SeriesTime", "ContentTime"):
+        setattr(ds, tag, "100000")
+    ds.AccessionNumber = ""
+    ds.Modality = "CT"
+    ds.Manufacturer = "IDAICS lesion insertion (synthetic lesions)"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT SPINE (INSERTED LESIONS)"
+    ds.SeriesDescription = description[:64]
+    ds.PatientName = f"INSERTED^{patient}"[:64]
+    ds.PatientID = f"INS-{patient}"[:64]
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.PatientIdentityRemoved = "YES"
+    ds.BodyPartExamined = "SPINE"
+    ds.SliceThickness = round(grid.spacing[0], 4)
+    ds.SpacingBetweenSlices = round(grid.spacing[0], 4)
+    ds.KVP = 120
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = uid("study")
+    ds.SeriesInstanceUID = uid("series")
+    ds.StudyID = "1"
+    ds.SeriesNumber = 2
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = uid("frame-of-reference")
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.WindowCenter = [40, 400]
+    ds.WindowWidth = [400, 1800]
+    ds.RescaleIntercept = rescale_intercept
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    return _write_slices(hu, grid, ds, uid, rescale_intercept, folder)
+
+
+def _write_slices(hu: np.ndarray, grid: Grid, ds: Dataset, uid, rescale_intercept: float, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"IDAICS_{__version__}"[:16]
     ds.file_meta = meta
-    stored = np.clip(np.rint(hu - plan.scanner.rescale_intercept), -32768, 32767).astype("<i2")
-    normal = np.cross(grid.affine[:3, 2], grid.affine[:3, 1])
+    row_dir = grid.affine[:3, 2] / grid.spacing[2]  # along a row: increasing column
+    col_dir = grid.affine[:3, 1] / grid.spacing[1]
+    ds.ImageOrientationPatient = [round(float(x), 6) for x in (*row_dir, *col_dir)]
+    ds.PixelSpacing = [round(grid.spacing[1], 6), round(grid.spacing[2], 6)]
+    ds.Rows = grid.shape[1]
+    ds.Columns = grid.shape[2]
+    stored = np.clip(np.rint(hu - rescale_intercept), -32768, 32767).astype("<i2")
+    normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
     paths = []
     for k in range(grid.shape[0]):
         pos = grid.to_patient(np.array([k, 0, 0]))
-        uid = phantom_uid(plan, f"slice-{k}")
-        meta.MediaStorageSOPInstanceUID = uid
-        ds.SOPInstanceUID = uid
+        sop = uid(f"slice-{k}")
+        meta.MediaStorageSOPInstanceUID = sop
+        ds.SOPInstanceUID = sop
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [round(float(x), 4) for x in pos]
         ds.SliceLocation = round(float(pos @ normal), 4)

@@ -40,6 +40,7 @@ class TrainOptions:
     patience: int = 100
     architecture: str = MODEL_YAML
     fraction: float = 1.0
+    degrees: float = 0.0
 
 
 def choose_device(requested: str | None = None) -> str:
@@ -106,7 +107,7 @@ def train(data_yaml: Path, out: Path, *, from_weights: Path | None = None, optio
         model.train(
             data=str(data.path), epochs=opts.epochs, imgsz=opts.imgsz, batch=opts.batch, lr0=opts.lr0,
             optimizer="AdamW", fliplr=opts.fliplr, flipud=0.0, mosaic=0.0, hsv_h=0.0, hsv_s=0.0,
-            degrees=0.0, seed=opts.seed, deterministic=True, device=device, workers=opts.workers,
+            degrees=opts.degrees, seed=opts.seed, deterministic=True, device=device, workers=opts.workers,
             patience=opts.patience, project=tmp, name="run", exist_ok=True, plots=False, verbose=False,
             amp=device != "cpu", val=True, fraction=opts.fraction,
             # from given weights: start from them (transfer learning, fine-tuning); else from scratch

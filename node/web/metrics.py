@@ -49,7 +49,7 @@ class _Collector:
             h.add_metric([stage], buckets, sum(values))
         yield h
         f = CounterMetricFamily("idaics_send_failures", "Failed C-STORE attempts to destinations")
-        f.add_metric([], sum(1 for hist in histories for a in (hist or []) if not a.get("ok")))
+        f.add_metric([], sum(1 for hist in histories for a in (hist or []) if "ok" in a and not a["ok"]))
         yield f
         q = GaugeMetricFamily("idaics_queue_depth", "Jobs waiting for a worker")
         q.add_metric([], counts["QUEUED"])

@@ -98,7 +98,7 @@ async function showJob(jobId) {
   document.querySelector("#deliveries tbody").replaceChildren(...j.deliveries.map((d) => el("tr", {},
     el("td", {}, d.destination), el("td", {}, d.address), el("td", {}, d.state),
     el("td", { class: "num" }, String(d.attempts)), el("td", {}, d.last_error ?? ""), el("td", {}, d.sent_at ?? ""),
-    el("td", {}, d.history.map((h) => `${h.at} ${h.ok ? "ok" : "failed: " + h.error} (${h.seconds} s)`).join(" | ")))));
+    el("td", {}, d.history.map((h) => h.held_by ? `${h.at} sending (${h.held_by})` : `${h.at} ${h.ok ? "ok" : "failed: " + h.error} (${h.seconds} s)`).join(" | ")))));
   document.querySelector("#audit tbody").replaceChildren(...j.audit.map((e) => el("tr", {},
     el("td", {}, e.at), el("td", {}, e.actor), el("td", {}, e.event), el("td", {}, e.detail ?? ""))));
 }

@@ -1,0 +1,114 @@
+"""Disc lesions inserted into a real CT: where they go, what they measure, how they look."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from node.analysis.measure import BULGE_SHARE
+from node.analysis.views import ViewSpec, Windowing
+from node.analysis.volume import load_folder
+from node.phantom.generate import SERIES_DIR, TRUTH_FILE, load_labels
+from node.phantom.insert import BaseError, base_levels, load_base, synth_from_base
+from node.training.from_phantoms import Randomise, study_samples
+
+
+@pytest.fixture(scope="module")
+def lumbar_base(shared_data):
+    d = shared_data / "real" / "lumbar_ct_crop_l2_l4"
+    return load_base(d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "verse", "lumbar")
+
+
+@pytest.fixture(scope="module")
+def inserted(lumbar_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inserted")
+    return synth_from_base(lumbar_base, out, 6, seed=7)
+
+
+def test_the_real_crop_gives_its_two_disc_levels_between_labelled_bodies(lumbar_base):
+    levels = base_levels(lumbar_base)
+    assert [lv.level for lv in levels] == ["L2-L3", "L3-L4"]
+    for lv in levels:
+        k = np.rint(lumbar_base.grid.to_index(lv.centre[None])[0]).astype(int)
+        assert lumbar_base.vertebra[tuple(k)] == 0, "disc centre inside a vertebra"
+        assert 8.0 < lv.height_mm < 16.0
+        assert np.degrees(np.arccos(abs(lv.frame[2, 2]))) < 20.0  # near axial in this supine CT
+        # above and below the centre: the named bodies
+        for sign, name in ((1, lv.upper), (-1, lv.lower)):
+            p = lv.centre + sign * (lv.height_mm / 2 + 5) * lv.frame[:, 2]
+            k = np.rint(lumbar_base.grid.to_index(p[None])[0]).astype(int)
+            assert lumbar_base.names[lumbar_base.vertebra[tuple(k)] - 1] == name
+
+
+def test_inserted_lesions_measure_as_their_class_and_untouched_levels_are_unknown(inserted):
+    kinds = set()
+    for folder in inserted:
+        truth = json.loads((folder / TRUTH_FILE).read_text())
+        for e in truth["levels"]:
+            if e["inserted"] is None:
+                assert e["classes"] == ["unknown"] and e["assumed_for_training"] == "normal"
+                continue
+            kinds.update(e["classes"])
+            if "bulge" in e["classes"]:
+                assert e["extension_share"] > BULGE_SHARE and e["extension_mm"] >= 2.0
+            if "protrusion" in e["classes"]:
+                assert e["extension_share"] < BULGE_SHARE and e["extension_mm"] >= 3.0
+                assert 45.0 <= e["extension_direction_deg"] <= 135.0  # posterior or posterolateral
+            if "schmorl" in e["classes"]:
+                assert e["schmorl"]["voxels"] > 0
+    assert {"bulge", "protrusion"} <= kinds
+
+
+def test_the_image_changes_only_at_inserted_levels_with_disc_hu_and_the_scans_own_noise(lumbar_base, inserted):
+    seen = 0
+    for folder in inserted:
+        truth = json.loads((folder / TRUTH_FILE).read_text())
+        vol = load_folder(folder / SERIES_DIR)
+        labels = load_labels(folder)
+        # same grid as the base once read back through DICOM: compare in patient space
+        idx = np.argwhere(np.ones(vol.hu.shape, dtype=bool))
+        base_idx = np.rint(lumbar_base.grid.to_index(vol.grid.to_patient(idx))).astype(int)
+        before = lumbar_base.hu[tuple(base_idx.T)].reshape(vol.hu.shape)
+        lab_idx = np.rint(labels.grid.to_index(vol.grid.to_patient(idx))).astype(int)
+        disc_level = labels.disc_level[tuple(lab_idx.T)].reshape(vol.hu.shape)  # on the series' grid
+        changed = np.abs(vol.hu - before) > 1.0
+        centres = [np.array(e["centre_lps"]) for e in truth["levels"] if e["inserted"]]
+        if not centres:
+            assert not changed.any()
+            continue
+        pts = vol.grid.to_patient(np.argwhere(changed))
+        near = np.min([np.linalg.norm(pts - c, axis=1) for c in centres], axis=0)
+        assert near.max() < 45.0, "voxels changed away from every inserted level"
+        for e in truth["levels"]:
+            if not e["inserted"] or not ({"bulge", "protrusion"} & set(e["classes"])) or "schmorl" in e["classes"]:
+                continue
+            code = e["label_code"]
+            ext = (disc_level == code) & changed & (np.abs(vol.hu - before) > 30)
+            if ext.sum() < 20:
+                continue
+            seen += 1
+            assert abs(float(np.median(vol.hu[ext])) - e["disc_hu"]) < 30.0
+            core = (disc_level == code) & ~changed
+            ratio = float(np.std(vol.hu[ext])) / float(np.std(vol.hu[core]))
+            assert 0.4 < ratio < 1.6, f"inserted noise SD {ratio:.2f} x the disc's own"
+    assert seen >= 2
+
+
+def test_inserted_studies_make_training_samples_with_randomised_slices(inserted):
+    plain = list(study_samples(inserted[0], ViewSpec(size=128), Windowing()))
+    rand = list(study_samples(inserted[0], ViewSpec(size=128), Windowing(), Randomise(share=1.0)))
+    assert plain and len(plain) == len(rand)
+    assert all(s.source == "inserted" for s in plain)
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(plain, rand))
+    assert all(s.instances for s in plain[:2])  # the disc is labelled in its own slices
+
+
+def test_labels_that_do_not_match_the_ct_are_refused(shared_data, tmp_path):
+    d = shared_data / "real" / "lumbar_ct_crop_l2_l4"
+    with pytest.raises(BaseError, match="not on the grid"):
+        load_base(d / "sub-ct_label-22_ct.nii.gz", shared_data / "real" / "chest_ct_t1_l3_labels" / "labels.nii.gz",
+                  "totalsegmentator")
+    with pytest.raises(BaseError, match="fewer than two"):
+        load_base(d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "totalsegmentator")
