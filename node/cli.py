@@ -66,6 +66,27 @@ def _synth_from_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit the card's confidence calibration on held-out studies (see node.training.calibrate)."""
+    from node.training.calibrate import calibrate_from_rows
+    from node.training.evaluate import evaluate_studies
+    from node.training.train import update_card
+
+    studies = _studies_in(args.studies)
+    if not studies:
+        print("no studies with truth.json found", file=sys.stderr)
+        return 2
+    update_card(args.model, calibration=None)  # fit on the model's own fused confidence
+    _, extra = evaluate_studies(args.model, studies, device=args.device, keep_rows=True)
+    entry = calibrate_from_rows(extra["discs"], args.model / "reliability.png",
+                                f"{args.model.name}: {len(studies)} held-out studies")
+    entry["data"] = args.description or f"{len(studies)} studies: " + ", ".join(sorted({s.parent.name for s in studies}))
+    update_card(args.model, calibration=entry)
+    print(f"Platt a={entry['a']} b={entry['b']}: ECE {entry['ece_before']} -> {entry['ece_after']} "
+          f"on {entry['measured_on_discs']} discs not used for the fit")
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from node.phantom.preview import render_study
 
@@ -411,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path)
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_evaluate)
+
+    cal = sub.add_parser("calibrate", help="fit a model's confidence calibration on held-out studies")
+    cal.add_argument("--model", type=Path, required=True)
+    cal.add_argument("--studies", type=Path, nargs="+", required=True, help="studies with truth.json (or folders of them)")
+    cal.add_argument("--device", default=None)
+    cal.add_argument("--description", help="what the studies are, for the card")
+    cal.set_defaults(func=cmd_calibrate)
 
     m = sub.add_parser("metrics", help="accuracy, kappa and per-class metrics from a confusion matrix")
     m.add_argument("--confusion", required=True, help='rows true, columns predicted: "19,2;2,26"')

@@ -146,6 +146,18 @@ def _digest(folder):
     return h
 
 
+def test_the_in_memory_phantom_is_the_volume_its_series_holds(phantom):
+    from node.phantom.generate import phantom_volume
+
+    seed, index = phantom.truth["seed"], phantom.truth["index"]
+    vol, truth = phantom_volume(seed, index, slices=150, surroundings=False)
+    read = load_folder(phantom.folder / SERIES_DIR)
+    np.testing.assert_allclose(vol.grid.affine, read.grid.affine, atol=1e-3)
+    assert vol.hu.shape == read.hu.shape and np.array_equal(vol.hu, read.hu)
+    assert [lv["level"] for lv in truth["levels"]] == [lv["level"] for lv in phantom.truth["levels"]]
+    assert [lv["centre_lps"] for lv in truth["levels"]] == [lv["centre_lps"] for lv in phantom.truth["levels"]]
+
+
 def test_same_seed_gives_the_same_files(phantom, tmp_path):
     again = generate_study(tmp_path, 10, 0, slices=150, surroundings=False)
     assert _digest(again.folder) == _digest(phantom.folder)

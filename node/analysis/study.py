@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -276,6 +276,7 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
     t["inference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = []
+    calibration = model.card.calibration
     for i, site in enumerate(spine.discs):
         mine = [(v, d) for v, d in zip(views, dets) if v.disc == i]
         sl = [SliceDetections(v.role, v.view.value, tuple(d), v.plane.size, v.plane.pixel_mm) for v, d in mine]
@@ -301,6 +302,8 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
         if not findings:
             w.append("the model found no disc at this level")
         findings = _apply_rule(findings, votes, m, w)
+        if calibration is not None:  # the chance the class is right, as measured on held-out discs
+            findings = [replace(f, confidence=calibration(f.confidence)) for f in findings]
         results.append(DiscResult(site, tuple(findings), votes, m, tuple(w), tuple(masks), edge))
     t["fusion+measure"] = time.perf_counter() - t0
     return StudyResult(

@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from node.analysis.views import ViewSpec, Windowing
+from node.calibration import Platt
 from node.classes import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ class ModelCard:
     windowing: Windowing
     views: ViewSpec
     raw: dict
+
+    @property
+    def calibration(self) -> Platt | None:
+        """The card's confidence calibration, or None."""
+        return Platt.from_card(self.raw.get("calibration"))
 
     @property
     def version(self) -> str:

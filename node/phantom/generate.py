@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from node.analysis.measure import disc_extension
+from node.analysis.volume import Volume
 from node.classes import DiscClass
 from node.geometry import Grid, Plane, axial_grid, sample_plane
 from node.phantom.anatomy import POSTERIOR_ELEMENT_OFFSET, Painted, acquire, disc_geometry, paint
@@ -68,7 +69,7 @@ def measure_against_vertebrae(
     return disc_extension(disc, edge, MEASURE_PIXEL_MM)
 
 
-def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int) -> dict | None:
+def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int, measure: bool = True) -> dict | None:
     disc = plan.discs[index]
     code = index + 1
     g = disc_geometry(plan, disc)
@@ -76,6 +77,9 @@ def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int) -> di
     margin = (g.height_mm / 2 + 2) / grid.spacing[0]
     if not (margin <= idx[0] <= grid.shape[0] - 1 - margin):
         return None  # disc not (fully) inside the scanned range
+    if not measure:
+        return {"level": disc.level, "centre_lps": [round(float(x), 2) for x in g.centre],
+                "normal_lps": [round(float(x), 4) for x in g.frame[:, 2]]}
     ext = measure_against_vertebrae(
         painted.disc_level == code, painted.vertebra, grid,
         centre=g.centre, frame=g.frame, up_mm=g.up_mm, down_mm=g.down_mm,
@@ -145,6 +149,25 @@ def _skeleton_truth(plan: StudyPlan, grid: Grid) -> dict:
         "bridging_osteophytes": list(sk.bridging),
         "osteoporotic": bool(all(v.cancellous_hu < 125 for v in plan.vertebrae[:-1])),
     }
+
+
+def phantom_volume(seed: int, index: int, *, slices: int | None = None, **plan_kw) -> tuple[Volume, dict]:
+    """The HU volume a study's series holds (rounded as its stored integers are), without
+    writing or reading the series, with the truth the spine finder is judged on: each
+    level's centre and normal, the skeleton and the scanner's slice spacing."""
+    plan = plan_study(seed, index, slices=slices, **plan_kw)
+    grid = study_grid(plan)
+    painted = paint(plan, grid)
+    levels = [t for i, d in enumerate(plan.discs)
+              if d.reported and (t := _disc_truth(plan, grid, painted, i, measure=False))]
+    icpt = plan.scanner.rescale_intercept  # stored as the series stores it: integers after the intercept
+    stored = np.clip(np.rint(acquire(painted.hu, grid, plan) - icpt), -32768, 32767).astype(np.int16)
+    hu = stored.astype(np.float32) * np.float32(1.0) + np.float32(icpt)
+    vol = Volume(hu=hu, grid=grid, study_uid=phantom_uid(plan, "study"), series_uid=phantom_uid(plan, "series"),
+                 frame_of_reference_uid=phantom_uid(plan, "frame-of-reference"), sop_instance_uids=())
+    truth = {"levels": levels, "skeleton": _skeleton_truth(plan, grid),
+             "scanner": {"slice_spacing_mm": plan.scanner.slice_spacing}}
+    return vol, truth
 
 
 def generate_study(out: Path, seed: int, index: int, *, slices: int | None = None, **plan_kw) -> GeneratedStudy:

@@ -118,7 +118,7 @@ def evaluate_dataset(model_dir: Path, data_yaml: Path, *, split: str = "val", ou
     return metrics, results
 
 
-def _primary(classes) -> str:
+def primary(classes) -> str:
     return most_severe({DiscClass(c) for c in classes}).value if classes else NONE
 
 
@@ -154,7 +154,8 @@ def _by_size(rows: list[dict]) -> dict:
 
 
 def evaluate_studies(model_dir: Path, studies: list[Path], *, out: Path | None = None, device: str | None = None,
-                     centre_tolerance_mm: float = 10.0, progress: bool = True) -> tuple[Metrics, dict]:
+                     centre_tolerance_mm: float = 10.0, progress: bool = True,
+                     keep_rows: bool = False) -> tuple[Metrics, dict]:
     """Per-disc evaluation against phantom truth, the unit a radiologist reports.
 
     Each truth level counts once: its class is the most specific of its classes; the
@@ -200,7 +201,7 @@ def evaluate_studies(model_dir: Path, studies: list[Path], *, out: Path | None =
     labels = list(CLASS_NAMES) + ([NONE] if any(not r["predicted"] for r in rows) else [])
     cm = np.zeros((len(labels), len(labels)), dtype=int)
     for r in rows:
-        cm[labels.index(_primary(r["truth"])), labels.index(_primary(r["predicted"]))] += 1
+        cm[labels.index(primary(r["truth"])), labels.index(primary(r["predicted"]))] += 1
     metrics = compute(cm, labels)
     node_cm = np.zeros((2, 2), dtype=int)
     for r in rows:
@@ -214,6 +215,8 @@ def evaluate_studies(model_dir: Path, studies: list[Path], *, out: Path | None =
         "schmorl_present_vs_absent": compute(node_cm[::-1, ::-1], ["present", "absent"]).to_dict(),
         "refused": refused,
     }
+    if keep_rows:
+        extra["discs"] = rows
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics_per_disc.json").write_text(json.dumps(
