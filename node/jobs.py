@@ -69,8 +69,8 @@ def transition(session: Session, job: Job, new: State, actor: str, reason: str |
     job.stage_seconds = stages
     job.state = new
     job.state_since = now
-    if reason is not None or new in (State.QUEUED, State.RUNNING):
-        job.reason = reason
+    if reason is not None or new in (State.QUEUED, State.RUNNING, State.DONE):
+        job.reason = reason  # a job that ends well carries no reason from an earlier failure
     audit(session, job, actor, f"{old.value}->{new.value}", reason)
     log.info("job %s %s -> %s%s", job.id, old.value, new.value, f": {reason}" if reason else "")
 

@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
 from node.config import Settings
-from node.db import Job, State, actor, make_engine, make_sessions, utcnow
+from node.db import Instance, Job, State, actor, make_engine, make_sessions, utcnow
 from node.export.delivery import deliver_due, release_dead_holds
 from node.ingest import spool
 from node.ingest.scp import Receiver
@@ -79,9 +79,19 @@ class Node:
         for i in range(self.settings.workers.count):
             self.workers.append(spawn(self.settings, f"idaics-worker-{i + 1}"))
 
+    def remove_unrecorded(self) -> None:
+        """Files of instances never acknowledged (no row): a node killed between the write and
+        the commit leaves them; their senders had no Success and send them again."""
+        with self.sessions() as s:
+            recorded = set(s.execute(select(Instance.path)).scalars())
+        n = spool.remove_unrecorded(self.settings.spool_dir, recorded)
+        if n:
+            log.info("removed %d received file(s) that were never recorded (not acknowledged)", n)
+
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
         self.clean_up()  # leftovers of a node that was killed
+        self.remove_unrecorded()
         self.recover()
         self.receiver.start()
         every = [(self.check_completion, 1), (self.check_deliveries, 2), (self.recover, 10), (self.clean_up, 600)]

@@ -9,6 +9,7 @@ database and spool, so that GPU hosts can be added.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import multiprocessing as mp
 import os
@@ -195,24 +196,56 @@ def report_not_analysed(settings: Settings, sessions, model: DiscModel, job_id: 
         deliver_due(sessions, settings, worker, job_id)
 
 
-def run_claimed(settings: Settings, sessions, model: DiscModel, job: Job, worker: str) -> None:
-    """Run a claimed job; an unexpected error queues it again, or fails it after the last attempt."""
+NO_SPACE_WAIT_S = 30.0
+#: OSError numbers that mean the disk is full: the job waits for space, its attempts not spent.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def run_claimed(settings: Settings, sessions, model: DiscModel, job: Job, worker: str) -> bool:
+    """Run a claimed job; an unexpected error queues it again, or fails it after the last attempt.
+    Returns False when the results did not fit on the spool's disk (the job is queued again
+    without spending an attempt, and workers claim nothing until space returns)."""
     with _Heartbeat(sessions, job.id, worker, settings.workers.heartbeat_seconds):
         try:
             process_job(settings, sessions, model, job.id, worker)
-        except Exception as exc:
-            log.exception("job %s failed on attempt %d", job.id, job.attempts)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                return _failed(settings, sessions, model, job, worker, exc)
+            log.error("job %s: no space for its results on the spool's disk (%s); queued again", job.id, exc)
             with sessions() as s:
                 j = s.get(Job, job.id)
-                final, why = False, ""
                 if j.state is State.RUNNING:
-                    why = f"attempt {j.attempts}: {type(exc).__name__}: {exc}"
-                    final = j.attempts >= settings.workers.max_attempts
-                    if not final:
-                        transition(s, j, State.QUEUED, worker, why)
-                        s.commit()
-            if final:
-                report_not_analysed(settings, sessions, model, job.id, worker, State.FAILED, f"analysis failed: {why}")
+                    j.attempts = max(0, (j.attempts or 1) - 1)
+                    transition(s, j, State.QUEUED, worker, "waiting for disk space: the results did not fit "
+                               f"on the spool's disk ({exc.strerror or exc})")
+                    s.commit()
+            return False
+        except Exception as exc:
+            return _failed(settings, sessions, model, job, worker, exc)
+    return True
+
+
+def _failed(settings: Settings, sessions, model: DiscModel, job: Job, worker: str, exc: Exception) -> bool:
+    """An unexpected error: queued again, or FAILED (with a report) after the last attempt; the
+    reason is one line (the traceback goes to the log)."""
+    log.exception("job %s failed on attempt %d", job.id, job.attempts)
+    with sessions() as s:
+        j = s.get(Job, job.id)
+        final, why = False, ""
+        if j.state is State.RUNNING:
+            why = f"attempt {j.attempts}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            final = j.attempts >= settings.workers.max_attempts
+            if not final:
+                transition(s, j, State.QUEUED, worker, why)
+                s.commit()
+    if final:
+        report_not_analysed(settings, sessions, model, job.id, worker, State.FAILED, f"analysis failed: {why}")
+    return True
+
+
+def disk_full(settings: Settings) -> bool:
+    """Below the spool's free-space floor: no job is claimed (its results would not fit)."""
+    return spool.free_mb(settings.spool_dir) < settings.receiver.min_free_mb
 
 
 def work(settings: Settings, stop: threading.Event | None = None, once: bool = False) -> None:
@@ -224,11 +257,20 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
     name = actor()
     log.info("worker %s ready: model %s on %s", name, model.card.name, model.device)
     seen = 0.0
+    full = False
     try:
         while not stop.is_set():
             if time.monotonic() - seen > settings.workers.heartbeat_seconds:
                 report(sessions, name, model, None)
                 seen = time.monotonic()
+            if disk_full(settings):
+                if not full:
+                    log.error("worker %s claims no job: the spool's disk is below its floor of %d MB",
+                              name, settings.receiver.min_free_mb)
+                full = True
+                stop.wait(max(settings.workers.poll_seconds, 5.0))
+                continue
+            full = False
             with sessions() as s:
                 job = claim(s, name)
             if job is None:
@@ -238,7 +280,8 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
                 continue
             log.info("worker %s runs job %s (series %s)", name, job.id, job.series_uid)
             report(sessions, name, model, job.id)
-            run_claimed(settings, sessions, model, job, name)
+            if not run_claimed(settings, sessions, model, job, name):
+                stop.wait(NO_SPACE_WAIT_S)  # space may not come back at once
             seen = 0.0
             if once:
                 return

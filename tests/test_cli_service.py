@@ -136,3 +136,67 @@ def test_temporary_files_of_unfinished_writes_are_removed_and_recent_ones_kept(t
     node.clean_up()  # also run when the node starts
     assert not old.exists() and recent.exists() and kept.exists()
     node.engine.dispose()
+
+
+def test_received_files_without_a_row_are_removed_at_start_and_recorded_ones_kept(tmp_path):
+    s = Settings(home=tmp_path, web={"enabled": False})
+    node = Node(s)
+    folder = s.spool_dir / "incoming" / "1.2" / "1.2.3"
+    folder.mkdir(parents=True)
+    recorded, unrecorded, recent = folder / "1.dcm", folder / "2.dcm", folder / "3.dcm"
+    for f in (recorded, unrecorded, recent):
+        f.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    for f in (recorded, unrecorded):
+        os.utime(f, (an_hour_ago, an_hour_ago))
+    node.remove_unrecorded()  # a database that knows no instance judges no file
+    assert unrecorded.exists()
+    with node.sessions() as db:
+        job = Job(state=State.DONE, study_uid="1.2", series_uid="1.2.3", calling_aet="M", called_aet="I",
+                  stage_seconds={})
+        job.received = [Instance(sop_instance_uid="1", sop_class_uid="1.2", path=str(recorded), size=1)]
+        db.add(job)
+        db.commit()
+    node.remove_unrecorded()
+    assert recorded.exists() and recent.exists() and not unrecorded.exists()
+    node.engine.dispose()
+
+
+def test_a_job_whose_results_do_not_fit_waits_for_disk_space_without_spending_attempts(tmp_path, monkeypatch):
+    import errno
+
+    import node.worker as worker
+    from node.db import make_engine, make_sessions
+    from node.jobs import claim
+
+    s = Settings(home=tmp_path, web={"enabled": False}, receiver={"min_free_mb": 10})
+    sessions = make_sessions(make_engine(s.database_url))
+    with sessions() as db:
+        db.add(Job(state=State.QUEUED, study_uid="1.2", series_uid="1.2.9", calling_aet="M", called_aet="I",
+                   stage_seconds={}))
+        db.commit()
+        job = claim(db, "w:1")
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(worker, "process_job", full)
+    assert worker.run_claimed(s, sessions, None, job, "w:1") is False
+    with sessions() as db:
+        j = db.get(Job, job.id)
+        assert j.state is State.QUEUED and j.attempts == 0 and j.reason.startswith("waiting for disk space")
+    monkeypatch.setattr(worker.spool, "free_mb", lambda _p: 5.0)
+    assert worker.disk_full(s)  # below the floor no job is claimed
+    monkeypatch.setattr(worker.spool, "free_mb", lambda _p: 500.0)
+    assert not worker.disk_full(s)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("first line\nsecond line of a long message")
+
+    monkeypatch.setattr(worker, "process_job", broken)
+    with sessions() as db:
+        job = claim(db, "w:1")
+    assert worker.run_claimed(s, sessions, None, job, "w:1") is True
+    with sessions() as db:
+        j = db.get(Job, job.id)
+        assert j.state is State.QUEUED and j.attempts == 1 and j.reason == "attempt 1: RuntimeError: first line"

@@ -171,6 +171,32 @@ def test_health_reports_receiver_workers_model_queue_and_disk(client):
     assert h["queue"]["running"] == 1 and h["disk"]["free_mb"] > 0
 
 
+def test_health_says_degraded_and_why_while_a_destination_fails(view, client):
+    assert client.get("/api/health", headers=BASIC).json()["status"] == "ok"
+    with view.sessions() as s:
+        job = s.get(Job, 1)
+        job.state = State.SENDING
+        s.add(Delivery(job=job, destination="pacs", address="PACS@h:104", state=DeliveryState.PENDING, attempts=2,
+                       last_error="association rejected", history=[], next_try_at=utcnow()))
+        s.commit()
+    h = client.get("/api/health", headers=BASIC).json()
+    assert h["status"] == "degraded"
+    assert h["reasons"] == ["destination pacs is failing: 1 job(s) waiting to be sent again; "
+                            "last error: association rejected"]
+    assert h["destinations"]["failing"]["pacs"]["waiting"] == 1
+
+
+def test_a_job_that_ends_well_drops_the_reason_of_an_earlier_failure(view):
+    from node.jobs import transition
+
+    with view.sessions() as s:
+        job = s.get(Job, 2)  # FAILED: "delivery to pacs failed"
+        transition(s, job, State.SENDING, "admin")
+        assert job.reason == "delivery to pacs failed"  # still true while it is sent again
+        transition(s, job, State.DONE, "sender")
+        assert job.reason is None
+
+
 def test_metrics_in_prometheus_format(client):
     text = client.get("/metrics", headers=BEARER).text
     assert "idaics_instances_received_total 3.0" in text

@@ -108,3 +108,22 @@ def remove_leftovers(spool: Path, older_than_s: float = STALE_TMP_S) -> int:
             except FileNotFoundError:
                 pass
     return n
+
+
+def remove_unrecorded(spool: Path, recorded: set[str], older_than_s: float = STALE_TMP_S) -> int:
+    """Remove received files that have no row (written, but the node stopped before it
+    recorded them: their sender never got Success and sends them again); returns how many."""
+    if not recorded:
+        return 0  # a new or replaced database: the spool is not this database's to judge
+    known = {str(Path(p).resolve()) for p in recorded}
+    cutoff = time.time() - older_than_s
+    n = 0
+    incoming = spool / "incoming"
+    for path in incoming.rglob("*.dcm") if incoming.is_dir() else ():
+        try:
+            if str(path.resolve()) not in known and path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                n += 1
+        except FileNotFoundError:
+            pass
+    return n

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Settings
-from node.db import FINAL_STATES, Job, State, WorkerStatus, utcnow
+from node.db import FINAL_STATES, Delivery, DeliveryState, Job, State, WorkerStatus, utcnow
 from node.ingest import spool
 from node.jobs import counts_by_state, resend, retry
 from node.web.metrics import metrics_text
@@ -126,10 +126,27 @@ def health(view: NodeView) -> dict[str, Any]:
         workers = db.execute(select(WorkerStatus).where(WorkerStatus.stopped.is_(False),
                                                         WorkerStatus.last_seen >= alive_after)).scalars().all()
         counts = counts_by_state(db)
+        retrying = db.execute(select(Delivery).where(Delivery.state == DeliveryState.PENDING,
+                                                     Delivery.attempts > 0)).scalars().all()
+        failing: dict[str, dict[str, Any]] = {}
+        for d in retrying:
+            f = failing.setdefault(d.destination, {"waiting": 0, "last_error": None})
+            f["waiting"] += 1
+            f["last_error"] = d.last_error
     free = spool.free_mb(s.spool_dir)
     listening = view.receiver_listening()
+    reasons = [] if listening else ["the DICOM listener is not listening"]
+    reasons += [f"destination {name} is failing: {f['waiting']} job(s) waiting to be sent again; "
+                f"last error: {f['last_error']}" for name, f in sorted(failing.items())]
+    if free < s.receiver.min_free_mb:
+        reasons.append(f"spool disk below its floor ({free:.0f} of {s.receiver.min_free_mb} MB free): "
+                       "instances are refused")
+    if counts["QUEUED"] and not workers and s.workers.count > 0:
+        reasons.append(f"{counts['QUEUED']} job(s) queued and no worker alive")
     return {
-        "status": "ok" if listening else "degraded",
+        "status": "degraded" if reasons else "ok",
+        "reasons": reasons,
+        "destinations": {"failing": failing},
         "receiver": {"listening": listening, "ae_title": s.receiver.ae_title, "port": s.receiver.port},
         "workers": {"alive": len(workers), "started_here": view.local_workers(),
                     "list": [{"name": w.name, "model": w.model, "device": w.device, "job_id": w.job_id,
