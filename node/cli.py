@@ -11,7 +11,7 @@ from pathlib import Path
 
 from node.outputs.settings import DEFAULT_OBJECTS, OBJECTS
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-phantom-v1"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-v2"
 
 
 def _studies_in(paths: list[Path]) -> list[Path]:
@@ -157,8 +157,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not studies:
             raise ValueError(f"{args.studies}: no phantom studies (folders with truth.json)")
         metrics, extra = evaluate_studies(args.model, studies, out=args.out, device=args.device)
-        print(f"per disc level: {extra['levels_found']}/{extra['levels']} levels found and named; "
-              f"exact class sets {extra['exact_class_sets']}/{extra['levels']}")
+        print(f"per disc level: {extra['levels_found']}/{extra['levels']} levels found (within 10 mm), "
+              f"{extra['levels_named']} of them named right; exact class sets {extra['exact_class_sets']}/{extra['levels']}")
+        for cls, bins in extra["sensitivity_by_size"].items():
+            print(f"{cls} found, by size: " + ", ".join(f"{k} {v['found']}/{v['lesions']}" for k, v in bins.items()))
         print(metrics.table())
         s = extra["schmorl_present_vs_absent"]
         print(f"Schmorl's node present/absent: sensitivity {s['per_class'][0]['sensitivity']:.3f}, "

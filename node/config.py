@@ -165,7 +165,7 @@ class Settings(BaseSettings):
     home: Path = Path("var")
     spool_dir: Path = Path("spool")
     database_url: str = "sqlite:///idaics.db"
-    model: Path = ROOT / "models" / "idaics-phantom-v1"
+    model: Path = ROOT / "models" / "idaics-v2"
     receiver: Receiver = Receiver()
     series: SeriesRules = SeriesRules()
     workers: Workers = Workers()

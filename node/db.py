@@ -193,8 +193,16 @@ def make_sessions(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def host_name() -> str:
+    """This host's name in worker and sender names: ``IDAICS_HOST_NAME`` where set (containers
+    that share a host name), else the system's."""
+    import os
+
+    return os.environ.get("IDAICS_HOST_NAME") or socket.gethostname()
+
+
 def actor() -> str:
     """Who does something: host and process id (workers are told apart by it)."""
     import os
 
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{host_name()}:{os.getpid()}"

@@ -28,7 +28,7 @@ from node.analysis.report import write_json, write_previews
 from node.analysis.study import analyze_volume
 from node.analysis.volume import VolumeError, load_series
 from node.config import Settings
-from node.db import Job, State, WorkerStatus, actor, make_engine, make_sessions, utcnow
+from node.db import Job, State, WorkerStatus, actor, host_name, make_engine, make_sessions, utcnow
 from node.export.delivery import deliver_due, queue_deliveries
 from node.inference.model import DiscModel, load_model
 from node.ingest import spool
@@ -82,7 +82,7 @@ def pid_alive(pid: int) -> bool:
 def dead_here(worker: str) -> bool:
     """Whether a worker named "host:pid" ran on this host and its process is gone."""
     host, _, pid = worker.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+    return host == host_name() and pid.isdigit() and not pid_alive(int(pid))
 
 
 class _Heartbeat:

@@ -52,7 +52,7 @@ def analysed_phantoms(phantoms):
     from node.inference.model import load_model
     from node.phantom.generate import SERIES_DIR
 
-    model = load_model(ROOT / "models" / "idaics-phantom-v1")
+    model = load_model(ROOT / "models" / "idaics-v2")
     out = []
     for p in phantoms:
         vol = load_folder(p.folder / SERIES_DIR)

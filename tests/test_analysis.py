@@ -17,7 +17,7 @@ from node.analysis.fusion import SliceDetections, fuse
 from node.analysis.measure import disc_extension
 from node.analysis.spine import find_spine
 from node.analysis.views import View, ViewSpec, disc_plane
-from node.analysis.volume import VolumeError, load_folder, load_nifti
+from node.analysis.volume import Volume, VolumeError, load_folder, load_nifti
 from node.classes import DiscClass
 from node.geometry import Grid, sample_plane
 from node.inference.model import Detection
@@ -213,6 +213,37 @@ def test_a_series_with_ribs_down_to_its_lowest_vertebra_names_no_lumbar_level(sh
                       [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]], dtype=float)))
     spine = find_spine(top)
     assert not any(d.level.startswith("L") or d.level == "T12-L1" for d in spine.discs)
+
+
+@pytest.mark.parametrize("case, pairs, max_mm, max_deg", [
+    ("lumbar", {"L2-L3", "L3-L4"}, 6.0, 10.0),
+    ("chest", {"T12-L1", "L1-L2"}, 6.0, 6.0),
+])
+def test_disc_sites_on_real_ct_sit_on_the_plane_and_centre_the_labels_define(shared_data, case, pairs, max_mm, max_deg):
+    """Each disc the node finds, against the disc its vertebra labels define (the endplate
+    planes of the two labelled bodies, `node.phantom.insert.measure_level`)."""
+    from node.phantom.insert import base_levels, load_base
+
+    real = shared_data / "real"
+    if case == "lumbar":
+        d = real / "lumbar_ct_crop_l2_l4"
+        base = load_base(d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "verse")
+    else:
+        d = real / "chest_ct_t1_l3_labels"
+        base = load_base(d / "ct.nii.gz", d / "labels.nii.gz", "totalsegmentator")
+    truth = {lv.level: lv for lv in base_levels(base)}
+    spine = find_spine(Volume(hu=base.hu, grid=base.grid, study_uid="", series_uid="", frame_of_reference_uid="",
+                              sop_instance_uids=()))
+    seen = set()
+    for disc in spine.discs:
+        lv = min(truth.values(), key=lambda t: float(np.linalg.norm(t.centre - disc.centre)))
+        if lv.level not in pairs:
+            continue
+        seen.add(lv.level)
+        miss = float(np.linalg.norm(lv.centre - disc.centre))
+        turn = float(np.degrees(np.arccos(min(1.0, abs(float(lv.frame[:, 2] @ disc.frame[:, 2]))))))
+        assert miss < max_mm and turn < max_deg, f"{lv.level}: {miss:.1f} mm, {turn:.0f} deg off"
+    assert seen == pairs
 
 
 def test_disc_spaces_of_the_real_lumbar_crop(shared_data):

@@ -26,7 +26,7 @@ from node.phantom.generate import SERIES_DIR
 from tests.dicom_readers import as_set, report_comments, report_groups, seg_voxels_lps
 from tests.servers import dcmqi_tool, orthanc
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-phantom-v1"
+MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-v2"
 
 #: dciodvfy warnings that remain, each with why it is acceptable.
 ACCEPTED_WARNINGS = {

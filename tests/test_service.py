@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
 from node.config import Settings
-from node.db import Job, State, make_engine, make_sessions
+from node.db import Job, State, WorkerStatus, make_engine, make_sessions
 from node.ingest.scp import OUT_OF_RESOURCES, Receiver
 from node.ingest.spool import SpoolError, instance_path
 from node.phantom.generate import SERIES_DIR
@@ -382,3 +382,74 @@ def test_a_node_killed_early_leaves_no_process_behind(tmp_path, after_s):
     if left:
         os.killpg(proc.pid, signal.SIGKILL)
     assert not left, "a process of the killed node was still alive 30 s later"
+
+
+def test_two_worker_hosts_on_one_postgresql_finish_the_job_of_the_one_that_died(phantoms, pacs, tmp_path):
+    """Scale-out: the node (listener and scheduler, no worker of its own) and two worker
+    processes with their own host names share one PostgreSQL and one spool. The first host is
+    killed in the middle of the job; the second finishes it; one set of results is sent."""
+    import os
+    import signal
+    import sys
+
+    study = phantoms[1]
+    final = (State.DONE, State.FAILED, State.SKIPPED)
+
+    def start_worker(path: Path, host: str) -> subprocess.Popen:
+        env = {**os.environ, "IDAICS_CONFIG": str(path), "IDAICS_HOST_NAME": host}
+        return subprocess.Popen([sys.executable, "-m", "node.cli", "worker"], env=env, start_new_session=True,
+                                stdout=open(path.parent / f"{host}.log", "ab"), stderr=subprocess.STDOUT)
+
+    with postgres() as url:
+        dest = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+        home = tmp_path / "node"
+        path, cfg = node_config(home, database_url=url, destinations=[dest], default_destinations=["pacs"],
+                                workers={"count": 0, "heartbeat_seconds": 1.0, "stale_after_seconds": 4.0})
+        node = NodeProcess(path, home, cfg["receiver"]["port"], cfg["receiver"]["ae_title"]).start()
+        sessions = make_sessions(make_engine(url))
+
+        def the_job() -> Job | None:
+            with sessions() as s:
+                job = s.query(Job).order_by(Job.id.desc()).first()
+                if job is not None:
+                    _ = (job.events, job.deliveries)
+                return job
+
+        def wait(until, timeout: float = 240) -> Job:
+            t_end = time.monotonic() + timeout
+            while time.monotonic() < t_end:
+                job = the_job()
+                if job is not None and until(job):
+                    return job
+                time.sleep(0.2)
+            raise AssertionError(f"no job got there: {the_job() and (the_job().state, the_job().reason)}")
+
+        a = start_worker(path, "host-a")
+        b = None
+        try:
+            with sessions() as s:  # host-a is ready before the study arrives, so it takes the job
+                t_end = time.monotonic() + 120
+                while not s.query(WorkerStatus).filter(WorkerStatus.name.like("host-a:%")).count():
+                    assert time.monotonic() < t_end, "host-a never came up"
+                    time.sleep(0.3)
+                    s.expire_all()
+            assert storescu(node, study.folder / SERIES_DIR).returncode == 0
+            running = wait(lambda j: j.state is State.RUNNING)
+            assert running.worker.startswith("host-a:")
+            os.killpg(a.pid, signal.SIGKILL)  # the host dies mid-job
+            a.wait(10)
+            b = start_worker(path, "host-b")
+            done = wait(lambda j: j.state in final)
+            assert done.state is State.DONE, (done.reason, node.log()[-2000:])
+            assert done.id == running.id and done.worker.startswith("host-b:") and done.attempts == 2
+            assert any(e.event == "requeued" and "host-a:" in (e.detail or "") for e in done.events)
+            assert [d.state.value for d in done.deliveries] == ["SENT"]
+            uid = study.truth["study_instance_uid"]
+            assert len(in_pacs(pacs, uid, "SEG")) == 1 and len(in_pacs(pacs, uid, "SR")) == 1
+            with sessions() as s:
+                assert s.query(Job).count() == 1
+        finally:
+            for p in (a, b):
+                if p is not None and p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            node.stop()

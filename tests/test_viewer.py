@@ -36,7 +36,7 @@ from tests.viewer import ohif
 
 pytestmark = pytest.mark.slow
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-phantom-v1"
+MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-v2"
 DICOMWEB = {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
 SERVICES = "window.services"
@@ -191,7 +191,7 @@ def test_ohif_shows_why_a_series_was_not_analysed(shared_data, tmp_path):
     files = sorted((shared_data / "real" / "ge_head_ct_gantry_tilt").glob("*.dcm"))
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     reason = "cannot analyse: gantry tilt of 12.0 degrees (the node needs an untilted axial stack)"
-    sr = build_not_analysed_sr(headers, reason, OutputSettings(), "idaics-phantom-v1")
+    sr = build_not_analysed_sr(headers, reason, OutputSettings(), "idaics-v2")
     codes.declare_local_scheme(sr)
     sr_path = tmp_path / "sr.dcm"
     sr.save_as(sr_path, enforce_file_format=True)

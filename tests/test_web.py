@@ -49,7 +49,7 @@ def view(tmp_path) -> NodeView:
                    result={"levels": [{"level": "L4-L5", "classes": ["protrusion"], "confidence": 0.9,
                                        "measurements": {"extension_mm": 3.1, "extension_share": 0.12,
                                                         "disc_area_mm2": 900.0}, "warnings": []}],
-                           "warnings": [], "model": "idaics-phantom-v1"})
+                           "warnings": [], "model": "idaics-v2"})
         done.received = [Instance(sop_instance_uid=f"1.2.3.1.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                                   path=f"/x/{i}.dcm", size=10) for i in range(3)]
         done.deliveries = [Delivery(destination="pacs", address="PACS@h:104", state=DeliveryState.SENT, attempts=2,
@@ -62,7 +62,7 @@ def view(tmp_path) -> NodeView:
                       called_aet="IDAICS", study_date="20260102", instances=200, stage_seconds={"QUEUED": 1.0},
                       state_since=now - dt.timedelta(seconds=4))
         s.add_all([done, failed, running,
-                   WorkerStatus(name="host:1", model="idaics-phantom-v1", device="cpu", last_seen=now)])
+                   WorkerStatus(name="host:1", model="idaics-v2", device="cpu", last_seen=now)])
         s.commit()
     return NodeView(settings, sessions, receiver_listening=lambda: True, local_workers=lambda: 1)
 
@@ -167,7 +167,7 @@ def test_actions_are_post_with_csrf_and_change_the_job(client):
 def test_health_reports_receiver_workers_model_queue_and_disk(client):
     h = client.get("/api/health", headers=BASIC).json()
     assert h["receiver"]["listening"] and h["workers"]["alive"] == 1
-    assert h["model"] == {"name": "idaics-phantom-v1", "devices": ["cpu"], "loaded": True}
+    assert h["model"] == {"name": "idaics-v2", "devices": ["cpu"], "loaded": True}
     assert h["queue"]["running"] == 1 and h["disk"]["free_mb"] > 0
 
 

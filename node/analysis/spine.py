@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.signal import find_peaks
 
+from node.analysis.discplane import refine_site
 from node.analysis.volume import Volume
 from node.classes import DISC_LEVELS, VERTEBRAE
 from node.geometry import Grid
@@ -762,7 +763,10 @@ def find_spine(vol: Volume) -> Spine:
     for i, gap in enumerate(spacing):
         if gap > 1.7 * float(np.median(spacing)):
             warnings.append(f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed")
-    discs = [DiscSite(i, n, c_, f_, h_) for i, ((c_, f_, h_, _), n) in enumerate(zip(sites, names))]
+    discs = []
+    for i, ((c_, f_, h_, _), n) in enumerate(zip(sites, names)):
+        c_, f_, h_, _refined = refine_site(vol.hu, vol.grid, c_, f_, h_)  # on the disc's own endplates
+        discs.append(DiscSite(i, n, c_, f_, h_))
     named = tuple(d for d in discs if d.level)
     if named:
         discs = [d for d in discs if d.level in DISC_LEVELS]
