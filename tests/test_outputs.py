@@ -260,7 +260,7 @@ def test_a_study_without_discs_gets_a_report_that_says_why_and_no_seg(made, tmp_
 def test_a_report_that_replaces_an_earlier_one_names_it_as_its_predecessor(made, tmp_path):
     m = made[0]
     card = load_model(MODEL).card
-    first = m.outputs.sr
+    first = pydicom.dcmread(m.paths["sr"])
     again = build_outputs(m.result, m.vol, card, OutputSettings(objects=("seg", "sr")), previous=[first]).sr
     assert again.SOPInstanceUID != first.SOPInstanceUID and again.SeriesInstanceUID != first.SeriesInstanceUID
     ref = again.PredecessorDocumentsSequence[0]
