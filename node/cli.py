@@ -55,13 +55,10 @@ def _synth_from_base(args: argparse.Namespace) -> int:
     print(f"{base.name}: lesions go into {', '.join(lv.level for lv in levels) or 'no level'}")
     folders = synth_from_base(base, args.out, args.studies, args.seed, levels=levels)
     if args.pictures:
-        from node.analysis.volume import Volume
         from node.phantom.preview import render_inserted
 
-        original = Volume(hu=base.hu, grid=base.grid, study_uid="", series_uid="", frame_of_reference_uid="",
-                          sop_instance_uids=())
         for f in folders:
-            render_inserted(f, original, args.pictures)
+            render_inserted(f, base.volume(), args.pictures)
     print(f"{len(folders)} studies of {base.name} with inserted lesions written under {args.out}")
     return 0
 

@@ -67,6 +67,29 @@ def axial_grid(
     return Grid(shape=(slices, rows, columns), affine=affine)
 
 
+LEFT = np.array([1.0, 0.0, 0.0])
+
+
+def frame_from_normal(up: np.ndarray, left_hint: np.ndarray = LEFT) -> np.ndarray:
+    """The frame (columns left, posterior, cranial) of a plane with unit normal ``up``: left is
+    ``left_hint`` (the patient's left by default) made orthogonal to it."""
+    left = left_hint - up * (left_hint @ up)
+    left = left / np.linalg.norm(left)
+    return np.stack([left, np.cross(up, left), up], axis=1)
+
+
+def fit_plane(points: np.ndarray, off_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares plane through ``(n, 3)`` points, fitted again without the points more than
+    ``off_mm`` off it (where at least 10 remain): a point on it and its unit normal (either sign)."""
+    c = points.mean(axis=0)
+    n = np.linalg.svd(points - c, full_matrices=False)[2][2]
+    keep = np.abs((points - c) @ n) < off_mm
+    if keep.sum() >= 10:
+        c = points[keep].mean(axis=0)
+        n = np.linalg.svd(points[keep] - c, full_matrices=False)[2][2]
+    return c, n
+
+
 @dataclass(frozen=True)
 class Plane:
     """A square 2D sampling grid in patient space.

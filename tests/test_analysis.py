@@ -17,7 +17,7 @@ from node.analysis.fusion import SliceDetections, fuse
 from node.analysis.measure import disc_extension
 from node.analysis.spine import find_spine
 from node.analysis.views import View, ViewSpec, disc_plane
-from node.analysis.volume import Volume, VolumeError, load_folder, load_nifti
+from node.analysis.volume import VolumeError, load_folder, load_nifti
 from node.classes import DiscClass
 from node.geometry import Grid, sample_plane
 from node.inference.model import Detection
@@ -232,8 +232,7 @@ def test_disc_sites_on_real_ct_sit_on_the_plane_and_centre_the_labels_define(sha
         d = real / "chest_ct_t1_l3_labels"
         base = load_base(d / "ct.nii.gz", d / "labels.nii.gz", "totalsegmentator")
     truth = {lv.level: lv for lv in base_levels(base)}
-    spine = find_spine(Volume(hu=base.hu, grid=base.grid, study_uid="", series_uid="", frame_of_reference_uid="",
-                              sop_instance_uids=()))
+    spine = find_spine(base.volume())
     seen = set()
     for disc in spine.discs:
         lv = min(truth.values(), key=lambda t: float(np.linalg.norm(t.centre - disc.centre)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from node.geometry import Grid
+from node.geometry import Grid, fit_plane, frame_from_normal
 
 REACH_MM = 32.0  # half side of the box across the disc (a lumbar body is up to 50 mm wide)
 STEP_MM = 1.0  # across the disc
@@ -31,13 +31,6 @@ ROUNDS = 3
 OPEN_MM = 5.0
 SMALL_HOLE_MM2 = 40.0
 MAX_SHIFT_MM = 14.0
-
-
-def _frame(up: np.ndarray, left_hint: np.ndarray) -> np.ndarray:
-    up = up / np.linalg.norm(up)
-    left = left_hint - up * (left_hint @ up)
-    left /= np.linalg.norm(left)
-    return np.stack([left, np.cross(up, left), up], axis=1)
 
 
 def _sample(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, reach_w: float):
@@ -57,16 +50,6 @@ def _first_peak(seg: np.ndarray) -> np.ndarray:
     peak[1:-1] = (seg[1:-1] >= seg[:-2]) & (seg[1:-1] >= seg[2:]) & (seg[1:-1] - runmin[1:-1] >= PEAK_HU)
     first = np.argmax(peak, axis=0)
     return np.where(peak.any(axis=0), first, -1)
-
-
-def _plane(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    c = points.mean(axis=0)
-    n = np.linalg.svd(points - c, full_matrices=False)[2][2]
-    keep = np.abs((points - c) @ n) < 2.0
-    if keep.sum() >= 10:
-        c = points[keep].mean(axis=0)
-        n = np.linalg.svd(points[keep] - c, full_matrices=False)[2][2]
-    return c, n
 
 
 def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, height: float):
@@ -116,8 +99,8 @@ def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, 
     inner = foot & ok & (ndimage.distance_transform_edt(foot) * STEP_MM > 2.5)
     if inner.sum() < 20:
         inner = foot & ok
-    _, n_top = _plane(pts(top, inner))
-    _, n_bot = _plane(pts(bottom, inner))
+    _, n_top = fit_plane(pts(top, inner))
+    _, n_bot = fit_plane(pts(bottom, inner))
     n_top = n_top if n_top @ frame[:, 2] > 0 else -n_top
     n_bot = n_bot if n_bot @ frame[:, 2] > 0 else -n_bot
     up = n_top + n_bot
@@ -136,7 +119,7 @@ def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, 
     w_mid = float(np.median((top[core] + bottom[core]) / 2))
     new_centre = centre + cu_ * frame[:, 0] + cv_ * frame[:, 1] + w_mid * frame[:, 2]
     new_height = float(np.median(gap[core])) - CORTEX_MM
-    return new_centre, _frame(up, frame[:, 0]), new_height
+    return new_centre, frame_from_normal(up, frame[:, 0]), new_height
 
 
 def refine_site(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray,

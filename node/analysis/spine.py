@@ -27,7 +27,7 @@ from scipy.signal import find_peaks
 from node.analysis.discplane import refine_site
 from node.analysis.volume import Volume
 from node.classes import DISC_LEVELS, VERTEBRAE
-from node.geometry import Grid
+from node.geometry import Grid, frame_from_normal
 from node.masks import fill_holes, opening
 
 log = logging.getLogger(__name__)
@@ -415,12 +415,6 @@ def _tangents(line: np.ndarray) -> np.ndarray:
     return t / np.linalg.norm(t, axis=1, keepdims=True)
 
 
-def _frame(up: np.ndarray) -> np.ndarray:
-    left = np.array([1.0, 0.0, 0.0]) - up * up[0]
-    left /= np.linalg.norm(left)
-    return np.stack([left, np.cross(up, left), up], axis=1)
-
-
 def column_profile(vol: Volume, line: np.ndarray) -> np.ndarray:
     """The brightness of the vertebral rim at each point of the centre line.
 
@@ -453,7 +447,7 @@ def mean_profile(vol: Volume, line: np.ndarray, radius: float = 7.0) -> np.ndarr
     offs = np.stack([rr.ravel() * np.cos(aa.ravel()), rr.ravel() * np.sin(aa.ravel())], axis=1)
     out = np.empty(len(line))
     for i, (p, t) in enumerate(zip(line, tang)):
-        f = _frame(t)
+        f = frame_from_normal(t)
         pts = p + offs[:, :1] * f[:, 0] + offs[:, 1:] * f[:, 1]
         out[i] = ndimage.map_coordinates(vol.hu, vol.grid.to_index(pts).T, order=1, mode="nearest").mean()
     return ndimage.gaussian_filter1d(out, 1.0 / STEP_MM)
@@ -715,7 +709,7 @@ def find_spine(vol: Volume) -> Spine:
     tang = _tangents(line)
     sites = []
     for a, b in spans:
-        f = _frame(tang[(a + b) // 2])
+        f = frame_from_normal(tang[(a + b) // 2])
         sites.append(((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2))
     warnings: list[str] = []
     if not sites:

@@ -29,8 +29,9 @@ import numpy as np
 from scipy import ndimage
 
 from node.analysis.measure import BULGE_SHARE, disc_extension
+from node.analysis.volume import Volume
 from node.classes import DiscClass
-from node.geometry import Grid, Plane, sample_plane
+from node.geometry import Grid, Plane, fit_plane, frame_from_normal, sample_plane
 from node.phantom.generate import LABELS_FILE, SERIES_DIR, TRUTH_FILE, save_label_volumes
 from node.phantom.plan import Disc
 from node.phantom.series import write_volume_series
@@ -67,6 +68,11 @@ class BaseCT:
     vertebra: np.ndarray  # uint8: 1 + index in `names`
     names: tuple[str, ...]  # vertebra names present, cranial first
     source: str
+
+    def volume(self) -> Volume:
+        """The CT as scanned, as the analysis reads a volume."""
+        return Volume(hu=self.hu, grid=self.grid, study_uid="", series_uid="", frame_of_reference_uid="",
+                      sop_instance_uids=())
 
 
 @dataclass(frozen=True)
@@ -142,13 +148,6 @@ def load_base(ct: Path, labels: Path, scheme: str, name: str | None = None) -> B
     return BaseCT(name or ct.name.split(".")[0], hu, Grid(hu.shape, aff), vertebra, tuple(present), str(ct))
 
 
-def _frame(up: np.ndarray) -> np.ndarray:
-    up = up / np.linalg.norm(up)
-    left = np.array([1.0, 0.0, 0.0]) - up[0] * up
-    left /= np.linalg.norm(left)
-    return np.stack([left, np.cross(up, left), up], axis=1)
-
-
 def _body_points(base: BaseCT, code: int) -> np.ndarray:
     """LPS points of a vertebra's body: the front 40% of its voxels."""
     p = base.grid.to_patient(np.argwhere(base.vertebra == code))
@@ -183,14 +182,8 @@ def _circular_smooth(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def _plane_fit(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares plane through points (one pass without those over 2 mm off): point, normal."""
-    keep = np.ones(len(p), dtype=bool)
-    for _ in range(2):
-        c = p[keep].mean(axis=0)
-        n = np.linalg.svd(p[keep] - c, full_matrices=False)[2][2]
-        keep = np.abs((p - c) @ n) < 2.0
-        if keep.sum() < 10:
-            break
+    """`fit_plane`, with the normal pointing cranial."""
+    c, n = fit_plane(p)
     return c, n if n[2] > 0 else -n
 
 
@@ -244,7 +237,7 @@ def measure_level(base: BaseCT, upper: str, lower: str) -> LevelAnatomy:
     centre, up, height = _endplates(base, cu, cl, (pu.mean(axis=0) + pl.mean(axis=0)) / 2)
     if not 1.5 < height < 25.0:
         raise BaseError(f"{upper}-{lower}: disc height {height:.1f} mm is implausible")
-    frame = _frame(up)
+    frame = frame_from_normal(up)
     for _ in range(2):  # centre on the upper body's own outline
         plane = Plane(centre + up * (height / 2 + EDGE_PLANE_MM), frame[:, 0], frame[:, 1], MEASURE_PX, MEASURE_MM)
         body = sample_plane((base.vertebra == cu).view(np.uint8), base.grid, plane, order=0) > 0
@@ -390,9 +383,12 @@ def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Dr
     outer = edge + ext * prof
     inside = (r < edge) & (np.abs(t) < 1.0) & ~bone & (base.hu[box] < 300)
     src = hu[box]
-    noise = _noise(base, box, lv, a)
+    extends = lesion.disc.bulge_mm > 0 or lesion.disc.protrusion_mm > 0
+    # the scan's own noise, only where something is drawn (a level left alone only gets labels)
+    drawn = extends or lesion.node_into_upper is not None
+    noise = _noise(base, box, lv, a) if drawn else np.zeros_like(src)
     disc = inside.copy()
-    if lesion.disc.bulge_mm > 0 or lesion.disc.protrusion_mm > 0:
+    if extends:
         soft = np.clip((outer - r) / RAMP_MM + 0.5, 0.0, 1.0) * np.clip((r - (edge - 3.0)) / RAMP_MM, 0.0, 1.0)
         soft *= (np.abs(t) < 1.0) * (ext > 0.3) * ~bone
         m = _blur(soft.astype(np.float32), base.grid)

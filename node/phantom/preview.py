@@ -22,6 +22,17 @@ def _tile(vol: Volume, labels: Labels, plane: Plane, window: Windowing, caption:
     return outlined_tile(grey, [(cls == c.class_id + 1, c) for c in DiscClass], caption, TILE)
 
 
+def _save_sheet(tiles: list[Image.Image], cols: int, path: Path) -> Path:
+    """The tiles in rows of ``cols``, saved as one picture (at least one row high)."""
+    rows = max(1, (len(tiles) + cols - 1) // cols)
+    sheet = Image.new("RGB", (cols * TILE, rows * TILE))
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % cols) * TILE, (i // cols) * TILE))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
 def render_study(folder: Path, out: Path, window: Windowing | None = None) -> Path:
     """Write ``out/<study>.png``: an overview row, then axial and sagittal tiles per disc."""
     window = window or Windowing()
@@ -51,15 +62,7 @@ def render_study(folder: Path, out: Path, window: Windowing | None = None) -> Pa
             plane = disc_plane(view, centre, frame, spec)
             extra = f" {entry['extension_mm']:.1f}mm {entry['extension_share'] * 100:.0f}%" if view is View.AXIAL else ""
             tiles.append(_tile(vol, labels, plane, window, f"{name} {view.value}{extra}"))
-    cols = 4
-    rows = (len(tiles) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * TILE, rows * TILE))
-    for i, t in enumerate(tiles):
-        sheet.paste(t, ((i % cols) * TILE, (i // cols) * TILE))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{folder.name}.png"
-    sheet.save(path)
-    return path
+    return _save_sheet(tiles, 4, out / f"{folder.name}.png")
 
 
 def render_inserted(folder: Path, original: Volume, out: Path, window: Windowing | None = None) -> Path:
@@ -90,12 +93,4 @@ def render_inserted(folder: Path, original: Volume, out: Path, window: Windowing
             after = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
             tiles.append(outlined_tile(after, [], f"{name} inserted", TILE))
             tiles.append(_tile(vol, labels, plane, window, f"{name} truth"))
-    cols = 6
-    rows = max(1, (len(tiles) + cols - 1) // cols)
-    sheet = Image.new("RGB", (cols * TILE, rows * TILE))
-    for i, t in enumerate(tiles):
-        sheet.paste(t, ((i % cols) * TILE, (i // cols) * TILE))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{folder.name}-inserted.png"
-    sheet.save(path)
-    return path
+    return _save_sheet(tiles, 6, out / f"{folder.name}-inserted.png")

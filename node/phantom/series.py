@@ -75,18 +75,7 @@ def _base_dataset(plan: StudyPlan, grid: Grid) -> Dataset:
     ds.AcquisitionNumber = 1
     ds.FrameOfReferenceUID = phantom_uid(plan, "frame-of-reference")
     ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.WindowCenter = [40, 400]
-    ds.WindowWidth = [400, 1800]
     ds.WindowCenterWidthExplanation = ["SOFT TISSUE", "BONE"]
-    ds.RescaleIntercept = sc.rescale_intercept
-    ds.RescaleSlope = 1
-    ds.RescaleType = "HU"
     return ds
 
 
@@ -133,21 +122,12 @@ def write_volume_series(hu: np.ndarray, grid: Grid, folder: Path, *, uid, patien
     ds.AcquisitionNumber = 1
     ds.FrameOfReferenceUID = uid("frame-of-reference")
     ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.WindowCenter = [40, 400]
-    ds.WindowWidth = [400, 1800]
-    ds.RescaleIntercept = rescale_intercept
-    ds.RescaleSlope = 1
-    ds.RescaleType = "HU"
     return _write_slices(hu, grid, ds, uid, rescale_intercept, folder)
 
 
 def _write_slices(hu: np.ndarray, grid: Grid, ds: Dataset, uid, rescale_intercept: float, folder: Path) -> list[Path]:
+    """The geometry, the image pixel module and the rescale of ``ds`` from ``grid``, then one
+    file per slice."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -161,6 +141,17 @@ def _write_slices(hu: np.ndarray, grid: Grid, ds: Dataset, uid, rescale_intercep
     ds.PixelSpacing = [round(grid.spacing[1], 6), round(grid.spacing[2], 6)]
     ds.Rows = grid.shape[1]
     ds.Columns = grid.shape[2]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.WindowCenter = [40, 400]
+    ds.WindowWidth = [400, 1800]
+    ds.RescaleIntercept = rescale_intercept
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
     stored = np.clip(np.rint(hu - rescale_intercept), -32768, 32767).astype("<i2")
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
