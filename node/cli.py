@@ -230,6 +230,28 @@ def _settings(args: argparse.Namespace):
 PRIVATE_UMASK = 0o077
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    from node import migrations
+    from node.db import make_engine
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url, upgrade=False)
+    try:
+        if args.action == "current":
+            with engine.connect() as conn:
+                rev = migrations.current(conn)
+            state = "current" if rev == migrations.HEAD else f"this release needs {migrations.HEAD}"
+            print(f"{settings.database_url}: revision {rev or 'none'} ({state})")
+            return 0
+        print(migrations.upgrade(engine).describe())
+        return 0
+    except migrations.MigrationError as exc:
+        print(f"idaics db {args.action}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.service import Node
 
@@ -444,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--labels", required=True, help="comma-separated class labels in matrix order")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_metrics)
+    db = sub.add_parser("db", help="the node's database: its schema revision, and upgrading it")
+    db.add_argument("action", choices=["upgrade", "current"],
+                    help="upgrade: bring the schema to this release's (a SQLite file is copied aside first); "
+                         "current: say which revision it is at")
+    db.set_defaults(func=cmd_db)
     sv = sub.add_parser("serve", help="run the node: DICOM listener, scheduler, workers, admin page")
     sv.add_argument("--workers", type=int, default=None, help="worker processes (overrides the configuration)")
     sv.set_defaults(func=cmd_serve)

@@ -1,7 +1,8 @@
 """The node's database: received series and instances, jobs, deliveries and the audit trail.
 
-SQLite (WAL, full sync) by default; PostgreSQL when the URL names it. The schema is created
-on first use; each table's columns are all the node relies on.
+SQLite (WAL, full sync) by default; PostgreSQL when the URL names it. The schema is made and
+upgraded by the migrations in `node.migrations` when an engine is made; each table's columns
+are all the node relies on.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ class Delivery(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     #: One entry per attempt: {"at", "ok", "error", "seconds"}.
     history: Mapped[list] = mapped_column(JSON, default=list)
+    #: The sender (host:pid) holding it for a try now; a holder that dies does not keep it.
+    held_by: Mapped[str | None] = mapped_column(String(128))
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
@@ -173,8 +176,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``, with the schema created; SQLite in WAL mode."""
+def make_engine(url: str, *, upgrade: bool = True) -> Engine:
+    """An engine for ``url``, its schema made or upgraded to this release's (see
+    `node.migrations`); SQLite in WAL mode."""
     if url.startswith("sqlite"):
         path = url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
@@ -185,7 +189,10 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
-    Base.metadata.create_all(engine)
+    if upgrade:
+        from node import migrations
+
+        migrations.upgrade(engine)
     return engine
 
 

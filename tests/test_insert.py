@@ -112,3 +112,56 @@ def test_labels_that_do_not_match_the_ct_are_refused(shared_data, tmp_path):
                   "totalsegmentator")
     with pytest.raises(BaseError, match="fewer than two"):
         load_base(d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "totalsegmentator")
+
+
+@pytest.fixture(scope="module")
+def chest_base(shared_data):
+    d = shared_data / "real" / "chest_ct_t1_l3_labels"
+    return load_base(d / "ct.nii.gz", d / "labels.nii.gz", "totalsegmentator", "chest")
+
+
+@pytest.mark.parametrize("which", ["lumbar", "chest"])
+def test_the_vertebral_edge_follows_the_labelled_bodies_of_real_ct(which, lumbar_base, chest_base):
+    """The node's vertebral edge (from the image alone) against the outline of the labelled
+    body above each disc: on the crop the cancellous bone is as dark as muscle and the
+    cortex broken, on the chest CT a contrast-filled aorta lies against the bodies."""
+    from node.analysis.measure import outer_radius
+    from node.analysis.spine import find_spine
+    from node.analysis.study import vertebral_edge
+    from node.geometry import Plane
+
+    base = lumbar_base if which == "lumbar" else chest_base
+    vol = base.volume()
+    sites = find_spine(vol).discs
+    measured = []
+    for lv in base_levels(base):
+        site = min(sites, key=lambda s: np.linalg.norm(s.centre - lv.centre))
+        if np.linalg.norm(site.centre - lv.centre) > 10.0:
+            continue  # the chest CT's L2-L3, 16 mm above the edge of the field of view, is not found
+        measured.append(lv.level)
+        # measured around the labelled disc centre, on the node's own disc plane
+        plane = Plane(lv.centre, site.frame[:, 0], site.frame[:, 1], 200, 0.5)
+        edge = vertebral_edge(vol, plane, site.height_mm / 2, site.height_mm / 2)
+        angles = np.arange(0, 360, 10)
+        r = outer_radius(edge, (99.5, 99.5), np.radians(angles)) * 0.5
+        err = np.abs(r - lv.edge_mm[angles])
+        assert np.nanmedian(err) < 3.0 and np.mean(err < 5.0) > 0.75, (lv.level, np.round(err, 1))
+    assert measured == (["L2-L3", "L3-L4"] if which == "lumbar" else ["T12-L1", "L1-L2"])
+
+
+def test_the_column_is_followed_to_the_edge_of_the_field_of_view(chest_base):
+    """The chest CT ends 16 mm below the L2-L3 disc: the centre line still runs through the
+    bodies there (not bent towards the arches by the last slices), so the disc is measured
+    where it is."""
+    from node.analysis import spine
+
+    vol = chest_base.volume()
+    small, grid = spine.resample_iso(vol.hu, vol.grid)
+    smooth = spine.smoothed(small)
+    line = spine.centre_line(small, grid, spine.body_mask(small, grid, smooth), smooth)
+    # the line runs through the front part of the bodies: what must hold is that it keeps the
+    # same place in them down to the last disc
+    offsets = np.array([line[np.argmin(np.abs(line[:, 2] - lv.centre[2]))][:2] - lv.centre[:2]
+                        for lv in base_levels(chest_base)])
+    assert len(offsets) == 3
+    assert np.all(np.hypot(*(offsets - np.median(offsets, axis=0)).T) < 6.0), np.round(offsets, 1)

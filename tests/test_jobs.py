@@ -9,8 +9,9 @@ import threading
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import select, text
 
+from node import migrations
 from node.config import Destination, SeriesRules, Settings
 from node.db import Base, Delivery, DeliveryState, Job, State, make_engine, make_sessions, utcnow
 from node.export.delivery import deliver_due, queue_deliveries
@@ -38,15 +39,24 @@ def pg_url():
         yield url
 
 
+def fresh_engine(url: str):
+    """An engine on an empty database (the PostgreSQL server is shared by the module's tests),
+    its schema made by the migrations."""
+    engine = make_engine(url, upgrade=False)
+    Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    migrations.upgrade(engine)
+    return engine
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'q.db'}"
     else:
         url = request.getfixturevalue("pg_url")
-    engine = make_engine(url)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
+    engine = fresh_engine(url)
     yield make_sessions(engine)
     engine.dispose()
 
@@ -239,9 +249,7 @@ def test_many_workers_claim_each_job_exactly_once(sessions):
 
 
 def test_the_postgresql_claim_skips_locked_rows(pg_url):
-    engine = make_engine(pg_url)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
+    engine = fresh_engine(pg_url)
     sessions = make_sessions(engine)
     ids = _queued(sessions, 2)
     with sessions() as s1, sessions() as s2:

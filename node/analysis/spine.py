@@ -368,7 +368,15 @@ def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None,
         win = (np.abs(dx) < BODY_WINDOW_MM[0]) & (dy > -BODY_WINDOW_MM[1]) & (dy < BODY_WINDOW_MM[2])
         # past the last canal (the sacrum, tilted so that no axial slice closes its canal)
         # the line is only extrapolated: there all the bone of the column counts
-        beyond = (bone_all[:, 2] < pts[:, 2].min() - 5.0) | (bone_all[:, 2] > pts[:, 2].max() + 5.0)
+        # (a sliver of the field of view past the last canal, less than part of a body, is
+        # the same column cut by the edge, not a sacrum: it keeps the window)
+        lo, hi = pts[:, 2].min() - 5.0, pts[:, 2].max() + 5.0
+        z_all = bone_all[:, 2]
+        beyond = np.zeros(len(bone_all), dtype=bool)
+        if lo - z_all.min() >= EDGE_BODY_MM:
+            beyond |= z_all < lo
+        if z_all.max() - hi >= EDGE_BODY_MM:
+            beyond |= z_all > hi
         win = np.where(beyond, np.abs(dx) < BEYOND_WINDOW_MM, win)
         bone = np.column_stack([np.where(beyond, bone_all[:, 0], bone_all[:, 0] - dx), bone_all[:, 1:]])[win]
         if len(bone) == 0:

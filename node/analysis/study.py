@@ -35,11 +35,20 @@ ENDPLATE_BEYOND_MM = 2.5
 #: and an endplate slice (the node's depth into the body, read on both sides of it).
 SLAB_MM = 3.0
 ENDPLATE_SLAB_MM = 2 * ENDPLATE_BEYOND_MM
-BONE_HU = 250.0
 #: Below this vote the 25% rule on the model's mask decides between normal, bulge and
 #: protrusion (chosen on held-out tuning phantoms, seed 2000, never on the reported set).
 RULE_BELOW_VOTE = 0.4
 EDGE_PIXEL_MM = 0.5
+#: The vertebral edge: cortex brighter than this on the brightest of planes this far past
+#: each endplate, smoothed this much, with gaps in the ring up to this radius closed.
+EDGE_BONE_HU = 150.0
+EDGE_OFFSETS_MM = (1.5, 3.0, 4.5, 6.0)
+EDGE_SMOOTH_MM = 0.6
+RING_GAP_MM = 3.5
+VESSEL_MM = 3.0  # opening radius that keeps a vessel's cross-section, not a grazed rim
+VESSEL_AREA_MM2 = 150.0  # the aorta's cross-section, not an osteophyte's or a grazed endplate's
+VESSEL_AWAY_MM = 20.0  # ... centred outside the body, not on a tilted endplate inside it
+CONCAVE_MM = 3.0  # how far the posterior corners of a body reach behind its midline wall
 PEDICLE_MM = 5.0  # opening radius: wider than half a pedicle, far narrower than a body
 CANAL_BEHIND_MM = 10.0  # a hole further behind the disc centre than this is the canal
 
@@ -188,34 +197,71 @@ def _body_holes(bone: np.ndarray, plane: Plane) -> np.ndarray:
 def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> np.ndarray:
     """Outline of the two vertebral bodies next to a disc, projected onto the disc's plane.
 
-    Bone is read in planes 1.5-4.5 mm past each endplate, at 0.5 mm, filled, and opened with
-    a disk wider than a pedicle so that the arch and its canal do not count as body; the
-    result is returned on ``plane``'s own pixel grid.
+    On each side the brightest HU over planes 1.5-6 mm past the endplate (at 0.5 mm,
+    lightly smoothed) shows the body's cortex as a ring, even where the cancellous bone
+    inside is as dark as soft tissue (osteoporotic or thick-sliced bone) and the ring is
+    broken where the basivertebral vein leaves the body. The ring above `EDGE_BONE_HU` is
+    closed over such gaps, filled (the canal, a hole behind the disc centre, is not), and
+    opened with a disk wider than a pedicle so that the arch does not count as body; a
+    vessel bright in the disc's own plane is taken out first. The outline is that of either
+    body (their union), on ``plane``'s own pixel grid.
     """
     factor = max(1, int(round(EDGE_PIXEL_MM / plane.pixel_mm)))
     coarse = Plane(plane.centre, plane.u, plane.v, plane.size // factor, plane.pixel_mm * factor)
+    # what stays bright right across the disc space (a contrast-filled aorta, a calcified
+    # vessel lying against the body) is no body; a plane that grazes an endplate (thin,
+    # concave or tilted discs) is bright in one of these planes, not in all
+    across = np.min([sample_plane(vol.hu, vol.grid, coarse.shifted(f * (up_mm + down_mm) / 2), order=1,
+                                  fill=-1000.0) for f in (-0.5, 0.0, 0.5)], axis=0)
+    mid = ndimage.gaussian_filter(across, EDGE_SMOOTH_MM / coarse.pixel_mm) > EDGE_BONE_HU
+    wide = ndimage.binary_opening(mid, structure=_disk(VESSEL_MM / coarse.pixel_mm))
+    lab, n = ndimage.label(wide)
+    if n:
+        area = ndimage.sum_labels(wide, lab, range(1, n + 1)) * coarse.pixel_mm**2
+        at = np.array(ndimage.center_of_mass(wide, lab, range(1, n + 1))) - (coarse.size - 1) / 2
+        away = np.hypot(at[:, 0], at[:, 1]) * coarse.pixel_mm
+        ahead = at[:, 0] < 0  # the great vessels lie in front of the column; the arch behind it
+        wide = np.isin(lab, 1 + np.nonzero((area >= VESSEL_AREA_MM2) & (away > VESSEL_AWAY_MM) & ahead)[0])
+    vessel = ndimage.binary_dilation(wide, structure=_disk(1.0 / coarse.pixel_mm))
     edge = np.zeros((coarse.size, coarse.size), dtype=bool)
-    for off in (1.5, 3.0, 4.5):
-        for d in (up_mm + off, -(down_mm + off)):
-            bone = sample_plane(vol.hu, vol.grid, coarse.shifted(d), order=1, fill=-1000.0) > BONE_HU
-            edge |= bone | _body_holes(bone, coarse)
-    edge = ndimage.binary_opening(edge, structure=_disk(PEDICLE_MM / coarse.pixel_mm))
-    lab, n = ndimage.label(edge)
-    if n > 1:  # keep the body under the disc centre, not other bone
-        c = coarse.size // 2
-        keep = lab[c, c] or int(np.argmax(ndimage.sum_labels(edge, lab, range(1, n + 1)))) + 1
-        edge = lab == keep
-    # What is left of the pedicles stands behind the body's posterior wall; the body is
-    # about as deep behind the disc centre as in front of it.
-    col = edge[:, coarse.size // 2]
+    for d in (up_mm, -down_mm):
+        side = np.sign(d) or 1.0
+        brightest = np.max([sample_plane(vol.hu, vol.grid, coarse.shifted(d + side * off), order=1, fill=-1000.0)
+                            for off in EDGE_OFFSETS_MM], axis=0)
+        bone = ndimage.gaussian_filter(brightest, EDGE_SMOOTH_MM / coarse.pixel_mm) > EDGE_BONE_HU
+        bone = ndimage.binary_closing(bone & ~vessel, structure=_disk(RING_GAP_MM / coarse.pixel_mm))
+        body = bone | _body_holes(bone, coarse)
+        body = ndimage.binary_opening(body, structure=_disk(PEDICLE_MM / coarse.pixel_mm))
+        edge |= _centre_body(body)
+    edge = _centre_body(edge)
+    # The pedicles leave the body at its posterior corners: nothing more than
+    # `CONCAVE_MM` behind the posterior wall at the midline (the first row behind the disc
+    # centre that is no body) counts; where no wall shows there, the body is taken as about
+    # as deep behind the disc centre as in front of it.
+    centre = coarse.size // 2
+    col = edge[:, centre]
     if col.any():
-        centre = coarse.size // 2
-        front = centre - int(np.argmax(col))
-        edge[int(centre + 1.05 * front) + 1 :, :] = False
+        behind = np.nonzero(~col[centre:])[0]
+        if col[centre] and behind.size:
+            cut = centre + int(behind[0]) + int(round(CONCAVE_MM / coarse.pixel_mm))
+        else:
+            cut = int(centre + 1.05 * (centre - int(np.argmax(col))))
+        edge[cut + 1 :, :] = False
     full = np.kron(edge, np.ones((factor, factor), dtype=bool))
     out = np.zeros((plane.size, plane.size), dtype=bool)
     out[: full.shape[0], : full.shape[1]] = full[: plane.size, : plane.size]
     return out
+
+
+def _centre_body(mask: np.ndarray) -> np.ndarray:
+    """The part of ``mask`` under the disc centre (else its largest part): the body, not
+    other bone."""
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    c = mask.shape[0] // 2
+    keep = lab[c, c] or int(np.argmax(ndimage.sum_labels(mask, lab, range(1, n + 1)))) + 1
+    return lab == keep
 
 
 def measure(vol: Volume, site: DiscSite, plane: Plane, disc_mask: np.ndarray | None

@@ -72,10 +72,7 @@ def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor:
         hold = utcnow() + dt.timedelta(seconds=settings.sending.timeout_s * (len(files) + 2))
         won = s.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
                                                Delivery.next_try_at <= utcnow())
-                        .values(next_try_at=hold)).rowcount
-        if won == 1:  # who holds it: a holder that dies does not keep it (see `release_dead_holds`)
-            s.refresh(d)
-            d.history = [*_attempts(d.history), {"held_by": actor, "at": utcnow().isoformat(timespec="seconds")}]
+                        .values(next_try_at=hold, held_by=actor)).rowcount
         s.commit()
         if won != 1:
             return False
@@ -93,8 +90,9 @@ def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor:
     with sessions() as s:
         d = s.get(Delivery, delivery_id)
         d.attempts += 1
-        d.history = [*_attempts(d.history), {"at": utcnow().isoformat(timespec="seconds"), "ok": error is None,
-                                             "error": error, "seconds": seconds}]
+        d.held_by = None
+        d.history = [*(d.history or []), {"at": utcnow().isoformat(timespec="seconds"), "ok": error is None,
+                                          "error": error, "seconds": seconds}]
         if error is None:
             d.state, d.sent_at, d.last_error, d.next_try_at = DeliveryState.SENT, utcnow(), None, None
             audit(s, d.job, actor, "sent", f"{len(files)} objects to {d.address} in {seconds:.1f} s")
@@ -111,15 +109,9 @@ def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor:
     return error is None
 
 
-def _attempts(history: list | None) -> list:
-    """A delivery's history without the entry of a hold in progress."""
-    return [h for h in (history or []) if "held_by" not in h]
-
-
 def holder(d: Delivery) -> str | None:
     """The sender (host:pid) holding a PENDING delivery for a try now, or None."""
-    last = (d.history or [])[-1:] or [{}]
-    return last[0].get("held_by") if d.state is DeliveryState.PENDING else None
+    return d.held_by if d.state is DeliveryState.PENDING else None
 
 
 def release_dead_holds(session: Session, dead, actor: str) -> list[Delivery]:
@@ -131,7 +123,7 @@ def release_dead_holds(session: Session, dead, actor: str) -> list[Delivery]:
                                                     Delivery.next_try_at > now)).scalars():
         who = holder(d)
         if who and dead(who):
-            d.history = _attempts(d.history)
+            d.held_by = None
             d.next_try_at = now
             audit(session, d.job, actor, "send lease released", f"{d.destination}: sender {who} is gone")
             out.append(d)
