@@ -7,10 +7,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 TYPE_DEBT=(
-  node/analysis/measure.py node/analysis/volume.py node/demo.py node/export/scu.py
-  node/inference/model.py node/ingest/scp.py node/jobs.py node/outputs/keyimages.py
-  node/phantom/generate.py node/phantom/series.py node/service.py node/training/evaluate.py
-  node/training/importers.py node/web/metrics.py node/web/server.py node/worker.py
 )
 
 $PY -m ruff check node tests

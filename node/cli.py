@@ -8,10 +8,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.outputs.settings import DEFAULT_OBJECTS, OBJECTS
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-v2"
+
+if TYPE_CHECKING:
+    from node.config import Settings
+    from node.db import Job
+    from node.training.metrics import Metrics
 
 
 def _studies_in(paths: list[Path]) -> list[Path]:
@@ -132,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _card_metrics(m) -> dict:
+def _card_metrics(m: Metrics) -> dict:
     return {
         "images": m.n, "accuracy": round(float(m.accuracy), 4), "kappa": round(float(m.kappa), 4),
         "kappa_ci95": [round(float(x), 4) for x in m.kappa_ci95],
@@ -219,7 +225,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 # -- the service ---------------------------------------------------------------------------
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> Settings:
     from node.config import load_settings
 
     return load_settings(args.config)
@@ -288,7 +294,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_line(job) -> str:
+def _job_line(job: Job) -> str:
     stages = " ".join(f"{k[:4].lower()} {v:.1f}s" for k, v in (job.stage_seconds or {}).items())
     return (f"{job.id:>5} {job.state.value:<9} {job.study_date or '-':<8} {(job.series_description or '-')[:28]:<28} "
             f"{job.calling_aet:<16} {job.instances:>5}  {stages}  {job.reason or ''}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -120,6 +121,11 @@ class Sending(BaseModel):
     backoff_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
     timeout_s: float = 30.0
+    #: The sender's threads, and how many of them one destination may hold at once.
+    threads: int = Field(default=4, ge=1)
+    per_destination: int = Field(default=2, ge=1)
+    #: How often the sender looks for due deliveries (it is also told when results are queued).
+    poll_seconds: float = Field(default=0.5, gt=0)
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after ``attempts`` failed tries: doubling, capped."""
@@ -179,8 +185,11 @@ class Settings(BaseSettings):
     default_destinations: list[str] = []
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
     @model_validator(mode="after")
@@ -208,7 +217,7 @@ class Settings(BaseSettings):
         return [by_name[n] for n in names]
 
 
-def load_settings(path: Path | None = None, **overrides) -> Settings:
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Settings from ``path`` (or ``IDAICS_CONFIG``, or ``config/node.toml``), the environment
     and ``overrides``, in increasing priority."""
     path = Path(path or os.environ.get("IDAICS_CONFIG") or DEFAULT_CONFIG)

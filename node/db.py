@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import socket
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -24,7 +25,15 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+from sqlalchemy.sql import Executable
 
 
 def utcnow() -> dt.datetime:
@@ -167,7 +176,7 @@ class WorkerStatus(Base):
     stopped: Mapped[bool] = mapped_column(default=False)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
@@ -194,6 +203,11 @@ def make_engine(url: str, *, upgrade: bool = True) -> Engine:
 
         migrations.upgrade(engine)
     return engine
+
+
+def changed(session: Session, statement: Executable) -> int:
+    """Rows an UPDATE or DELETE changed (the claims and leases that must win once)."""
+    return int(session.execute(statement).rowcount)  # type: ignore[attr-defined]  # a CursorResult
 
 
 def make_sessions(engine: Engine) -> sessionmaker:

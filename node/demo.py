@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.analysis.report import table
-from node.config import Settings
+from node.config import Receiver, SeriesRules, Settings, Web
 from node.db import FINAL_STATES, Job
 from node.export.scu import parse_address, send_files
 from node.ingest import spool
@@ -46,11 +47,12 @@ class ResultReceiver:
         ae = AE(ae_title=ae_title)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
 
-    def _store(self, event) -> int:
+    def _store(self, event: evt.Event) -> int:
         ds = event.dataset
         path = (self.folder / spool.check_uid(ds.SeriesInstanceUID, "SeriesInstanceUID")
                 / f"{ds.Modality}-{spool.check_uid(ds.SOPInstanceUID, 'SOPInstanceUID')}.dcm")
@@ -80,11 +82,11 @@ def run_demo(home: Path, slices: int = 200, pacs: str | None = None, keep_runnin
         dest = parse_address(f"{receiver.ae_title}@127.0.0.1:{receiver.port}", name="demo-pacs")
     settings = Settings(
         home=home, database_url="sqlite:///demo.db",
-        receiver={"ae_title": "IDAICS", "host": "127.0.0.1", "port": free_port(), "allowed_calling_aets": ["DEMO_CT"],
-                  "min_free_mb": 100},
-        series={"quiet_seconds": 3},
-        web={"host": "127.0.0.1", "port": free_port()},
-        destinations=[dest.model_dump()], default_destinations=[dest.name],
+        receiver=Receiver(ae_title="IDAICS", host="127.0.0.1", port=free_port(), allowed_calling_aets=["DEMO_CT"],
+                          min_free_mb=100),
+        series=SeriesRules(quiet_seconds=3),
+        web=Web(host="127.0.0.1", port=free_port()),
+        destinations=[dest], default_destinations=[dest.name],
     )
     node = Node(settings)
     node.start()

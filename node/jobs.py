@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from node.config import SeriesRules
-from node.db import AuditEvent, Delivery, DeliveryState, Instance, Job, State, utcnow
+from node.db import AuditEvent, Delivery, DeliveryState, Instance, Job, State, changed, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def reopen(session: Session, got: ReceivedInstance, actor: str) -> Job | None:
     if old is None or old.instances_deleted:
         return None
     if old.state is State.QUEUED:
-        won = session.execute(update(Job).where(Job.id == old.id, Job.state == State.QUEUED)
-                              .values(state=State.RECEIVING)).rowcount
+        won = changed(session, update(Job).where(Job.id == old.id, Job.state == State.QUEUED)
+                      .values(state=State.RECEIVING))
         if won == 1:
             old.state = State.QUEUED  # for the transition's bookkeeping
             transition(session, old, State.RECEIVING, actor, None)
@@ -272,8 +273,8 @@ def claim(session: Session, worker: str) -> Job | None:
             if job is None:
                 session.rollback()
                 return None
-            won = session.execute(update(Job).where(Job.id == job.id, Job.state == State.QUEUED)
-                                  .values(worker=worker)).rowcount
+            won = changed(session, update(Job).where(Job.id == job.id, Job.state == State.QUEUED)
+                          .values(worker=worker))
             if won == 1:
                 break
             session.rollback()
@@ -295,7 +296,7 @@ def heartbeat(session: Session, job_id: int, worker: str) -> None:
 
 
 def requeue_stale(session: Session, stale_after_s: float, max_attempts: int, actor: str,
-                  dead=lambda worker: False) -> list[Job]:
+                  dead: Callable[[str], bool] = lambda worker: False) -> list[Job]:
     """RUNNING jobs whose worker is gone (``dead(worker)``, or silent for ``stale_after_s``)
     are queued again, or FAILED once they have had ``max_attempts``."""
     now = utcnow()

@@ -2,29 +2,35 @@
 
 The scheduler (apscheduler) runs, each in its own thread and never twice at once:
 - the completion check (which RECEIVING series are complete), every second;
-- the deliveries that are due (retries with backoff), every two seconds;
 - the recovery of jobs whose worker died, every ten seconds (and once at start);
 - the retention clean-up of spooled instances of DONE jobs, every ten minutes.
+
+The sender (`node.export.sender`) delivers the results that workers queue, in its own threads.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import multiprocessing as mp
 import signal
 import threading
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
 from node.config import Settings
 from node.db import Instance, Job, State, actor, make_engine, make_sessions, utcnow
-from node.export.delivery import deliver_due, release_dead_holds
+from node.export.delivery import release_dead_holds
+from node.export.sender import Sender
 from node.ingest import spool
 from node.ingest.scp import Receiver
 from node.jobs import audit, complete_series, requeue_stale
 from node.worker import dead_here, spawn
+
+if TYPE_CHECKING:
+    from node.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +42,17 @@ class Node:
         self.sessions = make_sessions(self.engine)
         self.actor = actor()
         self.receiver = Receiver(settings, self.sessions, self.actor)
+        self.sender = Sender(self.sessions, settings, self.actor)
         self.scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
-        self.workers: list[mp.Process] = []
+        self.workers: list[BaseProcess] = []
         self.stopped = threading.Event()
-        self.web = None
+        self.web: WebServer | None = None
 
     # -- scheduled checks ----------------------------------------------------------------
     def check_completion(self) -> None:
         with self.sessions() as s:
             complete_series(s, self.settings.series, self.actor)
             s.commit()
-
-    def check_deliveries(self) -> None:
-        deliver_due(self.sessions, self.settings, self.actor)
 
     def recover(self) -> None:
         w = self.settings.workers
@@ -94,7 +98,8 @@ class Node:
         self.remove_unrecorded()
         self.recover()
         self.receiver.start()
-        every = [(self.check_completion, 1), (self.check_deliveries, 2), (self.recover, 10), (self.clean_up, 600)]
+        self.sender.start()
+        every = [(self.check_completion, 1), (self.recover, 10), (self.clean_up, 600)]
         for fn, seconds in every:
             self.scheduler.add_job(fn, "interval", seconds=seconds, max_instances=1, coalesce=True,
                                    id=fn.__name__, misfire_grace_time=seconds * 5)
@@ -108,9 +113,11 @@ class Node:
     def start_web(self) -> None:
         try:
             from node.web.server import WebServer
+            from node.web.view import NodeView
         except ImportError:  # the admin page is optional
             return
-        self.web = WebServer(self)
+        self.web = WebServer(NodeView(self.settings, self.sessions, receiver_listening=lambda: self.receiver.listening,
+                                      local_workers=self.workers_alive))
         self.web.start()
 
     def workers_alive(self) -> int:
@@ -125,6 +132,7 @@ class Node:
         if self.web is not None:
             self.web.stop()
         self.scheduler.shutdown(wait=True)
+        self.sender.stop()
         for p in self.workers:
             p.terminate()
         for p in self.workers:

@@ -1,4 +1,5 @@
-"""Workers: claim a queued job, analyse its series, write the DICOM results, send them.
+"""Workers: claim a queued job, analyse its series, write the DICOM results and queue their
+deliveries (the node's sender, `node.export.sender`, sends them).
 
 Each worker is a process that loads the model once and keeps it warm. While it runs a job
 it beats a heartbeat into the job's row; a job whose worker dies is queued again by the
@@ -18,10 +19,13 @@ import signal
 import socket
 import threading
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
 
 from node import logs
 from node.analysis.report import write_json, write_previews
@@ -29,7 +33,7 @@ from node.analysis.study import analyze_volume
 from node.analysis.volume import VolumeError, load_series
 from node.config import Settings
 from node.db import Job, State, WorkerStatus, actor, host_name, make_engine, make_sessions, utcnow
-from node.export.delivery import deliver_due, queue_deliveries
+from node.export.delivery import queue_deliveries
 from node.inference.model import DiscModel, load_model
 from node.ingest import spool
 from node.jobs import claim, heartbeat, predecessor, transition
@@ -86,23 +90,23 @@ def dead_here(worker: str) -> bool:
 
 
 class _Heartbeat:
-    def __init__(self, sessions, job_id: int, worker: str, every: float):
+    def __init__(self, sessions: sessionmaker, job_id: int, worker: str, every: float) -> None:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(sessions, job_id, worker, every), daemon=True)
 
-    def _run(self, sessions, job_id, worker, every):
+    def _run(self, sessions: sessionmaker, job_id: int, worker: str, every: float) -> None:
         while not self.stop.wait(every):
             try:
                 with sessions() as s:
                     heartbeat(s, job_id, worker)
-            except Exception as exc:  # the database may be busy; the next beat tries again
+            except SQLAlchemyError as exc:  # the database may be busy; the next beat tries again
                 log.warning("heartbeat of job %s: %s", job_id, exc)
 
-    def __enter__(self):
+    def __enter__(self) -> _Heartbeat:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
 
@@ -120,7 +124,7 @@ def previous_reports(outputs_dir: Path) -> list:
     return out
 
 
-def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, worker: str) -> None:
+def process_job(settings: Settings, sessions: sessionmaker, model: DiscModel, job_id: int, worker: str) -> None:
     """Analyse one claimed (RUNNING) job and hand its results to the sender."""
     with sessions() as s:
         job = s.get(Job, job_id)
@@ -148,12 +152,11 @@ def process_job(settings: Settings, sessions, model: DiscModel, job_id: int, wor
         job.result = {**result.to_dict(), "objects": [n for n, _ in outputs.datasets()],
                       "output_timings_s": {k: round(v, 3) for k, v in outputs.timings.items()}}
         job.outputs_dir = str(out)
-        queue_deliveries(s, job, settings, worker)
+        queue_deliveries(s, job, settings, worker)  # the sender delivers them; this worker analyses on
         s.commit()
-    deliver_due(sessions, settings, worker, job_id)
 
 
-def report_not_analysed(settings: Settings, sessions, model: DiscModel, job_id: int, worker: str, final: State,
+def report_not_analysed(settings: Settings, sessions: sessionmaker, model: DiscModel, job_id: int, worker: str, final: State,
                         reason: str) -> None:
     """End a job that could not be analysed in ``final`` (SKIPPED or FAILED) with ``reason``,
     after sending its destinations an SR that says so (where the SR is among the objects):
@@ -192,8 +195,6 @@ def report_not_analysed(settings: Settings, sessions, model: DiscModel, job_id: 
             job.reason = reason
             queue_deliveries(s, job, settings, worker)
         s.commit()
-    if written:
-        deliver_due(sessions, settings, worker, job_id)
 
 
 NO_SPACE_WAIT_S = 30.0
@@ -201,7 +202,7 @@ NO_SPACE_WAIT_S = 30.0
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def run_claimed(settings: Settings, sessions, model: DiscModel, job: Job, worker: str) -> bool:
+def run_claimed(settings: Settings, sessions: sessionmaker, model: DiscModel, job: Job, worker: str) -> bool:
     """Run a claimed job; an unexpected error queues it again, or fails it after the last attempt.
     Returns False when the results did not fit on the spool's disk (the job is queued again
     without spending an attempt, and workers claim nothing until space returns)."""
@@ -225,7 +226,7 @@ def run_claimed(settings: Settings, sessions, model: DiscModel, job: Job, worker
     return True
 
 
-def _failed(settings: Settings, sessions, model: DiscModel, job: Job, worker: str, exc: Exception) -> bool:
+def _failed(settings: Settings, sessions: sessionmaker, model: DiscModel, job: Job, worker: str, exc: Exception) -> bool:
     """An unexpected error: queued again, or FAILED (with a report) after the last attempt; the
     reason is one line (the traceback goes to the log)."""
     log.exception("job %s failed on attempt %d", job.id, job.attempts)
@@ -289,7 +290,7 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
         report(sessions, name, model, None, stopped=True)
 
 
-def report(sessions, name: str, model: DiscModel, job_id: int | None, stopped: bool = False) -> None:
+def report(sessions: sessionmaker, name: str, model: DiscModel, job_id: int | None, stopped: bool = False) -> None:
     """Say that this worker is alive, with its model and device, and what it runs."""
     try:
         with sessions() as s:
@@ -302,7 +303,7 @@ def report(sessions, name: str, model: DiscModel, job_id: int | None, stopped: b
         log.warning("worker status: %s", exc)
 
 
-def spawn(settings: Settings, name: str | None = None) -> mp.Process:
+def spawn(settings: Settings, name: str | None = None) -> BaseProcess:
     """Start a worker process (spawned, so it loads its own model) at the node's log level."""
     level = logging.getLogger("node").getEffectiveLevel()
     p = mp.get_context("spawn").Process(target=worker_process, args=(settings.model_dump_json(), level, os.getpid()),

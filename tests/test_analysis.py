@@ -16,11 +16,11 @@ from pydicom.tag import Tag
 from node.analysis.fusion import SliceDetections, fuse
 from node.analysis.measure import disc_extension
 from node.analysis.spine import find_spine
-from node.analysis.views import View, ViewSpec, disc_plane
+from node.analysis.views import disc_plane
 from node.analysis.volume import VolumeError, load_folder, load_nifti
 from node.classes import DiscClass
 from node.geometry import Grid, sample_plane
-from node.inference.model import Detection
+from node.inference.interface import Detection, View, ViewSpec
 from node.phantom.generate import SERIES_DIR, load_labels
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +71,10 @@ def test_demo_runs_the_whole_node_on_loopback(tmp_path, capsys):
     assert main(["demo", "--home", str(tmp_path / "demo"), "--slices", "150"]) == 0
     out = capsys.readouterr().out
     assert "job 1: DONE" in out and "L5-S1" in out
-    assert "received at DEMO_PACS: 12 key images, 1 SEG, 1 SR" in out
+    # two key images (axial and sagittal) per level in the table
+    levels = re.findall(r"^\s*(?:T12|L\d)-(?:L\d|S1)\b", out, flags=re.M)
+    assert len(levels) >= 5
+    assert f"received at DEMO_PACS: {2 * len(levels)} key images, 1 SEG, 1 SR" in out
 
 
 def test_routes_send_each_caller_to_its_destinations_and_bad_names_are_refused(tmp_path):

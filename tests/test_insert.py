@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from node.analysis.measure import BULGE_SHARE
-from node.analysis.views import ViewSpec, Windowing
 from node.analysis.volume import load_folder
+from node.inference.interface import ViewSpec, Windowing
 from node.phantom.generate import SERIES_DIR, TRUTH_FILE, load_labels
 from node.phantom.insert import BaseError, base_levels, load_base, synth_from_base
 from node.training.from_phantoms import Randomise, study_samples

@@ -376,3 +376,41 @@ def test_delivery_rows_are_not_sent_twice(sessions, tmp_path):
     assert deliver_due(sessions, Settings(home=tmp_path), "t") == 0  # not due yet: untouched
     with sessions() as s:
         assert s.execute(select(Delivery)).scalar_one().attempts == 0
+
+
+def test_senders_trying_one_delivery_at_once_send_it_once(sessions, tmp_path):
+    """Four senders (threads here; processes or hosts alike) try the same due delivery at the
+    same moment: the lease lets one of them send it, the others leave it alone."""
+    import node.export.delivery as delivery
+    from tests.test_sender import result, storescp
+
+    with storescp(tmp_path / "got") as port:
+        settings = Settings(destinations=[{"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": port}],
+                            default_destinations=["good"], home=tmp_path)
+        (job_id,) = _queued(sessions, 1)
+        result(tmp_path / "out")
+        with sessions() as s:
+            claim(s, "w:1")
+            job = s.get(Job, job_id)
+            job.outputs_dir = str(tmp_path / "out")
+            (d,) = queue_deliveries(s, job, settings, "w:1")
+            s.commit()
+            d_id = d.id
+        start = threading.Barrier(4)
+        sent: list[bool] = []
+
+        def one(name: str) -> None:
+            start.wait()
+            sent.append(delivery.attempt(sessions, d_id, settings, name))
+
+        threads = [threading.Thread(target=one, args=(f"sender:{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(sent) == [False, False, False, True]
+        assert len(list((tmp_path / "got").iterdir())) == 1
+        with sessions() as s:
+            d = s.get(Delivery, d_id)
+            assert d.state is DeliveryState.SENT and d.attempts == 1 and len(d.history) == 1
+            assert d.held_by is None and s.get(Job, job_id).state is State.DONE

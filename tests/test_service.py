@@ -106,8 +106,7 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
 
         # the same study again: every instance is a duplicate, no new job
         again = storescu(node, phantom.folder / SERIES_DIR)
-        assert again.returncode == 0
-        time.sleep(3)
+        assert again.returncode == 0  # each Success came after its instance was recorded
         assert [j.id for j in jobs(node.home)] == [job.id]
 
         # a series that is not CT is received, then skipped with the reason
@@ -149,6 +148,15 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         assert refs == {ct_series, enh.SeriesInstanceUID}
     finally:
         node.stop()
+
+
+def wait_until(ready, timeout: float = 30.0) -> None:
+    """Wait for an event the test cannot be told of otherwise (polled, never a fixed sleep)."""
+    t_end = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > t_end:
+            raise AssertionError(f"not there in {timeout} s")
+        time.sleep(0.05)
 
 
 def store(node: NodeProcess, ds: Dataset, aet: str = "IDAICS_TEST") -> int:
@@ -297,10 +305,15 @@ def test_a_series_sent_over_two_associations_completes_only_when_both_are_releas
         return assoc
 
     def state() -> State:
+        time.sleep(rules.grace_seconds)  # the grace after the last instance, which completion waits for
         with sessions() as s:
             complete_series(s, rules, "test")
             s.commit()
             return s.query(Job).one().state
+
+    def released() -> bool:
+        with sessions() as s:
+            return s.query(Job).one().association_released
 
     try:
         a, b = connect(), connect()
@@ -309,12 +322,12 @@ def test_a_series_sent_over_two_associations_completes_only_when_both_are_releas
         for f in files[:75]:  # the stack so far is even and has no gap, and a sent the last one
             assert a.send_c_store(f).Status == 0
         a.release()
-        time.sleep(0.5)
+        wait_until(lambda: len(rx._open) == 1)  # the listener has forgotten a
         assert state() is State.RECEIVING  # b still carries the series
         for f in files[100:]:
             assert b.send_c_store(f).Status == 0
         b.release()
-        time.sleep(0.5)
+        wait_until(lambda: released())  # the listener has recorded that no association carries it
         assert state() is State.QUEUED
         with sessions() as s:
             assert s.query(Job).one().instances == 150

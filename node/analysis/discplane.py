@@ -33,7 +33,8 @@ SMALL_HOLE_MM2 = 40.0
 MAX_SHIFT_MM = 14.0
 
 
-def _sample(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, reach_w: float):
+def _sample(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, reach_w: float
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     us = np.arange(-REACH_MM, REACH_MM + 1e-6, STEP_MM)
     ws = np.arange(-reach_w, reach_w + 1e-6, W_STEP_MM)
     w, u, v = np.meshgrid(ws, us, us, indexing="ij")
@@ -52,7 +53,8 @@ def _first_peak(seg: np.ndarray) -> np.ndarray:
     return np.where(peak.any(axis=0), first, -1)
 
 
-def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, height: float):
+def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, height: float
+             ) -> tuple[np.ndarray, np.ndarray, float] | None:
     reach_w = max(height, 6.0) / 2 + 14.0
     us, ws, vals = _sample(hu, grid, centre, frame, reach_w)
     mid = len(ws) // 2

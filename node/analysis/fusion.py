@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.classes import DiscClass
-from node.inference.model import Detection
+from node.inference.interface import Detection
 
 MORPHOLOGY = (DiscClass.NORMAL, DiscClass.BULGE, DiscClass.PROTRUSION)
 NODE_MIN_CONF = 0.4
@@ -41,7 +41,8 @@ class Finding:
     slices: int  # how many slices support it
 
 
-def centre_detection(dets: tuple[Detection, ...], size: int, classes=MORPHOLOGY) -> Detection | None:
+def centre_detection(dets: tuple[Detection, ...], size: int,
+                     classes: tuple[DiscClass, ...] = MORPHOLOGY) -> Detection | None:
     """The most confident detection of ``classes`` covering the image centre (or nearest it)."""
     c = size // 2
     cands = [d for d in dets if d.class_name in {k.value for k in classes}]

@@ -69,7 +69,7 @@ def outer_radius(mask: np.ndarray, centre: tuple[float, float], angles: np.ndarr
     hit = np.zeros(ri.shape, dtype=bool)
     hit[valid] = mask[ri[valid], ci[valid]]
     any_hit = hit.any(axis=1)
-    last = hit.shape[1] - 1 - np.argmax(hit[:, ::-1], axis=1)
+    last = len(radii) - 1 - np.argmax(hit[:, ::-1], axis=1)
     return np.where(any_hit, radii[last], np.nan)
 
 

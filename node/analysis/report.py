@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -11,11 +12,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from node.analysis.study import StudyResult
-from node.analysis.views import View, ViewSpec, Windowing, disc_plane
+from node.analysis.study import DiscResult, StudyResult
+from node.analysis.views import disc_plane
 from node.analysis.volume import Volume
-from node.classes import CLASS_COLOURS
+from node.classes import CLASS_COLOURS, DiscClass
 from node.geometry import sample_plane
+from node.inference.interface import View, ViewSpec, Windowing
 
 TILE = 320
 
@@ -45,7 +47,8 @@ def write_json(result: StudyResult, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def outlined_tile(grey: np.ndarray, masks, caption: str, size: int = TILE) -> Image.Image:
+def outlined_tile(grey: np.ndarray, masks: Iterable[tuple[np.ndarray, DiscClass]], caption: str,
+                  size: int = TILE) -> Image.Image:
     """A greyscale slice with each ``(mask, DiscClass)`` outlined in its class colour,
     resized to ``size`` and captioned."""
     rgb = np.repeat(grey[..., None], 3, axis=2).copy()
@@ -57,7 +60,8 @@ def outlined_tile(grey: np.ndarray, masks, caption: str, size: int = TILE) -> Im
     return img
 
 
-def mid_slice(vol: Volume, disc, view: View, window: Windowing, spec: ViewSpec) -> tuple[np.ndarray, list]:
+def mid_slice(vol: Volume, disc: DiscResult, view: View, window: Windowing, spec: ViewSpec
+              ) -> tuple[np.ndarray, list[tuple[np.ndarray, DiscClass]]]:
     """The windowed mid slice of one view through a disc, and the model's ``(mask, class)``
     pairs drawn on it."""
     plane = disc_plane(view, disc.site.centre, disc.site.frame, spec)

@@ -461,7 +461,8 @@ def mean_profile(vol: Volume, line: np.ndarray, radius: float = 7.0) -> np.ndarr
     return ndimage.gaussian_filter1d(out, 1.0 / STEP_MM)
 
 
-def _valleys(profile: np.ndarray, min_depth: float, max_mm: float, lo: int = 0, hi: int | None = None):
+def _valleys(profile: np.ndarray, min_depth: float, max_mm: float, lo: int = 0, hi: int | None = None
+             ) -> list[tuple[tuple[int, int], float]]:
     """Valleys of the profile in ``[lo, hi)`` as ((start, end), depth).
 
     A valley's depth is measured against the lower of the highest points within

@@ -19,10 +19,11 @@ from node.analysis.fusion import (
 )
 from node.analysis.measure import BULGE_SHARE, EXTENDS_MM, disc_extension
 from node.analysis.spine import DiscSite, find_spine
-from node.analysis.views import View, disc_plane
+from node.analysis.views import disc_plane
 from node.analysis.volume import Volume, VolumeError
 from node.classes import DiscClass
 from node.geometry import Plane, sample_plane
+from node.inference.interface import View
 from node.inference.model import DiscModel
 
 log = logging.getLogger(__name__)

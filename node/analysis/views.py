@@ -1,46 +1,15 @@
 """Slices through a disc, parallel to it (axial) and across it (sagittal), as model input.
 
-The windowing and fields of view here are the ones the bundled model was trained with;
-a model's card repeats them, and inference must use the card's values.
+The fields of view are the model card's (`node.inference.interface.ViewSpec`): inference cuts
+the slices the card asks for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-
 import numpy as np
 
 from node.geometry import Plane
-
-
-class View(str, Enum):
-    AXIAL = "axial"
-    SAGITTAL = "sagittal"
-
-
-@dataclass(frozen=True)
-class Windowing:
-    """Greyscale window in HU (DICOM window centre and width)."""
-
-    center: float = 60.0
-    width: float = 600.0
-
-    def apply(self, hu: np.ndarray) -> np.ndarray:
-        lo = self.center - self.width / 2
-        return (np.clip((hu - lo) / self.width, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """Image size and physical field of view of the model's input slices."""
-
-    size: int = 512
-    axial_fov_mm: float = 80.0
-    sagittal_fov_mm: float = 100.0
-
-    def fov(self, view: View) -> float:
-        return self.axial_fov_mm if view is View.AXIAL else self.sagittal_fov_mm
+from node.inference.interface import View, ViewSpec
 
 
 def disc_plane(

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -270,7 +271,7 @@ def load_nifti(path: Path) -> Volume:
     """A NIfTI CT volume (HU) as a `Volume`, for research data that has no DICOM."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img: Any = nib.load(str(path))  # a NIfTI image: dataobj and affine
     hu = np.asarray(img.dataobj, dtype=np.float32)
     if hu.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got shape {hu.shape}")

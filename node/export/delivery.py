@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.db import Delivery, DeliveryState, Job, State, utcnow
+from node.db import Delivery, DeliveryState, Job, State, changed, utcnow
 from node.export.scu import SendError, address, send_files
 from node.jobs import audit, transition
 
@@ -70,9 +71,9 @@ def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor:
         dest = next((x for x in settings.destinations if x.name == d.destination), None)
         # hold the delivery for the length of the try, so that no other sender takes it
         hold = utcnow() + dt.timedelta(seconds=settings.sending.timeout_s * (len(files) + 2))
-        won = s.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
+        won = changed(s, update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
                                                Delivery.next_try_at <= utcnow())
-                        .values(next_try_at=hold, held_by=actor)).rowcount
+                        .values(next_try_at=hold, held_by=actor))
         s.commit()
         if won != 1:
             return False
@@ -114,7 +115,7 @@ def holder(d: Delivery) -> str | None:
     return d.held_by if d.state is DeliveryState.PENDING else None
 
 
-def release_dead_holds(session: Session, dead, actor: str) -> list[Delivery]:
+def release_dead_holds(session: Session, dead: Callable[[str], bool], actor: str) -> list[Delivery]:
     """PENDING deliveries held by a sender that is gone (``dead(holder)``) are due again now,
     not when the hold would have run out."""
     out = []

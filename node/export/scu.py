@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from node.config import TLS, Destination
 
@@ -37,7 +38,7 @@ def address(dest: Destination) -> str:
     return f"{dest.ae_title}@{dest.host}:{dest.port}"
 
 
-def _tls(tls: TLS | None, host: str):
+def _tls(tls: TLS | None, host: str) -> tuple[ssl.SSLContext, str] | None:
     if tls is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
@@ -47,7 +48,7 @@ def _tls(tls: TLS | None, host: str):
     return ctx, host
 
 
-def _associate(ae: AE, dest: Destination):
+def _associate(ae: AE, dest: Destination) -> Association:
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls(dest.tls, dest.host))
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"

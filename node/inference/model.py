@@ -7,16 +7,18 @@ runs on the GPU with half precision where there is one, on the CPU otherwise.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import yaml
 
-from node.analysis.views import ViewSpec, Windowing
 from node.calibration import Platt
 from node.classes import CLASS_NAMES
+from node.inference.interface import Detection, ViewSpec, Windowing
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +27,6 @@ CARD = "model.yaml"
 
 class ModelError(ValueError):
     """A model folder that cannot be used, with the reason."""
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One instance found in one image."""
-
-    class_id: int
-    confidence: float
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
-    mask: np.ndarray  # bool (h, w) in image pixels
-
-    @property
-    def class_name(self) -> str:
-        return CLASS_NAMES[self.class_id]
 
 
 @dataclass(frozen=True)
@@ -97,14 +85,23 @@ def pick_device(requested: str | None = None) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def offline_ultralytics() -> None:
+    """Keep ultralytics from reaching for the network (settings sync, fonts, hub)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics.utils import SETTINGS
+
+    try:
+        SETTINGS.update({"sync": False, "hub": False} if "hub" in SETTINGS else {"sync": False})  # type: ignore[no-untyped-call]
+    except OSError as exc:  # settings file not writable: YOLO_OFFLINE keeps it off the network
+        log.debug("ultralytics settings not written: %s", exc)
+
+
 class DiscModel:
     """The YOLOv8-seg model of a bundle, ready for batched prediction."""
 
     def __init__(self, card: ModelCard, device: str | None = None) -> None:
-        from node.training.train import _offline
-
-        _offline()
-        from ultralytics import YOLO
+        offline_ultralytics()
+        from ultralytics import YOLO  # type: ignore[attr-defined]  # its public name, re-exported lazily
 
         self.card = card
         self.device = pick_device(device)
@@ -124,7 +121,7 @@ class DiscModel:
                                          verbose=False, retina_masks=True, batch=len(rgb),
                                          **({"half": True} if self.half else {}))
         out = []
-        for res in results:
+        for res in cast(list[Any], results):  # ultralytics Results
             dets = []
             if res.boxes is not None and len(res.boxes):
                 cls = res.boxes.cls.cpu().numpy().astype(int)
@@ -133,7 +130,8 @@ class DiscModel:
                 masks = res.masks.data.cpu().numpy() > 0.5 if res.masks is not None else None
                 for i in range(len(cls)):
                     m = masks[i] if masks is not None else np.zeros(res.orig_shape, bool)
-                    dets.append(Detection(int(cls[i]), float(confs[i]), tuple(float(v) for v in xyxy[i]), m))
+                    x0, y0, x1, y1 = (float(v) for v in xyxy[i])
+                    dets.append(Detection(int(cls[i]), float(confs[i]), (x0, y0, x1, y1), m))
             out.append(dets)
         return out
 

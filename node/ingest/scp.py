@@ -21,6 +21,7 @@ import queue
 import threading
 import uuid
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
@@ -31,12 +32,14 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Settings
 from node.ingest import spool
-from node.ingest.guard import GuardedAE
+from node.ingest.guard import GuardedAE, GuardedServer
 from node.jobs import CT_STORAGE, ReceivedInstance, association_released, record_instance
 
 log = logging.getLogger(__name__)
@@ -154,7 +157,7 @@ class Receiver:
         self.settings = settings
         self.sessions = sessions
         self.actor = actor
-        self.server = None
+        self.server: GuardedServer | None = None
         self.recorder: _Recorder | None = None
         self._open: dict[str, set[str]] = {}  # association -> series it has carried
         self._lock = threading.Lock()
@@ -175,6 +178,8 @@ class Receiver:
         # storage class uncompressed, only to be recorded and skipped. pynetdicom copies the
         # whole list for each association, so it is kept short.
         for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is None:
+                continue
             ct = cx.abstract_syntax in CT_STORAGE
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES if ct else UNCOMPRESSED)
         self.ae = ae
@@ -202,30 +207,30 @@ class Receiver:
 
     # -- handlers ----------------------------------------------------------------------
     @staticmethod
-    def _assoc_id(assoc) -> str:
+    def _assoc_id(assoc: Association) -> str:
         if not hasattr(assoc, "_idaics_id"):
-            assoc._idaics_id = uuid.uuid4().hex
-        return assoc._idaics_id
+            setattr(assoc, "_idaics_id", uuid.uuid4().hex)
+        return str(getattr(assoc, "_idaics_id"))
 
-    def _on_echo(self, event) -> int:
+    def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
-    def _on_rejected(self, event) -> None:
+    def _on_rejected(self, event: evt.Event) -> None:
         req = event.assoc.requestor
         log.warning("association from %s (%s) rejected", req.ae_title, req.address)
 
-    def _on_released(self, event) -> None:
+    def _on_released(self, event: evt.Event) -> None:
         done = self._close(event.assoc)
         if done:
             with self.sessions() as s:
                 association_released(s, done)
                 s.commit()
 
-    def _on_aborted(self, event) -> None:
+    def _on_aborted(self, event: evt.Event) -> None:
         log.warning("association from %s aborted", event.assoc.requestor.ae_title)
         self._close(event.assoc)  # its series complete after the quiet time only
 
-    def _close(self, assoc) -> list[str]:
+    def _close(self, assoc: Association) -> list[str]:
         """Forget an association; the series it carried that no other open association is
         still carrying (a sender may use several associations for one series)."""
         with self._lock:
@@ -233,7 +238,7 @@ class Receiver:
             busy = set().union(*self._open.values()) if self._open else set()
         return sorted(mine - busy)
 
-    def _on_store(self, event) -> int | tuple[int, Dataset]:
+    def _on_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
         calling = str(event.assoc.requestor.ae_title).strip()
         free = spool.free_mb(self.settings.spool_dir)
         if free < self.settings.receiver.min_free_mb:
@@ -247,12 +252,13 @@ class Receiver:
                 raise ValueError(cut)
             sop_uid = spool.check_uid(ds.SOPInstanceUID, "SOPInstanceUID")
             path = spool.instance_path(self.settings.spool_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid)
-            if sop_uid != str(event.request.AffectedSOPInstanceUID).strip():
+            request = cast(C_STORE, event.request)
+            if sop_uid != str(request.AffectedSOPInstanceUID).strip():
                 raise ValueError("the dataset's SOPInstanceUID differs from the request's")
             pos, thick, iop = _geometry(ds)
             frames = int(ds.get("NumberOfFrames") or 1)
-            info = dict(
-                sop_class_uid=str(event.request.AffectedSOPClassUID), sop_instance_uid=sop_uid,
+            info: dict[str, Any] = dict(
+                sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=sop_uid,
                 series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
                 modality=_text(ds, "Modality", 16), study_date=_text(ds, "StudyDate", 8),
                 series_description=_text(ds, "SeriesDescription"), body_part=_text(ds, "BodyPartExamined", 16),
@@ -272,6 +278,8 @@ class Receiver:
             got = ReceivedInstance(path=str(path), size=len(data), calling_aet=calling,
                                    called_aet=self.settings.receiver.ae_title,
                                    association=self._assoc_id(event.assoc), **info)
+            if self.recorder is None:
+                raise RuntimeError("the listener is stopped")
             self.recorder.record(got)
             with self._lock:
                 self._open.setdefault(got.association, set()).add(got.series_uid)

@@ -20,9 +20,13 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ def backup(path: Path, revision: str | None) -> Path:
     return dest
 
 
-def _config(conn: Connection):
+def _config(conn: Connection) -> Config:
     from alembic.config import Config
 
     cfg = Config()

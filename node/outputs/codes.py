@@ -13,6 +13,7 @@ Sources:
 
 from __future__ import annotations
 
+from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from node.classes import DiscClass
@@ -76,9 +77,8 @@ MM2 = Code("mm2", "UCUM", "mm2")
 PERCENT = Code("%", "UCUM", "%")
 
 
-def declare_local_scheme(ds) -> None:
+def declare_local_scheme(ds: Dataset) -> None:
     """Declare the local scheme in the object (Coding Scheme Identification Sequence)."""
-    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
     item = Dataset()

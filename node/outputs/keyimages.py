@@ -8,6 +8,9 @@ says the picture is an AI result, not for diagnosis.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, cast
+
 import highdicom as hd
 import numpy as np
 from PIL import ImageDraw, ImageFont
@@ -16,8 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from node.analysis.report import mid_slice, outlined_tile
 from node.analysis.study import StudyResult
-from node.analysis.views import View
 from node.analysis.volume import Volume
+from node.classes import DiscClass
+from node.inference.interface import View
 from node.inference.model import ModelCard
 from node.outputs.settings import OutputSettings
 
@@ -31,7 +35,7 @@ SIZE = 512
 ORIENTATION = {View.AXIAL: ("L", "P"), View.SAGITTAL: ("P", "F")}
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
@@ -43,7 +47,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 EDGE_LETTERS = {View.AXIAL: ("R", "L", "A", "P"), View.SAGITTAL: ("A", "P", "H", "F")}
 
 
-def draw(grey: np.ndarray, masks, caption: str, view: View = View.AXIAL) -> np.ndarray:
+def draw(grey: np.ndarray, masks: Iterable[tuple[np.ndarray, DiscClass]], caption: str,
+         view: View = View.AXIAL) -> np.ndarray:
     """RGB picture: the slice with masks outlined, the banner along the top and again along
     the bottom (a viewer's overlays, its cine bar among them, cover at most one of them),
     the caption above the lower banner, and orientation letters at the edges."""
@@ -71,7 +76,7 @@ def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings
         return []
     series_uid = hd.UID()
     ref = vol.instances[0]
-    out = []
+    out: list[Dataset] = []
     for d in result.discs:
         for view in (View.AXIAL, View.SAGITTAL):
             grey, masks = mid_slice(vol, d, view, card.windowing, card.views)
@@ -89,7 +94,8 @@ def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings
                 sop_instance_uid=hd.UID(),
                 instance_number=len(out) + 1,
                 manufacturer=settings.manufacturer,
-                pixel_spacing=(card.views.fov(view) / SIZE,) * 2,  # the field of view over SIZE pixels
+                # the field of view over SIZE pixels (highdicom's hint says int; it takes mm)
+                pixel_spacing=cast(Any, (card.views.fov(view) / SIZE,) * 2),
                 patient_orientation=ORIENTATION[view],
                 series_description=SERIES_DESCRIPTION,
                 institution_name=settings.institution_name,

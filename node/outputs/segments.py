@@ -29,9 +29,9 @@ from scipy import ndimage
 
 from node.analysis.measure import EXTENDS_MM
 from node.analysis.study import DiscResult, MaskOnPlane, StudyResult
-from node.analysis.views import View
 from node.classes import DiscClass
 from node.geometry import Grid, Plane, plane_mask_voxels
+from node.inference.interface import View
 from node.masks import fill_holes, largest_component, opening
 
 #: Voxels brighter than this are bone, never disc.

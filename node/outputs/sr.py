@@ -25,6 +25,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.analysis.study import DiscResult, StudyResult
@@ -51,7 +52,7 @@ def level_identifier(disc: DiscResult) -> str:
 def _measurements(disc: DiscResult, part: Part | None, confidence: tuple[DiscClass, float] | None
                   ) -> list[hd.sr.Measurement]:
     m = disc.measurements
-    values: list[tuple[hd.sr.CodedConcept | codes.Code, float | None, codes.Code]] = []
+    values: list[tuple[hd.sr.CodedConcept | Code, float | None, Code]] = []
     if part in (Part.DISC, None):
         values += [(codes.HEIGHT, m.height_mm, codes.MM), (codes.AREA, m.disc_area_mm2, codes.MM2)]
     if part in (Part.DISC, Part.EXTENSION, None):
@@ -121,7 +122,7 @@ def _polyline(vol: Volume, pts: np.ndarray, k: float) -> hd.sr.ImageRegion:
                              source_image=_source(vol, _nearest_slice(vol, k)))
 
 
-def _finding(seg: Segment | None) -> tuple[codes.Code | None, codes.Code | None]:
+def _finding(seg: Segment | None) -> tuple[Code | None, Code | None]:
     """(finding type, finding category) of a group."""
     if seg is None:
         return None, None
@@ -228,7 +229,7 @@ def _document(groups: Sequence, comments: Sequence[str], evidence: Sequence[Data
     return _sr_object(report[0], evidence, settings, series_number, description, previous)
 
 
-def _texts(section: codes.Code, name: codes.Code, lines: Sequence[str]) -> hd.sr.ContainerContentItem:
+def _texts(section: Code, name: Code, lines: Sequence[str]) -> hd.sr.ContainerContentItem:
     """A container ``section`` holding each line as a TEXT item ``name``."""
     box = hd.sr.ContainerContentItem(name=section, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     box.ContentSequence = hd.sr.ContentSequence([

@@ -47,7 +47,7 @@ def _ellipse_radius(theta: np.ndarray, a: float, b: float) -> np.ndarray:
     return 1.0 / np.sqrt((np.cos(theta) / a) ** 2 + (np.sin(theta) / b) ** 2)
 
 
-def _box(grid: Grid, centre: np.ndarray, frame: np.ndarray, lo: tuple, hi: tuple):
+def _box(grid: Grid, centre: np.ndarray, frame: np.ndarray, lo: tuple, hi: tuple) -> tuple[slice, ...] | None:
     """Index slices of the axis-aligned box holding a box given in a local frame."""
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     idx = grid.to_index(corners @ frame.T + centre)

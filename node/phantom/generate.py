@@ -7,10 +7,11 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from node.analysis.measure import disc_extension
+from node.analysis.measure import Extension, disc_extension
 from node.analysis.volume import Volume
 from node.classes import DiscClass
 from node.geometry import Grid, Plane, axial_grid, sample_plane
@@ -54,7 +55,7 @@ def measure_against_vertebrae(
     down_mm: float,
     upper_code: int,
     lower_code: int,
-):
+) -> Extension:
     """Measure a disc's extension in its mid plane against its two vertebral bodies.
 
     The vertebral edge is the union of the bodies' outlines in planes 1.5 to 4.5 mm past
@@ -151,7 +152,7 @@ def _skeleton_truth(plan: StudyPlan, grid: Grid) -> dict:
     }
 
 
-def phantom_volume(seed: int, index: int, *, slices: int | None = None, **plan_kw) -> tuple[Volume, dict]:
+def phantom_volume(seed: int, index: int, *, slices: int | None = None, **plan_kw: Any) -> tuple[Volume, dict]:
     """The HU volume a study's series holds (rounded as its stored integers are), without
     writing or reading the series, with the truth the spine finder is judged on: each
     level's centre and normal, the skeleton and the scanner's slice spacing."""
@@ -170,7 +171,7 @@ def phantom_volume(seed: int, index: int, *, slices: int | None = None, **plan_k
     return vol, truth
 
 
-def generate_study(out: Path, seed: int, index: int, *, slices: int | None = None, **plan_kw) -> GeneratedStudy:
+def generate_study(out: Path, seed: int, index: int, *, slices: int | None = None, **plan_kw: Any) -> GeneratedStudy:
     """Generate one study into ``out/study-SEED-INDEX``."""
     plan = plan_study(seed, index, slices=slices, **plan_kw)
     grid = study_grid(plan)
@@ -256,7 +257,8 @@ class Labels:
 
 def load_labels(folder: Path) -> Labels:
     with np.load(folder / LABELS_FILE) as z:
-        shape = tuple(int(x) for x in z["shape"])
+        a, b, c = (int(x) for x in z["shape"])
+        shape = (a, b, c)
         off = [int(x) for x in z["offset"]]
         out = {}
         for name in ("disc_class", "disc_level", "vertebra"):
@@ -272,7 +274,8 @@ def _one(args: tuple) -> Path:
     return generate_study(out, seed, index, **kw).folder
 
 
-def generate_studies(out: Path, studies: int, seed: int, *, workers: int = 1, progress: bool = True, **kw) -> list[Path]:
+def generate_studies(out: Path, studies: int, seed: int, *, workers: int = 1, progress: bool = True,
+                     **kw: Any) -> list[Path]:
     """Generate ``studies`` studies from ``seed`` into ``out`` (one folder each)."""
     from tqdm import tqdm
 

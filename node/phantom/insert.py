@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from node.analysis.measure import BULGE_SHARE, disc_extension
+from node.analysis.measure import BULGE_SHARE, Extension, disc_extension
 from node.analysis.volume import Volume
 from node.classes import DiscClass
 from node.geometry import Grid, Plane, fit_plane, frame_from_normal, sample_plane
@@ -317,7 +317,8 @@ def base_levels(base: BaseCT) -> list[LevelAnatomy]:
     return out
 
 
-def _local(base: BaseCT, lv: LevelAnatomy, reach_mm: float):
+def _local(base: BaseCT, lv: LevelAnatomy, reach_mm: float) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray,
+                                                                   np.ndarray, np.ndarray, np.ndarray]:
     """Voxel box around a disc and each voxel's (u, v, w, angle index, radius) in its frame."""
     c = base.grid.to_index(lv.centre[None])[0]
     sp = np.array(base.grid.spacing)
@@ -412,7 +413,7 @@ def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Dr
         src[...] = (1 - mc) * src + mc * (lv.disc_hu + noise)
         node = (cavity > 0.5) & (depth_in > 0)
     hu[box] = src
-    return Drawn(box, disc, node)
+    return Drawn((box[0], box[1], box[2]), disc, node)
 
 
 # -- planning and writing studies -------------------------------------------------------------
@@ -453,7 +454,7 @@ def plan_lesions(levels: list[LevelAnatomy], rng: np.random.Generator, *, untouc
     return out
 
 
-def _measure(base: BaseCT, lv: LevelAnatomy, disc_level: np.ndarray, code: int):
+def _measure(base: BaseCT, lv: LevelAnatomy, disc_level: np.ndarray, code: int) -> Extension:
     plane = Plane(lv.centre, lv.frame[:, 0], lv.frame[:, 1], MEASURE_PX, MEASURE_MM)
     disc = sample_plane(disc_level, base.grid, plane, order=0) == code
     yy, xx = np.mgrid[:MEASURE_PX, :MEASURE_PX]
@@ -530,7 +531,10 @@ def _one_variant(base: BaseCT, levels: list[LevelAnatomy], out: Path, seed: int,
         entries.append(entry)
     folder = out / f"{base.name}-{seed}-{index:04d}"
     folder.mkdir(parents=True, exist_ok=True)
-    uid = lambda what: generate_uid(entropy_srcs=["idaics-inserted", base.name, str(seed), str(index), what])  # noqa: E731
+
+    def uid(what: str) -> str:
+        return str(generate_uid(entropy_srcs=["idaics-inserted", base.name, str(seed), str(index), what]))
+
     write_volume_series(hu, base.grid, folder / SERIES_DIR, uid=uid, patient=f"{base.name}-{seed}-{index}",
                         description=f"{base.name} with inserted disc lesions")
     truth = {

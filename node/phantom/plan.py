@@ -431,7 +431,8 @@ CONTRAST_RATE = 0.4
 
 
 def _draw_skeleton(rng: np.random.Generator, scanner: Scanner, vertebrae: tuple[Vertebra, ...],
-                   first: tuple[float, float, float], *, forced_slices: bool, coverage: float):
+                   first: tuple[float, float, float], *, forced_slices: bool, coverage: float
+                   ) -> tuple[Skeleton, Scanner, tuple[Vertebra, ...], tuple[float, float, float]]:
     """Ribs, pelvis, sacral segments, vessels and bone quality; 5 mm slices (where the slice
     count is not forced) and fields of view that cut the sacrum."""
     u = rng.random()

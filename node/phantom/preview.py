@@ -9,10 +9,11 @@ import numpy as np
 from PIL import Image
 
 from node.analysis.report import TILE, outlined_tile
-from node.analysis.views import View, ViewSpec, Windowing, disc_plane
+from node.analysis.views import disc_plane
 from node.analysis.volume import Volume, load_folder
 from node.classes import DiscClass
 from node.geometry import Plane, sample_plane
+from node.inference.interface import View, ViewSpec, Windowing
 from node.phantom.generate import SERIES_DIR, TRUTH_FILE, Labels, load_labels
 
 

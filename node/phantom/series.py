@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from node import __version__
 from node.geometry import Grid
@@ -85,7 +86,8 @@ def write_series(hu: np.ndarray, grid: Grid, plan: StudyPlan, folder: Path) -> l
     return _write_slices(hu, grid, ds, lambda what: phantom_uid(plan, what), plan.scanner.rescale_intercept, folder)
 
 
-def write_volume_series(hu: np.ndarray, grid: Grid, folder: Path, *, uid, patient: str, description: str,
+def write_volume_series(hu: np.ndarray, grid: Grid, folder: Path, *, uid: Callable[[str], str], patient: str,
+                        description: str,
                         rescale_intercept: float = -1024.0) -> list[Path]:
     """Write any HU volume on an axial-ish grid as a CT series (a real CT with inserted lesions).
 
@@ -125,7 +127,8 @@ def write_volume_series(hu: np.ndarray, grid: Grid, folder: Path, *, uid, patien
     return _write_slices(hu, grid, ds, uid, rescale_intercept, folder)
 
 
-def _write_slices(hu: np.ndarray, grid: Grid, ds: Dataset, uid, rescale_intercept: float, folder: Path) -> list[Path]:
+def _write_slices(hu: np.ndarray, grid: Grid, ds: Dataset, uid: Callable[[str], str], rescale_intercept: float,
+                  folder: Path) -> list[Path]:
     """The geometry, the image pixel module and the rescale of ``ds`` from ``grid``, then one
     file per slice."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,7 +161,7 @@ def _write_slices(hu: np.ndarray, grid: Grid, ds: Dataset, uid, rescale_intercep
     paths = []
     for k in range(grid.shape[0]):
         pos = grid.to_patient(np.array([k, 0, 0]))
-        sop = uid(f"slice-{k}")
+        sop = UID(uid(f"slice-{k}"))
         meta.MediaStorageSOPInstanceUID = sop
         ds.SOPInstanceUID = sop
         ds.InstanceNumber = k + 1

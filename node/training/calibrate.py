@@ -105,7 +105,7 @@ def calibrate_from_rows(rows: list[dict], out_png: Path | None = None, title: st
     found = [r for r in rows if r["found"] and r["predicted"]]
     fit, test = split_by_study(found)
 
-    def arrays(rs):
+    def arrays(rs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         return (np.array([r["confidence"] for r in rs]),
                 np.array([primary(r["truth"]) == primary(r["predicted"]) for r in rs], dtype=float))
 

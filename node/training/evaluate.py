@@ -13,8 +13,10 @@ class detected. An image with no detection is counted under ``none``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -41,7 +43,7 @@ def _label_classes(label_file: Path) -> set[DiscClass]:
     return {DiscClass(CLASS_NAMES[int(line.split()[0])]) for line in label_file.read_text().splitlines() if line.strip()}
 
 
-def predict_image_class(result, centred: bool, conf: float = CONF) -> tuple[str, float]:
+def predict_image_class(result: Any, centred: bool, conf: float = CONF) -> tuple[str, float]:
     """Class of one ultralytics result, by the rule in the module docstring."""
     boxes = result.boxes
     if boxes is None or len(boxes) == 0:
@@ -72,15 +74,16 @@ def predict_image_class(result, centred: bool, conf: float = CONF) -> tuple[str,
 
 def evaluate_dataset(model_dir: Path, data_yaml: Path, *, split: str = "val", out: Path | None = None,
                      device: str | None = None, batch: int = 16) -> tuple[Metrics, list[ImageResult]]:
-    from node.training.train import CARD, WEIGHTS, _offline, choose_device
+    from node.inference.model import offline_ultralytics
+    from node.training.train import CARD, WEIGHTS, choose_device
 
     data = read_data_yaml(data_yaml)
     card = yaml.safe_load((Path(model_dir) / CARD).read_text()) if (Path(model_dir) / CARD).is_file() else {}
     weights = Path(model_dir) / card.get("weights", WEIGHTS) if Path(model_dir).is_dir() else Path(model_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
-    _offline()
-    from ultralytics import YOLO
+    offline_ultralytics()
+    from ultralytics import YOLO  # type: ignore[attr-defined]  # its public name, re-exported lazily
 
     model = YOLO(str(weights))
     imgsz = int(card.get("input_size", 512))
@@ -118,8 +121,9 @@ def evaluate_dataset(model_dir: Path, data_yaml: Path, *, split: str = "val", ou
     return metrics, results
 
 
-def primary(classes) -> str:
-    return most_severe({DiscClass(c) for c in classes}).value if classes else NONE
+def primary(classes: Iterable[str]) -> str:
+    found = {DiscClass(c) for c in classes}
+    return most_severe(found).value if found else NONE
 
 
 #: Size bins (mm) for sensitivity by lesion size: extension for bulges and protrusions,

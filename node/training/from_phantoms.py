@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from node.analysis.views import View, ViewSpec, Windowing, disc_plane
+from node.analysis.views import disc_plane
 from node.analysis.volume import load_folder
 from node.classes import DiscClass
 from node.geometry import sample_plane
+from node.inference.interface import View, ViewSpec, Windowing
 from node.phantom.generate import SERIES_DIR, TRUTH_FILE, load_labels
 from node.training.yolo import DatasetWriter, Sample, class_map_instances, split_studies
 

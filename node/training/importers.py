@@ -17,8 +17,8 @@ import pydicom
 import yaml
 from PIL import Image
 
-from node.analysis.views import Windowing
 from node.classes import DiscClass, most_severe, parse_class
+from node.inference.interface import Windowing
 from node.training.yolo import DatasetWriter, Instance, Sample, mask_polygons, split_studies
 
 IGNORE = "ignore"
@@ -132,7 +132,7 @@ def _frame_positions(seg: pydicom.Dataset) -> list[tuple[int, np.ndarray]]:
 
 
 def _ct_index(folders: list[Path]) -> list[pydicom.Dataset]:
-    out = []
+    out: list[pydicom.Dataset] = []
     for folder in folders:
         for p in sorted(folder.rglob("*")) if folder.is_dir() else [folder]:
             if not p.is_file():

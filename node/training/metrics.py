@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -123,7 +124,7 @@ def parse_confusion(text: str) -> np.ndarray:
     return np.array(rows)
 
 
-def plot_confusion(m: Metrics, path) -> None:
+def plot_confusion(m: Metrics, path: Path) -> None:
     """The confusion matrix as a PNG (no fonts or network needed)."""
     import matplotlib
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import logging
-import os
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from node.classes import CLASS_NAMES
+from node.inference.model import offline_ultralytics
 from node.training.data import read_data_yaml
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,6 @@ def choose_device(requested: str | None = None) -> str:
     return "0" if torch.cuda.is_available() else "cpu"
 
 
-def _offline() -> None:
-    """Keep ultralytics from reaching for the network (settings sync, fonts, hub)."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    from ultralytics.utils import SETTINGS
-
-    try:
-        SETTINGS.update({"sync": False, "hub": False} if "hub" in SETTINGS else {"sync": False})
-    except Exception:  # settings file not writable: the defaults still work offline
-        pass
-
-
 def plot_curves(results_csv: Path, out: Path) -> None:
     import matplotlib
 
@@ -97,8 +87,8 @@ def train(data_yaml: Path, out: Path, *, from_weights: Path | None = None, optio
         raise ValueError(f"{data.path}: no training images in {data.train}")
     if from_weights is not None and not Path(from_weights).is_file():
         raise FileNotFoundError(f"{from_weights}: weights to fine-tune from not found")
-    _offline()
-    from ultralytics import YOLO
+    offline_ultralytics()
+    from ultralytics import YOLO  # type: ignore[attr-defined]  # its public name, re-exported lazily
 
     device = choose_device(opts.device)
     start = time.time()
@@ -152,7 +142,7 @@ def train(data_yaml: Path, out: Path, *, from_weights: Path | None = None, optio
     return path
 
 
-def update_card(model_dir: Path, **fields) -> None:
+def update_card(model_dir: Path, **fields: Any) -> None:
     path = model_dir / CARD
     card = yaml.safe_load(path.read_text())
     card.update(fields)

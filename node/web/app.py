@@ -14,37 +14,25 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session
 
 from node.config import Settings
 from node.db import FINAL_STATES, Delivery, DeliveryState, Job, State, WorkerStatus, utcnow
 from node.ingest import spool
 from node.jobs import counts_by_state, resend, retry
 from node.web.metrics import metrics_text
+from node.web.view import NodeView
 
 STATIC = Path(__file__).parent / "static"
 #: Job ids are 64-bit integer keys (SQLite INTEGER, PostgreSQL BIGINT at most).
 MAX_JOB_ID = 2**63 - 1
 COOKIE = "idaics_session"
-
-
-@dataclass
-class NodeView:
-    """What the web app may know of the running node."""
-
-    settings: Settings
-    sessions: sessionmaker
-    receiver_listening: Callable[[], bool] = lambda: False
-    local_workers: Callable[[], int] = lambda: 0
-    deliver: Callable[[int], int] | None = None  # try a job's due deliveries now
 
 
 class Auth:
@@ -187,7 +175,7 @@ def create_app(view: NodeView, token: str | None) -> FastAPI:
         return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:"})
 
-    def get_job(db, job_id: int) -> Job:
+    def get_job(db: Session, job_id: int) -> Job:
         if not 1 <= job_id <= MAX_JOB_ID:  # beyond a 64-bit key no job is, nor can the database look
             raise HTTPException(404, f"no job {job_id}")
         job = db.get(Job, job_id)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from sqlalchemy import func, select
 
 from node.db import Delivery, Instance, Job
 from node.ingest import spool
 from node.jobs import counts_by_state
-
-if TYPE_CHECKING:
-    from node.web.app import NodeView
+from node.web.view import NodeView
 
 #: Bucket bounds (seconds) of the stage duration histograms.
 BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -25,7 +28,7 @@ class _Collector:
     def __init__(self, view: NodeView):
         self.view = view
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         with self.view.sessions() as db:
             received = db.execute(select(func.count(Instance.id))).scalar_one()
             counts = counts_by_state(db)

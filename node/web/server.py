@@ -7,25 +7,23 @@ import os
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import uvicorn
 
-from node.web.app import NodeView, create_app
-
-if TYPE_CHECKING:
-    from node.service import Node
+from node.config import Settings
+from node.web.app import create_app
+from node.web.view import NodeView
 
 log = logging.getLogger(__name__)
 
 
-def node_token(node: Node) -> str | None:
+def node_token(settings: Settings) -> str | None:
     """The configured token; with neither a token nor a user configured, one made for this
     node and kept in ``HOME/web-token`` (readable by its owner only), so the page is never open."""
-    web = node.settings.web
+    web = settings.web
     if web.token or (web.username and web.password):
         return web.token
-    path = node.settings.home / "web-token"
+    path = settings.home / "web-token"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -36,15 +34,14 @@ def node_token(node: Node) -> str | None:
 
 
 class WebServer:
-    def __init__(self, node: Node):
-        web = node.settings.web
-        self.token = node_token(node)
-        view = NodeView(node.settings, node.sessions, receiver_listening=lambda: node.receiver.listening,
-                        local_workers=node.workers_alive)
+    def __init__(self, view: NodeView):
+        web = view.settings.web
+        self.token = node_token(view.settings)
         self.app = create_app(view, self.token)
         config = uvicorn.Config(self.app, host=web.host, port=web.port, log_level="warning", access_log=False)
+        # run in a thread of its own, uvicorn leaves the signals alone (it takes them only in
+        # the main thread): the node handles them
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # the node handles signals
         self.thread = threading.Thread(target=self.server.run, name="idaics-web", daemon=True)
         self.host, self.port = web.host, web.port
 
