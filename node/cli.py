@@ -42,7 +42,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.slices is not None and not 150 <= args.slices <= 500:
         raise ValueError(f"--slices must be within 150-500, got {args.slices}")
     folders = generate_studies(
-        args.out, args.studies, args.seed, workers=args.workers, slices=args.slices,
+        args.out,
+        args.studies,
+        args.seed,
+        workers=args.workers,
+        slices=args.slices,
         co_occurrence=args.co_occurrence,
     )
     print(f"{len(folders)} studies written under {args.out}")
@@ -81,12 +85,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 2
     update_card(args.model, calibration=None)  # fit on the model's own fused confidence
     _, extra = evaluate_studies(args.model, studies, device=args.device, keep_rows=True)
-    entry = calibrate_from_rows(extra["discs"], args.model / "reliability.png",
-                                f"{args.model.name}: {len(studies)} held-out studies")
-    entry["data"] = args.description or f"{len(studies)} studies: " + ", ".join(sorted({s.parent.name for s in studies}))
+    entry = calibrate_from_rows(
+        extra["discs"],
+        args.model / "reliability.png",
+        f"{args.model.name}: {len(studies)} held-out studies",
+    )
+    entry["data"] = args.description or f"{len(studies)} studies: " + ", ".join(
+        sorted({s.parent.name for s in studies})
+    )
     update_card(args.model, calibration=entry)
-    print(f"Platt a={entry['a']} b={entry['b']}: ECE {entry['ece_before']} -> {entry['ece_after']} "
-          f"on {entry['measured_on_discs']} discs not used for the fit")
+    print(
+        f"Platt a={entry['a']} b={entry['b']}: ECE {entry['ece_before']} -> {entry['ece_after']} "
+        f"on {entry['measured_on_discs']} discs not used for the fit"
+    )
     return 0
 
 
@@ -110,14 +121,30 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
         studies = _studies_in(args.input)
         from node.training.from_phantoms import Randomise
 
-        writer = build_from_phantoms(studies, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                                     randomise=Randomise() if args.randomise else None)
+        writer = build_from_phantoms(
+            studies,
+            args.out,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            randomise=Randomise() if args.randomise else None,
+        )
     elif args.source == "labelme":
-        writer = importers.build_from_labelme(args.input, args.out, mapping=args.mapping,
-                                              val_fraction=args.val_fraction, seed=args.seed)
+        writer = importers.build_from_labelme(
+            args.input,
+            args.out,
+            mapping=args.mapping,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        )
     else:
-        writer = importers.build_from_seg(args.input, args.out, mapping=args.mapping, ct=args.ct,
-                                          val_fraction=args.val_fraction, seed=args.seed)
+        writer = importers.build_from_seg(
+            args.input,
+            args.out,
+            mapping=args.mapping,
+            ct=args.ct,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        )
     print(writer.summary())
     print(f"data.yaml: {args.out / 'data.yaml'}")
     return 0
@@ -127,10 +154,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from node.training.evaluate import evaluate_dataset
     from node.training.train import TrainOptions, train, update_card
 
-    opts = TrainOptions(epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, lr0=args.lr0, seed=args.seed,
-                        device=args.device, workers=args.workers, fraction=args.fraction, degrees=args.degrees)
-    card = train(args.data, args.out, from_weights=args.from_weights, options=opts,
-                 description=args.description or "", command="idaics " + " ".join(sys.argv[1:]))
+    opts = TrainOptions(
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        lr0=args.lr0,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+        fraction=args.fraction,
+        degrees=args.degrees,
+    )
+    card = train(
+        args.data,
+        args.out,
+        from_weights=args.from_weights,
+        options=opts,
+        description=args.description or "",
+        command="idaics " + " ".join(sys.argv[1:]),
+    )
     metrics, _ = evaluate_dataset(args.out, args.data, out=args.out, device=args.device)
     update_card(args.out, metrics={"per_image_val": _card_metrics(metrics)})
     print(metrics.table())
@@ -140,13 +182,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _card_metrics(m: Metrics) -> dict:
     return {
-        "images": m.n, "accuracy": round(float(m.accuracy), 4), "kappa": round(float(m.kappa), 4),
+        "images": m.n,
+        "accuracy": round(float(m.accuracy), 4),
+        "kappa": round(float(m.kappa), 4),
         "kappa_ci95": [round(float(x), 4) for x in m.kappa_ci95],
         "kappa_p": float(m.kappa_p),
-        "per_class": {c.label: {k: round(float(getattr(c, k)), 4)
-                                for k in ("support", "sensitivity", "specificity", "ppv", "npv", "youden")}
-                      for c in m.per_class},
-        "confusion": [list(r) for r in m.confusion], "labels": list(m.labels),
+        "per_class": {
+            c.label: {
+                k: round(float(getattr(c, k)), 4)
+                for k in ("support", "sensitivity", "specificity", "ppv", "npv", "youden")
+            }
+            for c in m.per_class
+        },
+        "confusion": [list(r) for r in m.confusion],
+        "labels": list(m.labels),
     }
 
 
@@ -160,19 +209,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not studies:
             raise ValueError(f"{args.studies}: no phantom studies (folders with truth.json)")
         metrics, extra = evaluate_studies(args.model, studies, out=args.out, device=args.device)
-        print(f"per disc level: {extra['levels_found']}/{extra['levels']} levels found (within 10 mm), "
-              f"{extra['levels_named']} of them named right; exact class sets {extra['exact_class_sets']}/{extra['levels']}")
+        print(
+            f"per disc level: {extra['levels_found']}/{extra['levels']} levels found (within 10 mm), "
+            f"{extra['levels_named']} of them named right; exact class sets {extra['exact_class_sets']}/{extra['levels']}"
+        )
         for cls, bins in extra["sensitivity_by_size"].items():
-            print(f"{cls} found, by size: " + ", ".join(f"{k} {v['found']}/{v['lesions']}" for k, v in bins.items()))
+            print(
+                f"{cls} found, by size: "
+                + ", ".join(f"{k} {v['found']}/{v['lesions']}" for k, v in bins.items())
+            )
         print(metrics.table())
         s = extra["schmorl_present_vs_absent"]
-        print(f"Schmorl's node present/absent: sensitivity {s['per_class'][0]['sensitivity']:.3f}, "
-              f"specificity {s['per_class'][0]['specificity']:.3f}")
+        print(
+            f"Schmorl's node present/absent: sensitivity {s['per_class'][0]['sensitivity']:.3f}, "
+            f"specificity {s['per_class'][0]['specificity']:.3f}"
+        )
         return 0
     if not args.data:
         print("idaics evaluate: give --data DATA.yaml", file=sys.stderr)
         return 2
-    metrics, _ = evaluate_dataset(args.model, args.data, split=args.split, out=args.out, device=args.device)
+    metrics, _ = evaluate_dataset(
+        args.model, args.data, split=args.split, out=args.out, device=args.device
+    )
     print(metrics.table())
     if args.out:
         print(f"written: {args.out / 'metrics.json'}, {args.out / 'confusion_matrix.png'}")
@@ -296,8 +354,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _job_line(job: Job) -> str:
     stages = " ".join(f"{k[:4].lower()} {v:.1f}s" for k, v in (job.stage_seconds or {}).items())
-    return (f"{job.id:>5} {job.state.value:<9} {job.study_date or '-':<8} {(job.series_description or '-')[:28]:<28} "
-            f"{job.calling_aet:<16} {job.instances:>5}  {stages}  {job.reason or ''}")
+    return (
+        f"{job.id:>5} {job.state.value:<9} {job.study_date or '-':<8} {(job.series_description or '-')[:28]:<28} "
+        f"{job.calling_aet:<16} {job.instances:>5}  {stages}  {job.reason or ''}"
+    )
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -315,7 +375,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             q = select(Job).order_by(Job.id.desc()).limit(args.limit)
             if args.state:
                 q = q.where(Job.state == State(args.state.upper()))
-            print(f"{'id':>5} {'state':<9} {'date':<8} {'series':<28} {'calling AE':<16} {'inst':>5}  stages  reason")
+            print(
+                f"{'id':>5} {'state':<9} {'date':<8} {'series':<28} {'calling AE':<16} {'inst':>5}  stages  reason"
+            )
             for job in s.execute(q).scalars():
                 print(_job_line(job))
             return 0
@@ -324,12 +386,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             raise ValueError(f"no job {args.id}")
         if args.jobs_command == "show":
             print(_job_line(job))
-            print(f"study {job.study_uid}\nseries {job.series_uid}\noutputs {job.outputs_dir or '-'}")
+            print(
+                f"study {job.study_uid}\nseries {job.series_uid}\noutputs {job.outputs_dir or '-'}"
+            )
             if job.result:
                 print(table(job.result))
             for d in job.deliveries:
-                print(f"delivery {d.id} to {d.destination} ({d.address}): {d.state.value}, {d.attempts} attempt(s)"
-                      f"{', last error: ' + d.last_error if d.last_error else ''}")
+                print(
+                    f"delivery {d.id} to {d.destination} ({d.address}): {d.state.value}, {d.attempts} attempt(s)"
+                    f"{', last error: ' + d.last_error if d.last_error else ''}"
+                )
             for e in job.events:
                 print(f"  {e.at:%Y-%m-%d %H:%M:%S} {e.actor:<24} {e.event:<20} {e.detail or ''}")
             return 0
@@ -380,32 +446,54 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
-    return run_demo(home=args.home, slices=args.slices, pacs=args.pacs, keep_running=args.keep_running)
+    return run_demo(
+        home=args.home, slices=args.slices, pacs=args.pacs, keep_running=args.keep_running
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idaics", description="IDAICS lumbar disc node")
     p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--config", type=Path, default=None,
-                   help="node configuration (default: $IDAICS_CONFIG, else config/node.toml)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="node configuration (default: $IDAICS_CONFIG, else config/node.toml)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="generate phantom lumbar CT studies with known disc conditions")
+    s = sub.add_parser(
+        "synth", help="generate phantom lumbar CT studies with known disc conditions"
+    )
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--studies", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--slices", type=int, default=None, help="force the slice count (150-500)")
-    s.add_argument("--co-occurrence", type=float, default=0.15,
-                   help="rate of a Schmorl's node beside a bulge or protrusion")
+    s.add_argument(
+        "--co-occurrence",
+        type=float,
+        default=0.15,
+        help="rate of a Schmorl's node beside a bulge or protrusion",
+    )
     s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--base", type=Path, help="a real CT (NIfTI, HU) to insert disc lesions into, instead of phantoms")
+    s.add_argument(
+        "--base",
+        type=Path,
+        help="a real CT (NIfTI, HU) to insert disc lesions into, instead of phantoms",
+    )
     s.add_argument("--base-labels", type=Path, help="vertebra label map of --base, on its grid")
-    s.add_argument("--label-scheme", choices=["totalsegmentator", "verse"], default="totalsegmentator")
-    s.add_argument("--base-name", help="name of the base CT in study folders (default: its file name)")
+    s.add_argument(
+        "--label-scheme", choices=["totalsegmentator", "verse"], default="totalsegmentator"
+    )
+    s.add_argument(
+        "--base-name", help="name of the base CT in study folders (default: its file name)"
+    )
     s.add_argument("--pictures", type=Path, help="with --base: write before/after pictures here")
     s.set_defaults(func=cmd_synth)
 
-    r = sub.add_parser("render", help="axial and sagittal pictures of phantom studies with truth overlays")
+    r = sub.add_parser(
+        "render", help="axial and sagittal pictures of phantom studies with truth overlays"
+    )
     r.add_argument("studies", type=Path, nargs="+", help="study folders or folders of studies")
     r.add_argument("--out", type=Path, default=Path("previews"))
     r.set_defaults(func=cmd_render)
@@ -414,18 +502,31 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="dataset_command", required=True)
     b = dsub.add_parser("build", help="build a YOLO-seg dataset")
     b.add_argument("--source", choices=["phantoms", "labelme", "seg"], default="phantoms")
-    b.add_argument("input", type=Path, nargs="+",
-                   help="phantom study folders, LabelMe folders, or DICOM SEG files/folders")
+    b.add_argument(
+        "input",
+        type=Path,
+        nargs="+",
+        help="phantom study folders, LabelMe folders, or DICOM SEG files/folders",
+    )
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--mapping", type=Path, help="YAML/JSON: source label name -> class (labelme, seg)")
-    b.add_argument("--ct", type=Path, nargs="*", default=[], help="CT series folders for --source seg")
+    b.add_argument(
+        "--mapping", type=Path, help="YAML/JSON: source label name -> class (labelme, seg)"
+    )
+    b.add_argument(
+        "--ct", type=Path, nargs="*", default=[], help="CT series folders for --source seg"
+    )
     b.add_argument("--val-fraction", type=float, default=0.15)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--randomise", action="store_true",
-                   help="phantoms: jitter window, blur and noise per slice (domain randomisation)")
+    b.add_argument(
+        "--randomise",
+        action="store_true",
+        help="phantoms: jitter window, blur and noise per slice (domain randomisation)",
+    )
     b.set_defaults(func=cmd_dataset_build)
 
-    t = sub.add_parser("train", help="train a YOLOv8-seg disc model (defaults follow the IDAICS paper)")
+    t = sub.add_parser(
+        "train", help="train a YOLOv8-seg disc model (defaults follow the IDAICS paper)"
+    )
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/NAME")
     t.add_argument("--from", dest="from_weights", type=Path, help="weights to fine-tune from")
@@ -436,8 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None, help="cpu, 0, ... (default: GPU if there is one)")
     t.add_argument("--workers", type=int, default=2)
-    t.add_argument("--fraction", type=float, default=1.0, help="share of the training images to use")
-    t.add_argument("--degrees", type=float, default=0.0, help="random rotations up to this many degrees")
+    t.add_argument(
+        "--fraction", type=float, default=1.0, help="share of the training images to use"
+    )
+    t.add_argument(
+        "--degrees", type=float, default=0.0, help="random rotations up to this many degrees"
+    )
     t.add_argument("--description", help="what the training data is, for the model card")
     t.set_defaults(func=cmd_train)
 
@@ -447,41 +552,67 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path)
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.add_argument("--device", default=None)
-    a.add_argument("--objects", default=",".join(DEFAULT_OBJECTS),
-                   help=f"DICOM objects written under OUT/dicom: any of {','.join(OBJECTS)}, or none")
+    a.add_argument(
+        "--objects",
+        default=",".join(DEFAULT_OBJECTS),
+        help=f"DICOM objects written under OUT/dicom: any of {','.join(OBJECTS)}, or none",
+    )
     a.set_defaults(func=cmd_analyze)
 
-    e = sub.add_parser("evaluate", help="per-image metrics on a dataset split, or per-disc on phantom studies")
+    e = sub.add_parser(
+        "evaluate", help="per-image metrics on a dataset split, or per-disc on phantom studies"
+    )
     e.add_argument("--model", type=Path, required=True)
     e.add_argument("--data", type=Path)
-    e.add_argument("--studies", type=Path, help="per-disc evaluation against truth.json (needs analyze)")
+    e.add_argument(
+        "--studies", type=Path, help="per-disc evaluation against truth.json (needs analyze)"
+    )
     e.add_argument("--split", default="val", choices=["train", "val"])
     e.add_argument("--out", type=Path)
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_evaluate)
 
-    cal = sub.add_parser("calibrate", help="fit a model's confidence calibration on held-out studies")
+    cal = sub.add_parser(
+        "calibrate", help="fit a model's confidence calibration on held-out studies"
+    )
     cal.add_argument("--model", type=Path, required=True)
-    cal.add_argument("--studies", type=Path, nargs="+", required=True, help="studies with truth.json (or folders of them)")
+    cal.add_argument(
+        "--studies",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="studies with truth.json (or folders of them)",
+    )
     cal.add_argument("--device", default=None)
     cal.add_argument("--description", help="what the studies are, for the card")
     cal.set_defaults(func=cmd_calibrate)
 
-    m = sub.add_parser("metrics", help="accuracy, kappa and per-class metrics from a confusion matrix")
+    m = sub.add_parser(
+        "metrics", help="accuracy, kappa and per-class metrics from a confusion matrix"
+    )
     m.add_argument("--confusion", required=True, help='rows true, columns predicted: "19,2;2,26"')
     m.add_argument("--labels", required=True, help="comma-separated class labels in matrix order")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_metrics)
     db = sub.add_parser("db", help="the node's database: its schema revision, and upgrading it")
-    db.add_argument("action", choices=["upgrade", "current"],
-                    help="upgrade: bring the schema to this release's (a SQLite file is copied aside first); "
-                         "current: say which revision it is at")
+    db.add_argument(
+        "action",
+        choices=["upgrade", "current"],
+        help="upgrade: bring the schema to this release's (a SQLite file is copied aside first); "
+        "current: say which revision it is at",
+    )
     db.set_defaults(func=cmd_db)
-    sv = sub.add_parser("serve", help="run the node: DICOM listener, scheduler, workers, admin page")
-    sv.add_argument("--workers", type=int, default=None, help="worker processes (overrides the configuration)")
+    sv = sub.add_parser(
+        "serve", help="run the node: DICOM listener, scheduler, workers, admin page"
+    )
+    sv.add_argument(
+        "--workers", type=int, default=None, help="worker processes (overrides the configuration)"
+    )
     sv.set_defaults(func=cmd_serve)
 
-    wk = sub.add_parser("worker", help="run workers alone, against the configured database and spool")
+    wk = sub.add_parser(
+        "worker", help="run workers alone, against the configured database and spool"
+    )
     wk.add_argument("--count", type=int, default=1)
     wk.add_argument("--once", action="store_true", help="run at most one job, then exit")
     wk.set_defaults(func=cmd_worker)
@@ -489,8 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     jb = sub.add_parser("jobs", help="list, show, retry and resend jobs")
     jsub = jb.add_subparsers(dest="jobs_command", required=True)
     jl = jsub.add_parser("list")
-    jl.add_argument("--state", choices=[s.lower() for s in
-                                        ("RECEIVING", "QUEUED", "RUNNING", "SENDING", "DONE", "FAILED", "SKIPPED")])
+    jl.add_argument(
+        "--state",
+        choices=[
+            s.lower()
+            for s in ("RECEIVING", "QUEUED", "RUNNING", "SENDING", "DONE", "FAILED", "SKIPPED")
+        ],
+    )
     jl.add_argument("--limit", type=int, default=50)
     for name in ("show", "retry", "resend"):
         x = jsub.add_parser(name)
@@ -508,11 +644,16 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--calling-aet", default="IDAICS")
     se.set_defaults(func=cmd_send)
 
-    dm = sub.add_parser("demo", help="start a node on loopback, send it a phantom study, show what comes back")
+    dm = sub.add_parser(
+        "demo", help="start a node on loopback, send it a phantom study, show what comes back"
+    )
     dm.add_argument("--home", type=Path, default=Path("var/demo"))
     dm.add_argument("--slices", type=int, default=200)
-    dm.add_argument("--pacs", help="AE@HOST:PORT of a PACS (e.g. Orthanc) to receive the results; "
-                    "default: a receiver started by the demo")
+    dm.add_argument(
+        "--pacs",
+        help="AE@HOST:PORT of a PACS (e.g. Orthanc) to receive the results; "
+        "default: a receiver started by the demo",
+    )
     dm.add_argument("--keep-running", action="store_true", help="keep the node running afterwards")
     dm.set_defaults(func=cmd_demo)
 
@@ -523,8 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from node import logs
 
-    logs.setup(logging.DEBUG if args.verbose else logging.INFO,
-               logging.WARNING if args.command == "demo" and not args.verbose else None)
+    logs.setup(
+        logging.DEBUG if args.verbose else logging.INFO,
+        logging.WARNING if args.command == "demo" and not args.verbose else None,
+    )
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:  # includes VolumeError, ModelError, DataError

@@ -125,7 +125,7 @@ class Sending(BaseModel):
     threads: int = Field(default=4, ge=1)
     per_destination: int = Field(default=2, ge=1)
     #: How often the sender looks for due deliveries (it is also told when results are queued).
-    poll_seconds: float = Field(default=0.5, gt=0)
+    poll_seconds: float = Field(default=0.25, gt=0)
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after ``attempts`` failed tries: doubling, capped."""
@@ -157,15 +157,20 @@ class Outputs(BaseModel):
 
     def settings(self, device_serial_number: str) -> OutputSettings:
         return OutputSettings(
-            objects=tuple(self.objects), seg_series_number=self.seg_series_number,
-            sr_series_number=self.sr_series_number, key_images_series_number=self.key_images_series_number,
+            objects=tuple(self.objects),
+            seg_series_number=self.seg_series_number,
+            sr_series_number=self.sr_series_number,
+            key_images_series_number=self.key_images_series_number,
             volumetric_sr_series_number=self.volumetric_sr_series_number,
-            institution_name=self.institution_name, device_serial_number=device_serial_number,
+            institution_name=self.institution_name,
+            device_serial_number=device_serial_number,
         )
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IDAICS_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="IDAICS_", env_nested_delimiter="__", extra="forbid"
+    )
 
     #: Where the node keeps its state; relative paths below are resolved against it.
     home: Path = Path("var")
@@ -185,11 +190,14 @@ class Settings(BaseSettings):
     default_destinations: list[str] = []
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
     @model_validator(mode="after")
@@ -197,8 +205,10 @@ class Settings(BaseSettings):
         self.home = self.home.resolve()
         if not self.spool_dir.is_absolute():
             self.spool_dir = self.home / self.spool_dir
-        if self.database_url.startswith("sqlite:///") and not self.database_url.startswith("sqlite:////"):
-            rel = self.database_url[len("sqlite:///"):]
+        if self.database_url.startswith("sqlite:///") and not self.database_url.startswith(
+            "sqlite:////"
+        ):
+            rel = self.database_url[len("sqlite:///") :]
             if rel and rel != ":memory:":
                 self.database_url = f"sqlite:///{self.home / rel}"
         if not self.model.is_absolute():
@@ -206,8 +216,10 @@ class Settings(BaseSettings):
         names = {d.name for d in self.destinations}
         wanted = set(self.default_destinations) | {n for v in self.routes.values() for n in v}
         if wanted - names:
-            raise ValueError(f"unknown destination(s) {', '.join(sorted(wanted - names))}; "
-                             f"configured: {', '.join(sorted(names)) or 'none'}")
+            raise ValueError(
+                f"unknown destination(s) {', '.join(sorted(wanted - names))}; "
+                f"configured: {', '.join(sorted(names)) or 'none'}"
+            )
         OutputSettings(objects=tuple(self.outputs.objects))  # checks the names
         return self
 
@@ -223,5 +235,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     path = Path(path or os.environ.get("IDAICS_CONFIG") or DEFAULT_CONFIG)
     if not path.is_file():
         raise FileNotFoundError(f"configuration file {path} not found")
-    cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    cls = type(
+        "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
+    )
     return cls(**overrides)

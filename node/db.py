@@ -99,11 +99,15 @@ class Job(Base):
     outputs_dir: Mapped[str | None] = mapped_column(Text)
     instances_deleted: Mapped[bool] = mapped_column(default=False)
 
-    received: Mapped[list[Instance]] = relationship(back_populates="job", cascade="all, delete-orphan")
-    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", cascade="all, delete-orphan",
-                                                      order_by="Delivery.id")
-    events: Mapped[list[AuditEvent]] = relationship(back_populates="job", cascade="all, delete-orphan",
-                                                    order_by="AuditEvent.id")
+    received: Mapped[list[Instance]] = relationship(
+        back_populates="job", cascade="all, delete-orphan"
+    )
+    deliveries: Mapped[list[Delivery]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Delivery.id"
+    )
+    events: Mapped[list[AuditEvent]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="AuditEvent.id"
+    )
 
 
 class Instance(Base):
@@ -135,7 +139,9 @@ class Delivery(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     address: Mapped[str] = mapped_column(String(300))  # AE@host:port, as it was when queued
-    state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState, native_enum=False, length=16), index=True)
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, native_enum=False, length=16), index=True
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_try_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text)

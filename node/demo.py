@@ -54,24 +54,33 @@ class ResultReceiver:
 
     def _store(self, event: evt.Event) -> int:
         ds = event.dataset
-        path = (self.folder / spool.check_uid(ds.SeriesInstanceUID, "SeriesInstanceUID")
-                / f"{ds.Modality}-{spool.check_uid(ds.SOPInstanceUID, 'SOPInstanceUID')}.dcm")
+        path = (
+            self.folder
+            / spool.check_uid(ds.SeriesInstanceUID, "SeriesInstanceUID")
+            / f"{ds.Modality}-{spool.check_uid(ds.SOPInstanceUID, 'SOPInstanceUID')}.dcm"
+        )
         spool.write_atomic(path, event.encoded_dataset())
         with self._lock:
             self.files.append(path)
         return 0x0000
 
     def start(self) -> None:
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
 
     def stop(self) -> None:
         if self.server:
             self.server.shutdown()
 
 
-def run_demo(home: Path, slices: int = 200, pacs: str | None = None, keep_running: bool = False,
-             timeout_s: float = 600) -> int:
+def run_demo(
+    home: Path,
+    slices: int = 200,
+    pacs: str | None = None,
+    keep_running: bool = False,
+    timeout_s: float = 600,
+) -> int:
     home = home.resolve()
     receiver = None
     if pacs:
@@ -81,12 +90,19 @@ def run_demo(home: Path, slices: int = 200, pacs: str | None = None, keep_runnin
         receiver.start()
         dest = parse_address(f"{receiver.ae_title}@127.0.0.1:{receiver.port}", name="demo-pacs")
     settings = Settings(
-        home=home, database_url="sqlite:///demo.db",
-        receiver=Receiver(ae_title="IDAICS", host="127.0.0.1", port=free_port(), allowed_calling_aets=["DEMO_CT"],
-                          min_free_mb=100),
+        home=home,
+        database_url="sqlite:///demo.db",
+        receiver=Receiver(
+            ae_title="IDAICS",
+            host="127.0.0.1",
+            port=free_port(),
+            allowed_calling_aets=["DEMO_CT"],
+            min_free_mb=100,
+        ),
         series=SeriesRules(quiet_seconds=3),
         web=Web(host="127.0.0.1", port=free_port()),
-        destinations=[dest], default_destinations=[dest.name],
+        destinations=[dest],
+        default_destinations=[dest.name],
     )
     node = Node(settings)
     node.start()
@@ -114,8 +130,10 @@ def run_demo(home: Path, slices: int = 200, pacs: str | None = None, keep_runnin
         if job is None or job.state not in FINAL_STATES:
             print("the job did not finish in time; see `idaics jobs list`")
             return 1
-        print(f"job {job.id}: {job.state.value} {job.reason or ''} ({time.perf_counter() - sent_at:.1f} s after "
-              "the last instance was sent)")
+        print(
+            f"job {job.id}: {job.state.value} {job.reason or ''} ({time.perf_counter() - sent_at:.1f} s after "
+            "the last instance was sent)"
+        )
         if job.result:
             print(table(job.result))
         print(f"results in the node's outbox: {job.outputs_dir}")
@@ -125,8 +143,11 @@ def run_demo(home: Path, slices: int = 200, pacs: str | None = None, keep_runnin
             for p in receiver.files:
                 kinds[p.name.split("-")[0]] = kinds.get(p.name.split("-")[0], 0) + 1
             names = {"SEG": "SEG", "SR": "SR", "OT": "key images"}
-            print(f"received at {dest.ae_title}: " + ", ".join(f"{n} {names.get(k, k)}" for k, n in sorted(kinds.items()))
-                  + f", under {receiver.folder}")
+            print(
+                f"received at {dest.ae_title}: "
+                + ", ".join(f"{n} {names.get(k, k)}" for k, n in sorted(kinds.items()))
+                + f", under {receiver.folder}"
+            )
         if keep_running:
             print("the node keeps running; Ctrl-C stops it")
             node.stopped.wait()

@@ -139,11 +139,15 @@ def sample_plane(
     i, j = np.mgrid[0 : plane.size, 0 : plane.size]
     lps = plane.pixel_to_patient(np.stack([i, j], axis=-1).reshape(-1, 2))
     idx = grid.to_index(lps).T
-    out = ndimage.map_coordinates(volume, idx, order=order, mode="constant", cval=fill, prefilter=False)
+    out = ndimage.map_coordinates(
+        volume, idx, order=order, mode="constant", cval=fill, prefilter=False
+    )
     return out.reshape(plane.size, plane.size)
 
 
-def plane_mask_voxels(mask: np.ndarray, plane: Plane, half_thickness_mm: float, grid: Grid) -> np.ndarray:
+def plane_mask_voxels(
+    mask: np.ndarray, plane: Plane, half_thickness_mm: float, grid: Grid
+) -> np.ndarray:
     """The voxels of ``grid`` that a 2D mask on ``plane`` covers, as ``(n, 3)`` indices (k, r, c).
 
     A voxel belongs to the mask when its centre lies within ``half_thickness_mm`` of the
@@ -156,17 +160,23 @@ def plane_mask_voxels(mask: np.ndarray, plane: Plane, half_thickness_mm: float, 
         return np.zeros((0, 3), dtype=np.int64)
     t = max(half_thickness_mm, 0.5 * max(grid.spacing))
     r0, r1, c0, c1 = rows.min() - 1, rows.max() + 1, cols.min() - 1, cols.max() + 1
-    corners = plane.pixel_to_patient(np.array([[r0, c0], [r0, c1], [r1, c0], [r1, c1]], dtype=float))
+    corners = plane.pixel_to_patient(
+        np.array([[r0, c0], [r0, c1], [r1, c0], [r1, c1]], dtype=float)
+    )
     corners = np.concatenate([corners + t * plane.normal, corners - t * plane.normal])
     idx = grid.to_index(corners)
     lo = np.maximum(np.floor(idx.min(axis=0)).astype(int), 0)
     hi = np.minimum(np.ceil(idx.max(axis=0)).astype(int) + 1, grid.shape)
     if np.any(hi <= lo):
         return np.zeros((0, 3), dtype=np.int64)
-    box = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), axis=-1).reshape(-1, 3)
+    box = np.stack(
+        np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), axis=-1
+    ).reshape(-1, 3)
     rcd = plane.patient_to_pixel(grid.to_patient(box))
     ij = np.rint(rcd[:, :2]).astype(int)
-    inside = (np.abs(rcd[:, 2]) <= t) & (ij >= 0).all(axis=1) & (ij < np.array(mask.shape)).all(axis=1)
+    inside = (
+        (np.abs(rcd[:, 2]) <= t) & (ij >= 0).all(axis=1) & (ij < np.array(mask.shape)).all(axis=1)
+    )
     hit = np.zeros(len(box), dtype=bool)
     hit[inside] = mask[ij[inside, 0], ij[inside, 1]]
     return box[hit]

@@ -9,59 +9,32 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from node.config import SeriesRules
 from node.db import AuditEvent, Delivery, DeliveryState, Instance, Job, State, changed, utcnow
+from node.ingest.series import ReceivedInstance, evenly_stacked, skip_reason
 
 log = logging.getLogger(__name__)
 
-CT_STORAGE = {
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
-}
-MAX_OFF_AXIS_DEG = 30.0
-EVEN_SPREAD = 0.05
 
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    """What the receiver learnt about one stored instance."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_uid: str
-    study_uid: str
-    path: str
-    size: int
-    calling_aet: str
-    called_aet: str
-    association: str
-    modality: str | None = None
-    study_date: str | None = None
-    series_description: str | None = None
-    body_part: str | None = None
-    patient_name: str | None = None
-    patient_id: str | None = None
-    position: float | None = None
-    slice_thickness: float | None = None
-    orientation: str | None = None
-    frames: int = 1
-
-
-def audit(session: Session, job: Job | None, actor: str, event: str, detail: str | None = None) -> None:
+def audit(
+    session: Session, job: Job | None, actor: str, event: str, detail: str | None = None
+) -> None:
     session.add(AuditEvent(job=job, actor=actor, event=event, detail=detail))
 
 
-def transition(session: Session, job: Job, new: State, actor: str, reason: str | None = None,
-               now: dt.datetime | None = None) -> None:
+def transition(
+    session: Session,
+    job: Job,
+    new: State,
+    actor: str,
+    reason: str | None = None,
+    now: dt.datetime | None = None,
+) -> None:
     now = now or utcnow()
     spent = max(0.0, (now - job.state_since).total_seconds())
     stages = dict(job.stage_seconds or {})
@@ -83,9 +56,11 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
     known is a duplicate: harmless, its file was replaced with the same content.
     """
     known = session.execute(
-        select(Instance).join(Job).where(Instance.sop_instance_uid == got.sop_instance_uid,
-                                         Job.series_uid == got.series_uid)
-        .order_by(Instance.id.desc()).limit(1)
+        select(Instance)
+        .join(Job)
+        .where(Instance.sop_instance_uid == got.sop_instance_uid, Job.series_uid == got.series_uid)
+        .order_by(Instance.id.desc())
+        .limit(1)
     ).scalar_one_or_none()
     if known is not None:
         known.received_at = utcnow()
@@ -99,11 +74,22 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
     if job is None:
         job = reopen(session, got, actor)
     if job is None:
-        job = Job(state=State.RECEIVING, study_uid=got.study_uid, series_uid=got.series_uid,
-                  calling_aet=got.calling_aet, called_aet=got.called_aet, modality=got.modality,
-                  study_date=got.study_date, series_description=got.series_description,
-                  body_part=got.body_part, patient_name=got.patient_name, patient_id=got.patient_id,
-                  instances=0, bytes_received=0, stage_seconds={})
+        job = Job(
+            state=State.RECEIVING,
+            study_uid=got.study_uid,
+            series_uid=got.series_uid,
+            calling_aet=got.calling_aet,
+            called_aet=got.called_aet,
+            modality=got.modality,
+            study_date=got.study_date,
+            series_description=got.series_description,
+            body_part=got.body_part,
+            patient_name=got.patient_name,
+            patient_id=got.patient_id,
+            instances=0,
+            bytes_received=0,
+            stage_seconds={},
+        )
         session.add(job)
         session.flush()
         audit(session, job, actor, "received", f"first instance from {got.calling_aet}")
@@ -111,9 +97,19 @@ def record_instance(session: Session, got: ReceivedInstance, actor: str) -> tupl
     job.bytes_received = (job.bytes_received or 0) + got.size
     job.last_instance_at = utcnow()
     job.association_released = False
-    session.add(Instance(job=job, sop_instance_uid=got.sop_instance_uid, sop_class_uid=got.sop_class_uid,
-                         path=got.path, size=got.size, position=got.position,
-                         slice_thickness=got.slice_thickness, orientation=got.orientation, frames=got.frames))
+    session.add(
+        Instance(
+            job=job,
+            sop_instance_uid=got.sop_instance_uid,
+            sop_class_uid=got.sop_class_uid,
+            path=got.path,
+            size=got.size,
+            position=got.position,
+            slice_thickness=got.slice_thickness,
+            orientation=got.orientation,
+            frames=got.frames,
+        )
+    )
     return job, True
 
 
@@ -133,33 +129,78 @@ def reopen(session: Session, got: ReceivedInstance, actor: str) -> Job | None:
     if old is None or old.instances_deleted:
         return None
     if old.state is State.QUEUED:
-        won = changed(session, update(Job).where(Job.id == old.id, Job.state == State.QUEUED)
-                      .values(state=State.RECEIVING))
+        won = changed(
+            session,
+            update(Job)
+            .where(Job.id == old.id, Job.state == State.QUEUED)
+            .values(state=State.RECEIVING),
+        )
         if won == 1:
             old.state = State.QUEUED  # for the transition's bookkeeping
             transition(session, old, State.RECEIVING, actor, None)
-            audit(session, old, actor, "reopened", f"instance {got.sop_instance_uid} arrived after the series was queued")
+            audit(
+                session,
+                old,
+                actor,
+                "reopened",
+                f"instance {got.sop_instance_uid} arrived after the series was queued",
+            )
             return old
         session.refresh(old)  # a worker claimed it meanwhile
-    job = Job(state=State.RECEIVING, study_uid=old.study_uid, series_uid=old.series_uid,
-              calling_aet=got.calling_aet, called_aet=got.called_aet, modality=old.modality or got.modality,
-              study_date=old.study_date, series_description=old.series_description, body_part=old.body_part,
-              patient_name=old.patient_name, patient_id=old.patient_id,
-              instances=0, bytes_received=0, stage_seconds={})
+    job = Job(
+        state=State.RECEIVING,
+        study_uid=old.study_uid,
+        series_uid=old.series_uid,
+        calling_aet=got.calling_aet,
+        called_aet=got.called_aet,
+        modality=old.modality or got.modality,
+        study_date=old.study_date,
+        series_description=old.series_description,
+        body_part=old.body_part,
+        patient_name=old.patient_name,
+        patient_id=old.patient_id,
+        instances=0,
+        bytes_received=0,
+        stage_seconds={},
+    )
     session.add(job)
     session.flush()
     for i in old.received:
-        session.add(Instance(job=job, sop_instance_uid=i.sop_instance_uid, sop_class_uid=i.sop_class_uid,
-                             path=i.path, size=i.size, position=i.position, slice_thickness=i.slice_thickness,
-                             orientation=i.orientation, frames=i.frames, received_at=i.received_at))
+        session.add(
+            Instance(
+                job=job,
+                sop_instance_uid=i.sop_instance_uid,
+                sop_class_uid=i.sop_class_uid,
+                path=i.path,
+                size=i.size,
+                position=i.position,
+                slice_thickness=i.slice_thickness,
+                orientation=i.orientation,
+                frames=i.frames,
+                received_at=i.received_at,
+            )
+        )
         job.instances += 1
         job.bytes_received += i.size
-    audit(session, job, actor, "received",
-          f"supersedes job {old.id} ({old.state.value}): instance {got.sop_instance_uid} arrived after it "
-          f"left RECEIVING; its {len(old.received)} instances carried over")
-    audit(session, old, actor, "superseded", f"by job {job.id}: more instances of the series arrived")
+    audit(
+        session,
+        job,
+        actor,
+        "received",
+        f"supersedes job {old.id} ({old.state.value}): instance {got.sop_instance_uid} arrived after it "
+        f"left RECEIVING; its {len(old.received)} instances carried over",
+    )
+    audit(
+        session, old, actor, "superseded", f"by job {job.id}: more instances of the series arrived"
+    )
     if old.state is State.RUNNING:
-        transition(session, old, State.SKIPPED, actor, f"superseded by job {job.id}: more instances of the series arrived")
+        transition(
+            session,
+            old,
+            State.SKIPPED,
+            actor,
+            f"superseded by job {job.id}: more instances of the series arrived",
+        )
     log.info("series %s reopened: job %s supersedes job %s", got.series_uid, job.id, old.id)
     return job
 
@@ -167,8 +208,10 @@ def reopen(session: Session, got: ReceivedInstance, actor: str) -> Job | None:
 def predecessor(session: Session, job: Job) -> Job | None:
     """The latest earlier job of the same series that has results (whose SR the job's SR replaces)."""
     return session.execute(
-        select(Job).where(Job.series_uid == job.series_uid, Job.id < job.id, Job.outputs_dir.is_not(None))
-        .order_by(Job.id.desc()).limit(1)
+        select(Job)
+        .where(Job.series_uid == job.series_uid, Job.id < job.id, Job.outputs_dir.is_not(None))
+        .order_by(Job.id.desc())
+        .limit(1)
     ).scalar_one_or_none()
 
 
@@ -176,59 +219,16 @@ def association_released(session: Session, series_uids: list[str]) -> None:
     """The last association carrying these series has been released: each may now complete
     as soon as its stack is even (see `complete_series`)."""
     if series_uids:
-        session.execute(update(Job).where(Job.series_uid.in_(series_uids), Job.state == State.RECEIVING)
-                        .values(association_released=True))
+        session.execute(
+            update(Job)
+            .where(Job.series_uid.in_(series_uids), Job.state == State.RECEIVING)
+            .values(association_released=True)
+        )
 
 
-def _normal(orientation: str | None) -> np.ndarray | None:
-    try:
-        v = np.array([float(x) for x in (orientation or "").split("\\")], dtype=float)
-    except ValueError:
-        return None
-    return np.cross(v[:3], v[3:]) if v.size == 6 else None
-
-
-def evenly_stacked(instances: list[Instance]) -> bool:
-    """Slice positions form an evenly spaced stack with no gap (or one multi-frame instance)."""
-    if any(i.frames > 1 for i in instances):
-        return len(instances) == 1
-    pos = sorted(i.position for i in instances if i.position is not None)
-    if len(pos) < 2 or len(pos) != len(instances):
-        return False
-    gaps = np.diff(pos)
-    med = float(np.median(gaps))
-    return med > 0 and bool(np.all(np.abs(gaps - med) <= EVEN_SPREAD * med))
-
-
-def skip_reason(job: Job, instances: list[Instance], rules: SeriesRules) -> str | None:
-    """Why a complete series is not for this node, or None when it is."""
-    sop_classes = {i.sop_class_uid for i in instances}
-    if (job.modality or "").upper() != "CT":
-        return f"not a CT image series (modality {job.modality or 'missing'})"
-    if not sop_classes <= set(CT_STORAGE):
-        others = ", ".join(sorted(sop_classes - set(CT_STORAGE)))
-        return f"not a CT image series (modality CT, but SOP class {others}, not a CT image storage class)"
-    desc = job.series_description or ""
-    for pattern in rules.skip_descriptions:
-        if re.search(pattern, desc, re.IGNORECASE):
-            return f"series description {desc!r} matches the skip rule {pattern!r}"
-    if rules.body_parts and (job.body_part or "").upper() not in {b.upper() for b in rules.body_parts}:
-        return f"body part {job.body_part or 'missing'} is not one of {', '.join(rules.body_parts)}"
-    normals = [n for i in instances if (n := _normal(i.orientation)) is not None]
-    if normals:
-        off = float(np.degrees(np.arccos(min(1.0, abs(float(np.median([abs(n[2]) for n in normals])))))))
-        if off > MAX_OFF_AXIS_DEG:
-            return f"not an axial series (slices {off:.0f} degrees from the body axis)"
-    thick = [i.slice_thickness for i in instances if i.slice_thickness]
-    if thick and float(np.median(thick)) > rules.max_slice_thickness_mm:
-        return f"slices {float(np.median(thick)):.1f} mm thick (at most {rules.max_slice_thickness_mm:g} mm)"
-    frames = sum(i.frames for i in instances)
-    if frames < rules.min_instances:
-        return f"only {frames} slices (at least {rules.min_instances})"
-    return None
-
-
-def complete_series(session: Session, rules: SeriesRules, actor: str, now: dt.datetime | None = None) -> list[Job]:
+def complete_series(
+    session: Session, rules: SeriesRules, actor: str, now: dt.datetime | None = None
+) -> list[Job]:
     """Move RECEIVING jobs whose series is complete to QUEUED, or SKIPPED with the reason.
 
     A series is complete once no instance of it arrived for ``quiet_seconds``; or earlier,
@@ -241,8 +241,12 @@ def complete_series(session: Session, rules: SeriesRules, actor: str, now: dt.da
     for job in session.execute(select(Job).where(Job.state == State.RECEIVING)).scalars():
         idle = (now - job.last_instance_at).total_seconds()
         instances = list(job.received)
-        whole = (job.association_released and idle >= rules.grace_seconds
-                 and sum(i.frames for i in instances) >= rules.min_instances and evenly_stacked(instances))
+        whole = (
+            job.association_released
+            and idle >= rules.grace_seconds
+            and sum(i.frames for i in instances) >= rules.min_instances
+            and evenly_stacked(instances)
+        )
         if idle < rules.quiet_seconds and not whole:
             continue
         why = skip_reason(job, instances, rules)
@@ -273,8 +277,12 @@ def claim(session: Session, worker: str) -> Job | None:
             if job is None:
                 session.rollback()
                 return None
-            won = changed(session, update(Job).where(Job.id == job.id, Job.state == State.QUEUED)
-                          .values(worker=worker))
+            won = changed(
+                session,
+                update(Job)
+                .where(Job.id == job.id, Job.state == State.QUEUED)
+                .values(worker=worker),
+            )
             if won == 1:
                 break
             session.rollback()
@@ -290,24 +298,36 @@ def claim(session: Session, worker: str) -> Job | None:
 
 
 def heartbeat(session: Session, job_id: int, worker: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == State.RUNNING)
-                    .values(heartbeat_at=utcnow()))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker == worker, Job.state == State.RUNNING)
+        .values(heartbeat_at=utcnow())
+    )
     session.commit()
 
 
-def requeue_stale(session: Session, stale_after_s: float, max_attempts: int, actor: str,
-                  dead: Callable[[str], bool] = lambda worker: False) -> list[Job]:
+def requeue_stale(
+    session: Session,
+    stale_after_s: float,
+    max_attempts: int,
+    actor: str,
+    dead: Callable[[str], bool] = lambda worker: False,
+) -> list[Job]:
     """RUNNING jobs whose worker is gone (``dead(worker)``, or silent for ``stale_after_s``)
     are queued again, or FAILED once they have had ``max_attempts``."""
     now = utcnow()
     out = []
     for job in session.execute(select(Job).where(Job.state == State.RUNNING)).scalars():
-        silent = job.heartbeat_at is None or (now - job.heartbeat_at).total_seconds() > stale_after_s
+        silent = (
+            job.heartbeat_at is None or (now - job.heartbeat_at).total_seconds() > stale_after_s
+        )
         if not (silent or dead(job.worker or "")):
             continue
         why = f"worker {job.worker} stopped while running the job"
         if job.attempts >= max_attempts:
-            transition(session, job, State.FAILED, actor, f"{why}; {job.attempts} attempts made", now)
+            transition(
+                session, job, State.FAILED, actor, f"{why}; {job.attempts} attempts made", now
+            )
         else:
             transition(session, job, State.QUEUED, actor, None, now)
             audit(session, job, actor, "requeued", why)
@@ -334,8 +354,15 @@ def resend(session: Session, job: Job, actor: str) -> list[Delivery]:
         raise ValueError(f"job {job.id} is {job.state.value}")
     fresh = []
     for name, address in {d.destination: d.address for d in job.deliveries}.items():
-        d = Delivery(job=job, destination=name, address=address, state=DeliveryState.PENDING, attempts=0,
-                     next_try_at=utcnow(), history=[])
+        d = Delivery(
+            job=job,
+            destination=name,
+            address=address,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_try_at=utcnow(),
+            history=[],
+        )
         session.add(d)
         fresh.append(d)
     transition(session, job, State.SENDING, actor, None)

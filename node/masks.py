@@ -9,6 +9,13 @@ import numpy as np
 from scipy import ndimage
 
 
+def disk(radius_px: float) -> np.ndarray:
+    """A filled disk of ``radius_px`` pixels: the structuring element of 2D openings."""
+    r = int(np.ceil(radius_px))
+    y, x = np.mgrid[-r : r + 1, -r : r + 1]
+    return x * x + y * y <= radius_px * radius_px
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """`ndimage.binary_fill_holes` (background connectivity 1), by labelling the background:
     every background component that does not touch the array's edge is a hole."""

@@ -70,8 +70,17 @@ class Node:
             return
         before = utcnow() - dt.timedelta(hours=hours)
         with self.sessions() as s:
-            jobs = s.execute(select(Job).where(Job.state == State.DONE, Job.state_since < before,
-                                               Job.instances_deleted.is_(False))).scalars().all()
+            jobs = (
+                s.execute(
+                    select(Job).where(
+                        Job.state == State.DONE,
+                        Job.state_since < before,
+                        Job.instances_deleted.is_(False),
+                    )
+                )
+                .scalars()
+                .all()
+            )
             for job in jobs:
                 n = spool.remove_files([i.path for i in job.received])
                 job.instances_deleted = True
@@ -101,14 +110,25 @@ class Node:
         self.sender.start()
         every = [(self.check_completion, 1), (self.recover, 10), (self.clean_up, 600)]
         for fn, seconds in every:
-            self.scheduler.add_job(fn, "interval", seconds=seconds, max_instances=1, coalesce=True,
-                                   id=fn.__name__, misfire_grace_time=seconds * 5)
+            self.scheduler.add_job(
+                fn,
+                "interval",
+                seconds=seconds,
+                max_instances=1,
+                coalesce=True,
+                id=fn.__name__,
+                misfire_grace_time=seconds * 5,
+            )
         self.scheduler.start()
         self.start_workers()
         if self.settings.web.enabled:
             self.start_web()
-        log.info("node started: %d worker(s), database %s, spool %s", len(self.workers),
-                 self.engine.url.render_as_string(hide_password=True), self.settings.spool_dir)
+        log.info(
+            "node started: %d worker(s), database %s, spool %s",
+            len(self.workers),
+            self.engine.url.render_as_string(hide_password=True),
+            self.settings.spool_dir,
+        )
 
     def start_web(self) -> None:
         try:
@@ -116,8 +136,14 @@ class Node:
             from node.web.view import NodeView
         except ImportError:  # the admin page is optional
             return
-        self.web = WebServer(NodeView(self.settings, self.sessions, receiver_listening=lambda: self.receiver.listening,
-                                      local_workers=self.workers_alive))
+        self.web = WebServer(
+            NodeView(
+                self.settings,
+                self.sessions,
+                receiver_listening=lambda: self.receiver.listening,
+                local_workers=self.workers_alive,
+            )
+        )
         self.web.start()
 
     def workers_alive(self) -> int:
@@ -150,7 +176,9 @@ class Node:
             while not self.stopped.wait(1.0):
                 for i, p in enumerate(self.workers):
                     if not p.is_alive() and not self.stopped.is_set():
-                        log.error("worker %s exited (code %s); starting another", p.name, p.exitcode)
+                        log.error(
+                            "worker %s exited (code %s); starting another", p.name, p.exitcode
+                        )
                         self.workers[i] = spawn(self.settings, p.name)
         finally:
             self.stopped.clear()

@@ -9,6 +9,7 @@ database and spool, so that GPU hosts can be added.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -51,10 +52,8 @@ def _die_with_parent(parent: int | None) -> None:
     by the parent pid having changed: the process then ends at once, before any job. A
     watchdog thread checks the same once a second where the request is not available.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the watchdog alone
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
     if parent is None:
         return
     if os.getppid() != parent:
@@ -92,7 +91,9 @@ def dead_here(worker: str) -> bool:
 class _Heartbeat:
     def __init__(self, sessions: sessionmaker, job_id: int, worker: str, every: float) -> None:
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(sessions, job_id, worker, every), daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(sessions, job_id, worker, every), daemon=True
+        )
 
     def _run(self, sessions: sessionmaker, job_id: int, worker: str, every: float) -> None:
         while not self.stop.wait(every):
@@ -124,21 +125,31 @@ def previous_reports(outputs_dir: Path) -> list:
     return out
 
 
-def process_job(settings: Settings, sessions: sessionmaker, model: DiscModel, job_id: int, worker: str) -> None:
+def process_job(
+    settings: Settings, sessions: sessionmaker, model: DiscModel, job_id: int, worker: str
+) -> None:
     """Analyse one claimed (RUNNING) job and hand its results to the sender."""
     with sessions() as s:
         job = s.get(Job, job_id)
         paths = [Path(i.path) for i in job.received]
         before = predecessor(s, job)
-        previous = previous_reports(Path(before.outputs_dir)) if before is not None and before.outputs_dir else []
+        previous = (
+            previous_reports(Path(before.outputs_dir))
+            if before is not None and before.outputs_dir
+            else []
+        )
     out = spool.outbox(settings.spool_dir, job_id)
     try:
         vol = load_series(paths)
         result = analyze_volume(vol, model)
     except VolumeError as exc:
-        report_not_analysed(settings, sessions, model, job_id, worker, State.SKIPPED, f"cannot analyse: {exc}")
+        report_not_analysed(
+            settings, sessions, model, job_id, worker, State.SKIPPED, f"cannot analyse: {exc}"
+        )
         return
-    outputs = build_outputs(result, vol, model.card, settings.outputs.settings(socket.gethostname()), previous)
+    outputs = build_outputs(
+        result, vol, model.card, settings.outputs.settings(socket.gethostname()), previous
+    )
     if out.exists():
         shutil.rmtree(out)
     write_outputs(outputs, out / "dicom")
@@ -149,15 +160,27 @@ def process_job(settings: Settings, sessions: sessionmaker, model: DiscModel, jo
         if job.state is not State.RUNNING or job.worker != worker:
             log.warning("job %s was taken from this worker while it ran; results discarded", job_id)
             return
-        job.result = {**result.to_dict(), "objects": [n for n, _ in outputs.datasets()],
-                      "output_timings_s": {k: round(v, 3) for k, v in outputs.timings.items()}}
+        job.result = {
+            **result.to_dict(),
+            "objects": [n for n, _ in outputs.datasets()],
+            "output_timings_s": {k: round(v, 3) for k, v in outputs.timings.items()},
+        }
         job.outputs_dir = str(out)
-        queue_deliveries(s, job, settings, worker)  # the sender delivers them; this worker analyses on
+        queue_deliveries(
+            s, job, settings, worker
+        )  # the sender delivers them; this worker analyses on
         s.commit()
 
 
-def report_not_analysed(settings: Settings, sessions: sessionmaker, model: DiscModel, job_id: int, worker: str, final: State,
-                        reason: str) -> None:
+def report_not_analysed(
+    settings: Settings,
+    sessions: sessionmaker,
+    model: DiscModel,
+    job_id: int,
+    worker: str,
+    final: State,
+    reason: str,
+) -> None:
     """End a job that could not be analysed in ``final`` (SKIPPED or FAILED) with ``reason``,
     after sending its destinations an SR that says so (where the SR is among the objects):
     in PACS the series then has an answer, not the look of one still waiting."""
@@ -181,7 +204,11 @@ def report_not_analysed(settings: Settings, sessions: sessionmaker, model: DiscM
                 shutil.rmtree(out)
             write_outputs(DicomOutputs(None, sr, (), ()), out / "dicom")
             written = True
-        except (ValueError, AttributeError, OSError) as exc:  # e.g. instances without a study's attributes
+        except (
+            ValueError,
+            AttributeError,
+            OSError,
+        ) as exc:  # e.g. instances without a study's attributes
             log.warning("job %s: no report of the reason could be made: %s", job_id, exc)
     with sessions() as s:
         job = s.get(Job, job_id)
@@ -190,7 +217,12 @@ def report_not_analysed(settings: Settings, sessions: sessionmaker, model: DiscM
         if not written:
             transition(s, job, final, worker, reason)
         else:
-            job.result = {"analysed": False, "final_state": final.value, "reason": reason, "objects": ["sr.dcm"]}
+            job.result = {
+                "analysed": False,
+                "final_state": final.value,
+                "reason": reason,
+                "objects": ["sr.dcm"],
+            }
             job.outputs_dir = str(spool.outbox(settings.spool_dir, job_id))
             job.reason = reason
             queue_deliveries(s, job, settings, worker)
@@ -202,23 +234,35 @@ NO_SPACE_WAIT_S = 30.0
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def run_claimed(settings: Settings, sessions: sessionmaker, model: DiscModel, job: Job, worker: str) -> bool:
+def run_claimed(
+    settings: Settings, sessions: sessionmaker, model: DiscModel, job: Job, worker: str
+) -> bool:
     """Run a claimed job; an unexpected error queues it again, or fails it after the last attempt.
     Returns False when the results did not fit on the spool's disk (the job is queued again
     without spending an attempt, and workers claim nothing until space returns)."""
-    with _Heartbeat(sessions, job.id, worker, settings.workers.heartbeat_seconds):
+    with logs.job(job.id), _Heartbeat(sessions, job.id, worker, settings.workers.heartbeat_seconds):
         try:
             process_job(settings, sessions, model, job.id, worker)
         except OSError as exc:
             if exc.errno not in NO_SPACE:
                 return _failed(settings, sessions, model, job, worker, exc)
-            log.error("job %s: no space for its results on the spool's disk (%s); queued again", job.id, exc)
+            log.error(
+                "job %s: no space for its results on the spool's disk (%s); queued again",
+                job.id,
+                exc,
+            )
             with sessions() as s:
                 j = s.get(Job, job.id)
                 if j.state is State.RUNNING:
                     j.attempts = max(0, (j.attempts or 1) - 1)
-                    transition(s, j, State.QUEUED, worker, "waiting for disk space: the results did not fit "
-                               f"on the spool's disk ({exc.strerror or exc})")
+                    transition(
+                        s,
+                        j,
+                        State.QUEUED,
+                        worker,
+                        "waiting for disk space: the results did not fit "
+                        f"on the spool's disk ({exc.strerror or exc})",
+                    )
                     s.commit()
             return False
         except Exception as exc:
@@ -226,7 +270,14 @@ def run_claimed(settings: Settings, sessions: sessionmaker, model: DiscModel, jo
     return True
 
 
-def _failed(settings: Settings, sessions: sessionmaker, model: DiscModel, job: Job, worker: str, exc: Exception) -> bool:
+def _failed(
+    settings: Settings,
+    sessions: sessionmaker,
+    model: DiscModel,
+    job: Job,
+    worker: str,
+    exc: Exception,
+) -> bool:
     """An unexpected error: queued again, or FAILED (with a report) after the last attempt; the
     reason is one line (the traceback goes to the log)."""
     log.exception("job %s failed on attempt %d", job.id, job.attempts)
@@ -240,7 +291,9 @@ def _failed(settings: Settings, sessions: sessionmaker, model: DiscModel, job: J
                 transition(s, j, State.QUEUED, worker, why)
                 s.commit()
     if final:
-        report_not_analysed(settings, sessions, model, job.id, worker, State.FAILED, f"analysis failed: {why}")
+        report_not_analysed(
+            settings, sessions, model, job.id, worker, State.FAILED, f"analysis failed: {why}"
+        )
     return True
 
 
@@ -266,8 +319,11 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
                 seen = time.monotonic()
             if disk_full(settings):
                 if not full:
-                    log.error("worker %s claims no job: the spool's disk is below its floor of %d MB",
-                              name, settings.receiver.min_free_mb)
+                    log.error(
+                        "worker %s claims no job: the spool's disk is below its floor of %d MB",
+                        name,
+                        settings.receiver.min_free_mb,
+                    )
                 full = True
                 stop.wait(max(settings.workers.poll_seconds, 5.0))
                 continue
@@ -290,7 +346,9 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
         report(sessions, name, model, None, stopped=True)
 
 
-def report(sessions: sessionmaker, name: str, model: DiscModel, job_id: int | None, stopped: bool = False) -> None:
+def report(
+    sessions: sessionmaker, name: str, model: DiscModel, job_id: int | None, stopped: bool = False
+) -> None:
     """Say that this worker is alive, with its model and device, and what it runs."""
     try:
         with sessions() as s:
@@ -299,20 +357,23 @@ def report(sessions: sessionmaker, name: str, model: DiscModel, job_id: int | No
             row.job_id, row.stopped = job_id, stopped
             s.merge(row)
             s.commit()
-    except Exception as exc:  # the health view may be stale; the work goes on
+    except SQLAlchemyError as exc:  # the health view may be stale; the work goes on
         log.warning("worker status: %s", exc)
 
 
 def spawn(settings: Settings, name: str | None = None) -> BaseProcess:
     """Start a worker process (spawned, so it loads its own model) at the node's log level."""
     level = logging.getLogger("node").getEffectiveLevel()
-    p = mp.get_context("spawn").Process(target=worker_process, args=(settings.model_dump_json(), level, os.getpid()),
-                                        name=name)
+    p = mp.get_context("spawn").Process(
+        target=worker_process, args=(settings.model_dump_json(), level, os.getpid()), name=name
+    )
     p.start()
     return p
 
 
-def worker_process(settings_json: str, log_level: int = logging.INFO, parent: int | None = None) -> None:
+def worker_process(
+    settings_json: str, log_level: int = logging.INFO, parent: int | None = None
+) -> None:
     """Entry point of a worker process started by the node (``parent``: the node's pid)."""
     _die_with_parent(parent)
     logs.setup(min(log_level, logging.INFO), log_level)
@@ -321,4 +382,3 @@ def worker_process(settings_json: str, log_level: int = logging.INFO, parent: in
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers itself
     work(settings, stop)
-

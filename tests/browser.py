@@ -21,15 +21,32 @@ class Browser:
     def __init__(self, workdir: Path, size: tuple[int, int] = (1280, 900)):
         exe = shutil.which("chromium") or shutil.which("chromium-browser")
         if exe is None:
-            raise RuntimeError("Chromium is not installed (Debian package chromium; deploy/test.sh installs it)")
+            raise RuntimeError(
+                "Chromium is not installed (Debian package chromium; deploy/test.sh installs it)"
+            )
         port = free_port()
         self.proc = subprocess.Popen(
             # WebGL without a GPU (the viewer draws with it) is SwiftShader's
-            [exe, "--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-             "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--remote-debugging-port={port}",
-             f"--user-data-dir={workdir / 'chromium-profile'}", f"--window-size={size[0]},{size[1]}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "--headless=new",
+                "--no-sandbox",
+                "--use-angle=swiftshader",
+                "--enable-unsafe-swiftshader",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--remote-debugging-port={port}",
+                f"--user-data-dir={workdir / 'chromium-profile'}",
+                f"--window-size={size[0]},{size[1]}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -42,15 +59,22 @@ class Browser:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("Chromium did not start")
             time.sleep(0.2)
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        self.ws = websocket.create_connection(
+            pages[0]["webSocketDebuggerUrl"], timeout=30, suppress_origin=True
+        )
         self.next_id = 0
         #: Console errors, uncaught exceptions and error log entries of the page, as text.
         self.errors: list[str] = []
         self.call("Page.enable")
         self.call("Runtime.enable")
         self.call("Log.enable")
-        self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
-                  mobile=False)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=size[0],
+            height=size[1],
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def call(self, method: str, **params):
         self.next_id += 1
@@ -66,10 +90,14 @@ class Browser:
     def _note(self, msg: dict) -> None:
         method, p = msg.get("method"), msg.get("params", {})
         if method == "Runtime.consoleAPICalled" and p.get("type") == "error":
-            self.errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+            self.errors.append(
+                " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            )
         elif method == "Runtime.exceptionThrown":
             d = p.get("exceptionDetails", {})
-            self.errors.append(d.get("exception", {}).get("description") or d.get("text", "exception"))
+            self.errors.append(
+                d.get("exception", {}).get("description") or d.get("text", "exception")
+            )
         elif method == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
             self.errors.append(p["entry"].get("text", ""))
 
@@ -77,7 +105,9 @@ class Browser:
         self.call("Page.navigate", url=url)
 
     def js(self, expression: str):
-        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        r = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         return r.get("result", {}).get("value")
 
     def wait(self, expression: str, timeout: float = 60):

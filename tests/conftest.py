@@ -35,7 +35,10 @@ def phantom_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantoms(phantom_root):
     """Three small plain lumbar phantom studies (150 slices each, no ribs or pelvis)."""
-    return [generate_study(phantom_root, seed, index, slices=150, surroundings=False) for seed, index in PHANTOMS]
+    return [
+        generate_study(phantom_root, seed, index, slices=150, surroundings=False)
+        for seed, index in PHANTOMS
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -40,20 +40,33 @@ def report_groups(sr: Dataset) -> list[dict]:
                     elif x.ValueType == "NUM":
                         mv = x.MeasuredValueSequence[0]
                         out["measurements"][str(x.ConceptNameCodeSequence[0].CodeMeaning)] = (
-                            float(mv.NumericValue), str(mv.MeasurementUnitsCodeSequence[0].CodeValue))
-                    elif x.ValueType == "IMAGE" and "ReferencedSegmentNumber" in x.ReferencedSOPSequence[0]:
+                            float(mv.NumericValue),
+                            str(mv.MeasurementUnitsCodeSequence[0].CodeValue),
+                        )
+                    elif (
+                        x.ValueType == "IMAGE"
+                        and "ReferencedSegmentNumber" in x.ReferencedSOPSequence[0]
+                    ):
                         out["segment"] = int(x.ReferencedSOPSequence[0].ReferencedSegmentNumber)
                     elif x.ValueType == "SCOORD":
                         ref = x.ContentSequence[0].ReferencedSOPSequence[0]
-                        out["region"] = (str(x.GraphicType), np.array(x.GraphicData, dtype=float).reshape(-1, 2),
-                                         str(ref.ReferencedSOPInstanceUID))
+                        out["region"] = (
+                            str(x.GraphicType),
+                            np.array(x.GraphicData, dtype=float).reshape(-1, 2),
+                            str(ref.ReferencedSOPInstanceUID),
+                        )
                 groups.append(out)
     return groups
 
 
 def report_comments(sr: Dataset) -> list[str]:
-    return [str(t.TextValue) for item in sr.ContentSequence if item.ValueType == "CONTAINER"
-            for t in getattr(item, "ContentSequence", []) if t.ValueType == "TEXT"]
+    return [
+        str(t.TextValue)
+        for item in sr.ContentSequence
+        if item.ValueType == "CONTAINER"
+        for t in getattr(item, "ContentSequence", [])
+        if t.ValueType == "TEXT"
+    ]
 
 
 def seg_voxels_lps(seg: Dataset) -> dict[int, np.ndarray]:
@@ -69,7 +82,9 @@ def seg_voxels_lps(seg: Dataset) -> dict[int, np.ndarray]:
         number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         ipp = np.array(group.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
         r, c = np.nonzero(frames[f])
-        out.setdefault(number, []).append(ipp + np.outer(c * ps[1], iop[:3]) + np.outer(r * ps[0], iop[3:]))
+        out.setdefault(number, []).append(
+            ipp + np.outer(c * ps[1], iop[:3]) + np.outer(r * ps[0], iop[3:])
+        )
     return {n: np.concatenate(v) for n, v in out.items()}
 
 

@@ -25,7 +25,9 @@ from tests.servers import NodeProcess, dcmtk, node_config
 def write_series(folder: Path, n: int, seed: int) -> list[Path]:
     """``n`` slices of a 64x64 CT series with its own study and series UIDs."""
     folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = (generate_uid(entropy_srcs=["load", str(seed), x]) for x in ("st", "se", "fr"))
+    study, series, frame = (
+        generate_uid(entropy_srcs=["load", str(seed), x]) for x in ("st", "se", "fr")
+    )
     rng = np.random.default_rng(seed)
     paths = []
     for k in range(n):
@@ -86,15 +88,38 @@ def run_load(home: Path, senders: int = 20, instances: int = 150) -> LoadResult:
     for i in range(senders):
         write_series(data / f"s{i:02d}", instances, seed=i)
         folders.append(data / f"s{i:02d}")
-    path, cfg = node_config(home / "node", workers={"count": 0},
-                            receiver={"max_associations": max(senders + 4, 10), "max_connections_per_peer": senders + 4})
-    node = NodeProcess(path, home / "node", cfg["receiver"]["port"], cfg["receiver"]["ae_title"]).start()
+    path, cfg = node_config(
+        home / "node",
+        workers={"count": 0},
+        receiver={
+            "max_associations": max(senders + 4, 10),
+            "max_connections_per_peer": senders + 4,
+        },
+    )
+    node = NodeProcess(
+        path, home / "node", cfg["receiver"]["port"], cfg["receiver"]["ae_title"]
+    ).start()
     peak = 0.0
     try:
         t0 = time.perf_counter()
-        procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "-aec", node.ae_title, "127.0.0.1",
-                                   str(node.port), "+sd", str(f)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for f in folders]
+        procs = [
+            subprocess.Popen(
+                [
+                    dcmtk("storescu"),
+                    "-aet",
+                    "MODALITY",
+                    "-aec",
+                    node.ae_title,
+                    "127.0.0.1",
+                    str(node.port),
+                    "+sd",
+                    str(f),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for f in folders
+        ]
         while any(p.poll() is None for p in procs):
             peak = max(peak, _rss_mb(node.proc.pid))
             time.sleep(0.05)
@@ -115,7 +140,9 @@ def run_load(home: Path, senders: int = 20, instances: int = 150) -> LoadResult:
         engine.dispose()
     finally:
         node.stop()
-    return LoadResult(senders, sent, stored, len(per_series), per_series, sizes, seconds, peak, failed)
+    return LoadResult(
+        senders, sent, stored, len(per_series), per_series, sizes, seconds, peak, failed
+    )
 
 
 def cpu_count() -> int:

@@ -39,18 +39,26 @@ class OrthancServer:
         return io.BytesIO(self.get(path))
 
     def post_json(self, path: str, body):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
 
 @contextmanager
-def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None, extra: dict | None = None):
+def orthanc(
+    workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None, extra: dict | None = None
+):
     """An Orthanc PACS with its own storage in ``workdir``; yields an `OrthancServer`."""
     exe = shutil.which("Orthanc")
     if exe is None:
-        raise RuntimeError("Orthanc is not installed (Debian package orthanc; deploy/test.sh installs it)")
+        raise RuntimeError(
+            "Orthanc is not installed (Debian package orthanc; deploy/test.sh installs it)"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     server = OrthancServer(aet, free_port(), free_port())
     config = {
@@ -70,8 +78,10 @@ def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None,
         **(extra or {}),
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
-    log = open(workdir / "orthanc.log", "wb")
-    proc = subprocess.Popen([exe, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    with open(workdir / "orthanc.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [exe, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -80,7 +90,9 @@ def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None,
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not start; see {workdir / 'orthanc.log'}") from None
+                    raise RuntimeError(
+                        f"Orthanc did not start; see {workdir / 'orthanc.log'}"
+                    ) from None
                 time.sleep(0.2)
         yield server
     finally:
@@ -89,7 +101,6 @@ def orthanc(workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None,
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
 
 
 def dcmqi_tool(tool: str) -> str:
@@ -98,7 +109,9 @@ def dcmqi_tool(tool: str) -> str:
     here = Path(sys.executable).parent / tool
     found = str(here) if here.is_file() else shutil.which(tool)
     if found is None:
-        raise RuntimeError(f"dcmqi's {tool} not found (pip install dcmqi; deploy/test.sh installs it)")
+        raise RuntimeError(
+            f"dcmqi's {tool} not found (pip install dcmqi; deploy/test.sh installs it)"
+        )
     return found
 
 
@@ -109,7 +122,9 @@ def dcmtk(tool: str) -> str:
     """The path of a dcmtk tool (Debian package dcmtk), not pynetdicom's namesake script."""
     path = DCMTK_BIN / tool
     if not path.is_file():
-        raise RuntimeError(f"dcmtk's {tool} is not installed (Debian package dcmtk; deploy/test.sh installs it)")
+        raise RuntimeError(
+            f"dcmtk's {tool} is not installed (Debian package dcmtk; deploy/test.sh installs it)"
+        )
     return str(path)
 
 
@@ -157,11 +172,15 @@ class NodeProcess:
         import os
         import sys
 
-        log = open(self.home / "serve.log", "ab")
         env = {**os.environ, "IDAICS_CONFIG": str(self.config)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], stdout=log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+        with open(self.home / "serve.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -203,8 +222,13 @@ def node_config(home: Path, **overrides) -> tuple[Path, dict]:
     cfg = {
         "home": str(home),
         "database_url": "sqlite:///idaics.db",
-        "receiver": {"ae_title": "IDAICS", "host": "127.0.0.1", "port": free_port(),
-                     "allowed_calling_aets": ["MODALITY", "IDAICS_TEST"], "min_free_mb": 10},
+        "receiver": {
+            "ae_title": "IDAICS",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "allowed_calling_aets": ["MODALITY", "IDAICS_TEST"],
+            "min_free_mb": 10,
+        },
         "series": {"quiet_seconds": 2.0, "skip_descriptions": ["scout"]},
         "workers": {"count": 1, "heartbeat_seconds": 1.0, "stale_after_seconds": 30.0},
         "sending": {"backoff_seconds": 1.0, "max_attempts": 3},
@@ -230,7 +254,9 @@ def postgres():
 
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     if not bins:
-        raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; deploy/test.sh installs it)")
+        raise RuntimeError(
+            "PostgreSQL is not installed (Debian package postgresql; deploy/test.sh installs it)"
+        )
     bin_dir = Path(bins[-1])
     import tempfile
 
@@ -247,14 +273,42 @@ def postgres():
         for p in (workdir, sock):
             os.chown(p, pw.pw_uid, pw.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "pg.log"), "-w",
-                    "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_user,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(workdir / "pg.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(workdir, ignore_errors=True)

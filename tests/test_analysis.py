@@ -39,12 +39,17 @@ def _copy_series(src, dst, transform=None, names=None):
 
 # -- volume ---------------------------------------------------------------------------------
 
+
 def test_slices_are_sorted_by_position_not_by_name(phantom, tmp_path):
     ref = load_folder(phantom.folder / SERIES_DIR)
     n = ref.hu.shape[0]
     names = [f"x{(i * 7919) % 1000:04d}_{i}.dcm" for i in range(n)]  # scrambled names
-    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "s", names=names,
-                 transform=lambda i, ds: (setattr(ds, "InstanceNumber", n - i), ds)[1])
+    _copy_series(
+        phantom.folder / SERIES_DIR,
+        tmp_path / "s",
+        names=names,
+        transform=lambda i, ds: (setattr(ds, "InstanceNumber", n - i), ds)[1],
+    )
     vol = load_folder(tmp_path / "s")
     np.testing.assert_array_equal(vol.hu, ref.hu)
     np.testing.assert_allclose(vol.grid.affine, ref.grid.affine)
@@ -62,17 +67,26 @@ def test_duplicates_and_localizers_are_left_out_with_a_warning(phantom, tmp_path
     loc.save_as(tmp_path / "s" / "scout.dcm")
     vol = load_folder(tmp_path / "s")
     assert vol.hu.shape[0] == 150
-    assert any("duplicate" in w for w in vol.warnings) and any("localizer" in w for w in vol.warnings)
+    assert any("duplicate" in w for w in vol.warnings) and any(
+        "localizer" in w for w in vol.warnings
+    )
 
 
 def test_a_missing_slice_is_filled_and_many_are_refused(phantom, tmp_path):
     ref = load_folder(phantom.folder / SERIES_DIR)
-    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "one", transform=lambda i, ds: None if i == 70 else ds)
+    _copy_series(
+        phantom.folder / SERIES_DIR,
+        tmp_path / "one",
+        transform=lambda i, ds: None if i == 70 else ds,
+    )
     vol = load_folder(tmp_path / "one")
     assert vol.hu.shape == ref.hu.shape and any("missing" in w for w in vol.warnings)
     np.testing.assert_array_equal(vol.hu[69], ref.hu[69])
-    _copy_series(phantom.folder / SERIES_DIR, tmp_path / "many",
-                 transform=lambda i, ds: None if 40 <= i < 50 else ds)
+    _copy_series(
+        phantom.folder / SERIES_DIR,
+        tmp_path / "many",
+        transform=lambda i, ds: None if 40 <= i < 50 else ds,
+    )
     with pytest.raises(VolumeError, match="missing"):
         load_folder(tmp_path / "many")
 
@@ -110,11 +124,16 @@ def test_mixed_and_non_ct_series_are_refused(phantom, tmp_path):
         load_folder(tmp_path / "mr")
 
 
-@pytest.mark.parametrize("raw, why", [
-    (b"abc ", "ImagePositionPatient 'abc' is not 3 numbers"),
-    (b"", "ImagePositionPatient 'None' is not 3 numbers"),
-])
-def test_an_instance_with_malformed_geometry_is_refused_with_a_one_line_reason(phantom, tmp_path, raw, why):
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        (b"abc ", "ImagePositionPatient 'abc' is not 3 numbers"),
+        (b"", "ImagePositionPatient 'None' is not 3 numbers"),
+    ],
+)
+def test_an_instance_with_malformed_geometry_is_refused_with_a_one_line_reason(
+    phantom, tmp_path, raw, why
+):
     """A careless modality's slice position (not numbers, or empty) is a reason to skip the
     series, named with the instance, not an error to retry."""
     tag = Tag(0x00200032)
@@ -155,6 +174,7 @@ def test_real_jpeg2000_series_with_blank_uids_is_decoded(shared_data):
 
 # -- spine ----------------------------------------------------------------------------------
 
+
 def test_disc_levels_are_found_and_named_on_phantoms(phantoms):
     total = right = 0
     for study in phantoms:
@@ -166,7 +186,9 @@ def test_disc_levels_are_found_and_named_on_phantoms(phantoms):
             d = found.get(lv["level"])
             if d is not None and np.linalg.norm(d.centre - np.array(lv["centre_lps"])) < 6.0:
                 right += 1
-                angle = np.degrees(np.arccos(min(1.0, abs(d.frame[:, 2] @ np.array(lv["normal_lps"])))))
+                angle = np.degrees(
+                    np.arccos(min(1.0, abs(d.frame[:, 2] @ np.array(lv["normal_lps"]))))
+                )
                 assert angle < 15.0, f"{lv['level']}: disc plane off by {angle:.0f} deg"
     assert total >= 8 and right == total, f"{right}/{total} levels named right"
 
@@ -182,12 +204,16 @@ CHEST_LABELS = {"T10": 34, "T11": 33, "T12": 32, "L1": 31, "L2": 30}
 
 def _labelled_disc_centre(vol, labels, upper: str, lower: str) -> np.ndarray:
     """Midway between the lower endplate of the upper body and the upper endplate of the lower."""
+
     def body(name):
         p = vol.grid.to_patient(np.argwhere(labels == CHEST_LABELS[name]))
         return p[p[:, 1] < np.percentile(p[:, 1], 40)]  # the front of the vertebra: its body
+
     up, lo = body(upper), body(lower)
-    return (up[up[:, 2] < np.percentile(up[:, 2], 5)].mean(axis=0)
-            + lo[lo[:, 2] > np.percentile(lo[:, 2], 95)].mean(axis=0)) / 2
+    return (
+        up[up[:, 2] < np.percentile(up[:, 2], 5)].mean(axis=0)
+        + lo[lo[:, 2] > np.percentile(lo[:, 2], 95)].mean(axis=0)
+    ) / 2
 
 
 def test_real_contrast_chest_ct_levels_are_named_from_the_ribs(shared_data):
@@ -199,7 +225,9 @@ def test_real_contrast_chest_ct_levels_are_named_from_the_ribs(shared_data):
     for upper, lower in (("T11", "T12"), ("T12", "L1"), ("L1", "L2")):
         level = f"{upper}-{lower}"
         assert level in named, f"{level} not found: {sorted(named)}"
-        miss = np.linalg.norm(named[level].centre - _labelled_disc_centre(vol, labels, upper, lower))
+        miss = np.linalg.norm(
+            named[level].centre - _labelled_disc_centre(vol, labels, upper, lower)
+        )
         assert miss < 10.0, f"{level} is {miss:.1f} mm from the labelled disc"
     assert [d.level for d in spine.discs] == ["T12-L1", "L1-L2"]  # the levels the node reports
 
@@ -208,18 +236,29 @@ def test_a_series_with_ribs_down_to_its_lowest_vertebra_names_no_lumbar_level(sh
     vol, labels = _chest_ct(shared_data)
     # the chest CT from T10 up: every vertebra in view bears ribs
     k = int(np.argwhere(labels == CHEST_LABELS["T11"])[:, 2].mean())
-    top = replace(vol, hu=vol.hu[:, :, k:],
-                  grid=Grid(vol.hu[:, :, k:].shape, vol.grid.affine @ np.array(
-                      [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]], dtype=float)))
+    top = replace(
+        vol,
+        hu=vol.hu[:, :, k:],
+        grid=Grid(
+            vol.hu[:, :, k:].shape,
+            vol.grid.affine
+            @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, k], [0, 0, 0, 1]], dtype=float),
+        ),
+    )
     spine = find_spine(top)
     assert not any(d.level.startswith("L") or d.level == "T12-L1" for d in spine.discs)
 
 
-@pytest.mark.parametrize("case, pairs, max_mm, max_deg", [
-    ("lumbar", {"L2-L3", "L3-L4"}, 6.0, 10.0),
-    ("chest", {"T12-L1", "L1-L2"}, 6.0, 6.0),
-])
-def test_disc_sites_on_real_ct_sit_on_the_plane_and_centre_the_labels_define(shared_data, case, pairs, max_mm, max_deg):
+@pytest.mark.parametrize(
+    "case, pairs, max_mm, max_deg",
+    [
+        ("lumbar", {"L2-L3", "L3-L4"}, 6.0, 10.0),
+        ("chest", {"T12-L1", "L1-L2"}, 6.0, 6.0),
+    ],
+)
+def test_disc_sites_on_real_ct_sit_on_the_plane_and_centre_the_labels_define(
+    shared_data, case, pairs, max_mm, max_deg
+):
     """Each disc the node finds, against the disc its vertebra labels define (the endplate
     planes of the two labelled bodies, `node.phantom.insert.measure_level`)."""
     from node.phantom.insert import base_levels, load_base
@@ -227,7 +266,9 @@ def test_disc_sites_on_real_ct_sit_on_the_plane_and_centre_the_labels_define(sha
     real = shared_data / "real"
     if case == "lumbar":
         d = real / "lumbar_ct_crop_l2_l4"
-        base = load_base(d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "verse")
+        base = load_base(
+            d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "verse"
+        )
     else:
         d = real / "chest_ct_t1_l3_labels"
         base = load_base(d / "ct.nii.gz", d / "labels.nii.gz", "totalsegmentator")
@@ -270,6 +311,7 @@ def test_disc_spaces_of_the_real_lumbar_crop(shared_data):
 
 # -- views ----------------------------------------------------------------------------------
 
+
 def test_views_are_centred_on_the_disc_and_map_back_to_voxels(phantom):
     labels = load_labels(phantom.folder)
     spec = ViewSpec(size=256)
@@ -281,13 +323,16 @@ def test_views_are_centred_on_the_disc_and_map_back_to_voxels(phantom):
             lab = sample_plane(labels.disc_level, labels.grid, plane, order=0)
             assert lab[128, 128] == lv["label_code"], f"{lv['level']} {view.value}"
             # pixel -> patient -> voxel lands on the same label
-            k, r, c = np.rint(labels.grid.to_index(plane.pixel_to_patient(np.array([[128.0, 128.0]])))[0]).astype(int)
+            k, r, c = np.rint(
+                labels.grid.to_index(plane.pixel_to_patient(np.array([[128.0, 128.0]])))[0]
+            ).astype(int)
             assert labels.disc_level[k, r, c] == lv["label_code"]
         axial = disc_plane(View.AXIAL, np.array(lv["centre_lps"]), frame, spec)
         np.testing.assert_allclose(axial.normal, up, atol=1e-3)
 
 
 # -- fusion and measurements ----------------------------------------------------------------
+
 
 def _det(cls: DiscClass, conf: float, rows: slice, cols: slice, size: int = 64) -> Detection:
     m = np.zeros((size, size), bool)
@@ -304,8 +349,12 @@ def test_fusion_votes_and_keeps_a_node_beside_the_disc():
     slices = [
         _slice("disc", "axial", _det(DiscClass.PROTRUSION, 0.8, centre, centre)),
         _slice("disc", "axial", _det(DiscClass.BULGE, 0.5, centre, centre)),
-        _slice("disc", "sagittal", _det(DiscClass.PROTRUSION, 0.7, centre, centre),
-               _det(DiscClass.SCHMORL, 0.6, slice(18, 22), slice(30, 34))),  # 6 mm above the centre
+        _slice(
+            "disc",
+            "sagittal",
+            _det(DiscClass.PROTRUSION, 0.7, centre, centre),
+            _det(DiscClass.SCHMORL, 0.6, slice(18, 22), slice(30, 34)),
+        ),  # 6 mm above the centre
     ]
     findings, votes = fuse(slices, disc_half_height_mm=5.0)
     assert [f.cls for f in findings] == [DiscClass.PROTRUSION, DiscClass.SCHMORL]
@@ -314,13 +363,21 @@ def test_fusion_votes_and_keeps_a_node_beside_the_disc():
 
 def test_fusion_node_on_a_normal_disc_and_a_far_node_ignored():
     centre = slice(24, 40)
-    near = [_slice("disc", "axial", _det(DiscClass.NORMAL, 0.9, centre, centre)),
-            _slice("endplate", "axial", _det(DiscClass.SCHMORL, 0.7, slice(28, 36), slice(28, 36)))]
+    near = [
+        _slice("disc", "axial", _det(DiscClass.NORMAL, 0.9, centre, centre)),
+        _slice("endplate", "axial", _det(DiscClass.SCHMORL, 0.7, slice(28, 36), slice(28, 36))),
+    ]
     findings, _ = fuse(near, disc_half_height_mm=5.0)
     assert [f.cls for f in findings] == [DiscClass.SCHMORL]
-    far = [_slice("disc", "axial", _det(DiscClass.NORMAL, 0.9, centre, centre)),
-           _slice("disc", "sagittal", _det(DiscClass.NORMAL, 0.9, centre, centre),
-                  _det(DiscClass.SCHMORL, 0.9, slice(0, 4), slice(30, 34)))]  # 15 mm away: next disc
+    far = [
+        _slice("disc", "axial", _det(DiscClass.NORMAL, 0.9, centre, centre)),
+        _slice(
+            "disc",
+            "sagittal",
+            _det(DiscClass.NORMAL, 0.9, centre, centre),
+            _det(DiscClass.SCHMORL, 0.9, slice(0, 4), slice(30, 34)),
+        ),
+    ]  # 15 mm away: next disc
     findings, _ = fuse(far, disc_half_height_mm=5.0)
     assert [f.cls for f in findings] == [DiscClass.NORMAL]
 
@@ -329,8 +386,11 @@ def test_extension_measured_against_the_vertebral_edge():
     yy, xx = np.mgrid[0:200, 0:200]
     edge = (xx - 100) ** 2 + (yy - 100) ** 2 <= 60**2
     disc = (xx - 100) ** 2 + (yy - 100) ** 2 <= 59**2
-    bump = (np.hypot(xx - 100, yy - 100) <= 70) & (np.degrees(np.arctan2(yy - 100, xx - 100)) > 80) & (
-        np.degrees(np.arctan2(yy - 100, xx - 100)) < 100)
+    bump = (
+        (np.hypot(xx - 100, yy - 100) <= 70)
+        & (np.degrees(np.arctan2(yy - 100, xx - 100)) > 80)
+        & (np.degrees(np.arctan2(yy - 100, xx - 100)) < 100)
+    )
     ext = disc_extension(disc | bump, edge, pixel_mm=0.25)
     assert ext.max_mm == pytest.approx(2.5, abs=0.2)  # 10 px beyond the edge
     assert ext.share == pytest.approx(20 / 360, abs=0.01)

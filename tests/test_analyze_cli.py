@@ -24,14 +24,18 @@ def test_bundled_model_loads_once_and_predicts_in_one_batch():
 def test_a_card_without_disc_views_is_refused(tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"")
     (tmp_path / "model.yaml").write_text(
-        "classes: [normal, schmorl, bulge, protrusion]\nweights: weights.pt\nviews: native\n")
+        "classes: [normal, schmorl, bulge, protrusion]\nweights: weights.pt\nviews: native\n"
+    )
     with pytest.raises(ModelError, match="disc-centred views"):
         read_card(tmp_path)
 
 
 def test_analyze_prints_every_level_and_writes_json_and_previews(phantom, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["analyze", str(phantom.folder / SERIES_DIR), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(["analyze", str(phantom.folder / SERIES_DIR), "--out", str(out), "--device", "cpu"])
+        == 0
+    )
     table = capsys.readouterr().out
     result = json.loads((out / "result.json").read_text())
     assert result["study_instance_uid"] == phantom.truth["study_instance_uid"]
@@ -47,9 +51,14 @@ def test_analyze_prints_every_level_and_writes_json_and_previews(phantom, tmp_pa
     assert str(out / "dicom" / "sr.dcm") in table
 
 
-def test_analyze_writes_only_the_objects_asked_for_and_rejects_unknown_ones(phantom, tmp_path, capsys):
+def test_analyze_writes_only_the_objects_asked_for_and_rejects_unknown_ones(
+    phantom, tmp_path, capsys
+):
     out = tmp_path / "out"
-    assert main(["analyze", str(phantom.folder / SERIES_DIR), "--out", str(out), "--objects", "sr"]) == 0
+    assert (
+        main(["analyze", str(phantom.folder / SERIES_DIR), "--out", str(out), "--objects", "sr"])
+        == 0
+    )
     assert [p.name for p in (out / "dicom").iterdir()] == ["sr.dcm"]
     assert main(["analyze", str(phantom.folder / SERIES_DIR), "--objects", "seg,pdf"]) == 2
     assert "unknown output object(s) pdf" in capsys.readouterr().err
@@ -62,7 +71,15 @@ def test_analyze_refuses_the_tilted_series_without_a_traceback(shared_data, caps
 
 
 def test_analyze_refuses_a_short_thoracolumbar_series_with_the_reason(shared_data, capsys):
-    rc = main(["analyze", str(shared_data / "real" / "siemens_ct_j2k_blank_uids"), "--json", "--device", "cpu"])
+    rc = main(
+        [
+            "analyze",
+            str(shared_data / "real" / "siemens_ct_j2k_blank_uids"),
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     # 20 slices of 2 mm: too short to hold a disc space between two bodies
     assert rc == 3 and "no lumbar spine to analyse" in err and "Traceback" not in err

@@ -33,19 +33,40 @@ def test_the_dashboard_shows_a_study_going_through_and_its_job_page(phantom, bro
     with orthanc(tmp_path / "orthanc") as pacs:
         dest = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
         web_port = free_port()
-        cfg, values = node_config(home, destinations=[dest], default_destinations=["pacs"],
-                                  web={"enabled": True, "port": web_port, "token": TOKEN})
+        cfg, values = node_config(
+            home,
+            destinations=[dest],
+            default_destinations=["pacs"],
+            web={"enabled": True, "port": web_port, "token": TOKEN},
+        )
         node = NodeProcess(cfg, home, values["receiver"]["port"], "IDAICS").start()
         try:
             base = f"http://127.0.0.1:{web_port}"
             browser.go(f"{base}/login?token={TOKEN}&next=/")
-            browser.wait("document.querySelector('#refreshed') && document.querySelector('#refreshed').textContent")
+            browser.wait(
+                "document.querySelector('#refreshed') && document.querySelector('#refreshed').textContent"
+            )
             assert json.loads(browser.js(ROWS)) == []
-            assert "up" in browser.wait("document.querySelector('#health .ok') && "
-                                        "document.querySelector('#health').textContent")
-            sender = subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "IDAICS", "-R", "127.0.0.1",
-                                       str(node.port), "+sd", str(phantom.folder / SERIES_DIR)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            assert "up" in browser.wait(
+                "document.querySelector('#health .ok') && "
+                "document.querySelector('#health').textContent"
+            )
+            sender = subprocess.Popen(
+                [
+                    dcmtk("storescu"),
+                    "-aet",
+                    "MODALITY",
+                    "-aec",
+                    "IDAICS",
+                    "-R",
+                    "127.0.0.1",
+                    str(node.port),
+                    "+sd",
+                    str(phantom.folder / SERIES_DIR),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             seen: list[str] = []
             t_end = time.monotonic() + 240
             while time.monotonic() < t_end:
@@ -61,12 +82,16 @@ def test_the_dashboard_shows_a_study_going_through_and_its_job_page(phantom, bro
             shots = [browser.screenshot(tmp_path / "dashboard.png")]
 
             browser.js("document.querySelector('#jobs tbody a').click()")
-            browser.wait("document.querySelector('#job-state') && document.querySelector('#job-state').textContent"
-                         " === 'DONE'")
+            browser.wait(
+                "document.querySelector('#job-state') && document.querySelector('#job-state').textContent"
+                " === 'DONE'"
+            )
             levels = browser.wait("document.querySelectorAll('#levels tbody tr').length")
             assert levels >= 4
-            browser.wait("[...document.querySelectorAll('#previews img')].length > 0 && "
-                         "[...document.querySelectorAll('#previews img')].every(i => i.complete && i.naturalWidth > 0)")
+            browser.wait(
+                "[...document.querySelectorAll('#previews img')].length > 0 && "
+                "[...document.querySelectorAll('#previews img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             deliveries = browser.js("document.querySelector('#deliveries tbody').textContent")
             assert "SENT" in deliveries and "pacs" in deliveries
             assert "seg.dcm" in browser.js("document.querySelector('#objects').textContent")

@@ -40,8 +40,16 @@ def test_a_fit_needs_right_and_wrong_discs():
 
 def test_calibration_rows_are_split_by_study_and_the_error_measured_on_the_other_half(tmp_path):
     conf, right = overconfident(300, 3)
-    rows = [{"study": f"s{i // 3}", "found": True, "confidence": float(c),
-             "truth": ["bulge"], "predicted": ["bulge" if r else "protrusion"]} for i, (c, r) in enumerate(zip(conf, right))]
+    rows = [
+        {
+            "study": f"s{i // 3}",
+            "found": True,
+            "confidence": float(c),
+            "truth": ["bulge"],
+            "predicted": ["bulge" if r else "protrusion"],
+        }
+        for i, (c, r) in enumerate(zip(conf, right))
+    ]
     entry = calibrate_from_rows(rows, tmp_path / "rel.png", "test")
     assert entry["fitted_on_discs"] + entry["measured_on_discs"] == 300
     assert entry["ece_after"] < entry["ece_before"]
@@ -61,4 +69,6 @@ def test_the_analysis_reports_the_calibrated_confidence(analysed_phantoms, tmp_p
     result = analyze_volume(vol, load_model(model_dir))
     confs = [f.confidence for d in result.discs for f in d.findings]
     assert confs and all(c == 0.5 for c in confs)
-    assert [d.classes for d in result.discs] == [d.classes for d in plain.discs]  # classes unchanged
+    assert [d.classes for d in result.discs] == [
+        d.classes for d in plain.discs
+    ]  # classes unchanged

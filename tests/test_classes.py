@@ -26,7 +26,9 @@ def _shape(classes) -> str:
 def score(pairs: list[tuple[list[str], list[str]]]) -> dict[str, float]:
     """(truth classes, predicted classes) per level -> shape accuracy, swaps, nodes."""
     shapes = [(_shape(t), _shape(p)) for t, p in pairs]
-    swaps = sum(1 for t, p in shapes if {t, p} == {DiscClass.BULGE.value, DiscClass.PROTRUSION.value})
+    swaps = sum(
+        1 for t, p in shapes if {t, p} == {DiscClass.BULGE.value, DiscClass.PROTRUSION.value}
+    )
     node = DiscClass.SCHMORL.value
     return {
         "shape_accuracy": sum(t == p for t, p in shapes) / len(shapes),
@@ -37,8 +39,12 @@ def score(pairs: list[tuple[list[str], list[str]]]) -> dict[str, float]:
 
 
 def passes(s: dict[str, float]) -> bool:
-    return (s["shape_accuracy"] >= MIN_SHAPE_ACCURACY and s["swaps"] <= MAX_SWAPS
-            and s["nodes_found"] >= MIN_NODES_FOUND and s["false_nodes"] <= MAX_FALSE_NODES)
+    return (
+        s["shape_accuracy"] >= MIN_SHAPE_ACCURACY
+        and s["swaps"] <= MAX_SWAPS
+        and s["nodes_found"] >= MIN_NODES_FOUND
+        and s["false_nodes"] <= MAX_FALSE_NODES
+    )
 
 
 def test_the_bundled_model_classifies_held_out_phantom_discs(analysed_phantoms):
@@ -52,6 +58,9 @@ def test_the_bundled_model_classifies_held_out_phantom_discs(analysed_phantoms):
     s = score(pairs)
     assert passes(s), s
     # the same check on the predictions of a model that swaps bulge and protrusion fails
-    swap = {DiscClass.BULGE.value: DiscClass.PROTRUSION.value, DiscClass.PROTRUSION.value: DiscClass.BULGE.value}
+    swap = {
+        DiscClass.BULGE.value: DiscClass.PROTRUSION.value,
+        DiscClass.PROTRUSION.value: DiscClass.BULGE.value,
+    }
     swapped = [(t, [swap.get(c, c) for c in p]) for t, p in pairs]
     assert not passes(score(swapped)), score(swapped)

@@ -28,23 +28,36 @@ def test_a_receive_only_node_and_a_separate_worker_with_the_commands(phantom, tm
     pacs.start()
     home = tmp_path / "node"
     dest = {"name": "local", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}
-    cfg, values = node_config(home, workers={"count": 0}, destinations=[dest], routes={"MODALITY": ["local"]})
+    cfg, values = node_config(
+        home, workers={"count": 0}, destinations=[dest], routes={"MODALITY": ["local"]}
+    )
     node = NodeProcess(cfg, home, values["receiver"]["port"], "IDAICS").start()
     address = f"IDAICS@127.0.0.1:{node.port}"
     try:
         assert main(["echo", address, "--calling-aet", "MODALITY"]) == 0
         assert "status 0x0000 (success)" in capsys.readouterr().out
         assert main(["echo", address, "--calling-aet", "STRANGER"]) == 1
-        assert main(["send", str(phantom.folder / SERIES_DIR), address, "--calling-aet", "MODALITY"]) == 0
+        assert (
+            main(["send", str(phantom.folder / SERIES_DIR), address, "--calling-aet", "MODALITY"])
+            == 0
+        )
         assert "150 instances stored" in capsys.readouterr().out
-        wait_job(home, lambda j: j.state is State.QUEUED, 60)  # no worker on the receiving node: it waits
+        wait_job(
+            home, lambda j: j.state is State.QUEUED, 60
+        )  # no worker on the receiving node: it waits
         time.sleep(1)
         assert jobs(home)[-1].state is State.QUEUED
 
         # a worker elsewhere, against the same database and spool
         env = {**os.environ, "IDAICS_CONFIG": str(cfg)}
-        run = subprocess.run([sys.executable, "-m", "node.cli", "worker", "--once"], env=env,
-                             capture_output=True, text=True, timeout=300, check=False)
+        run = subprocess.run(
+            [sys.executable, "-m", "node.cli", "worker", "--once"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         (job,) = jobs(home)
         assert job.state is State.DONE, job.reason
@@ -79,7 +92,9 @@ def test_demo_runs_the_whole_node_on_loopback(tmp_path, capsys):
 
 def test_routes_send_each_caller_to_its_destinations_and_bad_names_are_refused(tmp_path):
     dests = [{"name": n, "ae_title": n.upper(), "host": "h", "port": 104} for n in ("a", "b")]
-    s = Settings(home=tmp_path, destinations=dests, routes={"CT1": ["a", "b"]}, default_destinations=["b"])
+    s = Settings(
+        home=tmp_path, destinations=dests, routes={"CT1": ["a", "b"]}, default_destinations=["b"]
+    )
     assert [d.name for d in s.destinations_for("CT1")] == ["a", "b"]
     assert [d.name for d in s.destinations_for("OTHER")] == ["b"]
     with pytest.raises(ValueError, match="unknown destination"):
@@ -92,18 +107,28 @@ def test_routes_send_each_caller_to_its_destinations_and_bad_names_are_refused(t
 
 def test_the_configuration_file_and_environment_variables(tmp_path, monkeypatch):
     path = tmp_path / "node.toml"
-    path.write_text(to_toml({"home": str(tmp_path), "receiver": {"port": 11999, "ae_title": "FROMFILE"}}))
+    path.write_text(
+        to_toml({"home": str(tmp_path), "receiver": {"port": 11999, "ae_title": "FROMFILE"}})
+    )
     monkeypatch.setenv("IDAICS_RECEIVER__PORT", "12000")
     s = load_settings(path)
     assert (s.receiver.ae_title, s.receiver.port) == ("FROMFILE", 12000)  # the environment wins
-    assert s.spool_dir == tmp_path / "spool" and s.database_url == f"sqlite:///{tmp_path / 'idaics.db'}"
+    assert (
+        s.spool_dir == tmp_path / "spool"
+        and s.database_url == f"sqlite:///{tmp_path / 'idaics.db'}"
+    )
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.toml")
-    assert load_settings(Path(__file__).parents[1] / "config" / "node.toml").receiver.ae_title == "IDAICS"
+    assert (
+        load_settings(Path(__file__).parents[1] / "config" / "node.toml").receiver.ae_title
+        == "IDAICS"
+    )
 
 
 def test_retention_removes_spooled_instances_of_old_done_jobs(tmp_path):
-    s = Settings(home=tmp_path, retention={"delete_instances_after_hours": 1}, web={"enabled": False})
+    s = Settings(
+        home=tmp_path, retention={"delete_instances_after_hours": 1}, web={"enabled": False}
+    )
     node = Node(s)
     files = []
     with node.sessions() as db:
@@ -112,9 +137,18 @@ def test_retention_removes_spooled_instances_of_old_done_jobs(tmp_path):
             f.parent.mkdir(parents=True)
             f.write_bytes(b"x")
             files.append(f)
-            job = Job(state=State.DONE, study_uid="1.2", series_uid=f"1.2.{i}", calling_aet="M", called_aet="I",
-                      stage_seconds={}, state_since=utcnow() - dt.timedelta(hours=age_h))
-            job.received = [Instance(sop_instance_uid="1", sop_class_uid="1.2", path=str(f), size=1)]
+            job = Job(
+                state=State.DONE,
+                study_uid="1.2",
+                series_uid=f"1.2.{i}",
+                calling_aet="M",
+                called_aet="I",
+                stage_seconds={},
+                state_since=utcnow() - dt.timedelta(hours=age_h),
+            )
+            job.received = [
+                Instance(sop_instance_uid="1", sop_class_uid="1.2", path=str(f), size=1)
+            ]
             db.add(job)
         db.commit()
     node.clean_up()
@@ -156,9 +190,17 @@ def test_received_files_without_a_row_are_removed_at_start_and_recorded_ones_kep
     node.remove_unrecorded()  # a database that knows no instance judges no file
     assert unrecorded.exists()
     with node.sessions() as db:
-        job = Job(state=State.DONE, study_uid="1.2", series_uid="1.2.3", calling_aet="M", called_aet="I",
-                  stage_seconds={})
-        job.received = [Instance(sop_instance_uid="1", sop_class_uid="1.2", path=str(recorded), size=1)]
+        job = Job(
+            state=State.DONE,
+            study_uid="1.2",
+            series_uid="1.2.3",
+            calling_aet="M",
+            called_aet="I",
+            stage_seconds={},
+        )
+        job.received = [
+            Instance(sop_instance_uid="1", sop_class_uid="1.2", path=str(recorded), size=1)
+        ]
         db.add(job)
         db.commit()
     node.remove_unrecorded()
@@ -166,7 +208,9 @@ def test_received_files_without_a_row_are_removed_at_start_and_recorded_ones_kep
     node.engine.dispose()
 
 
-def test_a_job_whose_results_do_not_fit_waits_for_disk_space_without_spending_attempts(tmp_path, monkeypatch):
+def test_a_job_whose_results_do_not_fit_waits_for_disk_space_without_spending_attempts(
+    tmp_path, monkeypatch
+):
     import errno
 
     import node.worker as worker
@@ -176,8 +220,16 @@ def test_a_job_whose_results_do_not_fit_waits_for_disk_space_without_spending_at
     s = Settings(home=tmp_path, web={"enabled": False}, receiver={"min_free_mb": 10})
     sessions = make_sessions(make_engine(s.database_url))
     with sessions() as db:
-        db.add(Job(state=State.QUEUED, study_uid="1.2", series_uid="1.2.9", calling_aet="M", called_aet="I",
-                   stage_seconds={}))
+        db.add(
+            Job(
+                state=State.QUEUED,
+                study_uid="1.2",
+                series_uid="1.2.9",
+                calling_aet="M",
+                called_aet="I",
+                stage_seconds={},
+            )
+        )
         db.commit()
         job = claim(db, "w:1")
 
@@ -188,7 +240,11 @@ def test_a_job_whose_results_do_not_fit_waits_for_disk_space_without_spending_at
     assert worker.run_claimed(s, sessions, None, job, "w:1") is False
     with sessions() as db:
         j = db.get(Job, job.id)
-        assert j.state is State.QUEUED and j.attempts == 0 and j.reason.startswith("waiting for disk space")
+        assert (
+            j.state is State.QUEUED
+            and j.attempts == 0
+            and j.reason.startswith("waiting for disk space")
+        )
     monkeypatch.setattr(worker.spool, "free_mb", lambda _p: 5.0)
     assert worker.disk_full(s)  # below the floor no job is claimed
     monkeypatch.setattr(worker.spool, "free_mb", lambda _p: 500.0)
@@ -203,4 +259,8 @@ def test_a_job_whose_results_do_not_fit_waits_for_disk_space_without_spending_at
     assert worker.run_claimed(s, sessions, None, job, "w:1") is True
     with sessions() as db:
         j = db.get(Job, job.id)
-        assert j.state is State.QUEUED and j.attempts == 1 and j.reason == "attempt 1: RuntimeError: first line"
+        assert (
+            j.state is State.QUEUED
+            and j.attempts == 1
+            and j.reason == "attempt 1: RuntimeError: first line"
+        )

@@ -32,12 +32,16 @@ def _iou(a, b):
 
 
 def test_phantom_dataset_is_split_by_study(phantoms, tmp_path, capsys):
-    writer = build_from_phantoms([p.folder for p in phantoms], tmp_path / "ds", val_fraction=0.34, progress=False)
+    writer = build_from_phantoms(
+        [p.folder for p in phantoms], tmp_path / "ds", val_fraction=0.34, progress=False
+    )
     spec = read_data_yaml(tmp_path / "ds" / "data.yaml")
     assert spec.names == CLASS_NAMES
     assert spec.idaics["windowing"]["width"] > 0 and spec.idaics["views"]["size"] == 512
     manifest = spec.manifest()
-    studies = {s: {r["study"] for r in manifest.values() if r["split"] == s} for s in ("train", "val")}
+    studies = {
+        s: {r["study"] for r in manifest.values() if r["split"] == s} for s in ("train", "val")
+    }
     assert studies["train"] and studies["val"] and not (studies["train"] & studies["val"])
     assert len(spec.images("train")) + len(spec.images("val")) == len(manifest)
     img = np.asarray(Image.open(spec.images("train")[0]))
@@ -59,8 +63,17 @@ def _labelme(tmp_path, labels):
     img[10:30, 10:40] = 200
     Image.fromarray(img).save(folder / "img1.png")
     shapes = [{"label": lab, "points": pts, "shape_type": "polygon"} for lab, pts in labels]
-    (folder / "img1.json").write_text(json.dumps({"imagePath": "img1.png", "imageHeight": 64, "imageWidth": 80,
-                                                  "imageData": None, "shapes": shapes}))
+    (folder / "img1.json").write_text(
+        json.dumps(
+            {
+                "imagePath": "img1.png",
+                "imageHeight": 64,
+                "imageWidth": 80,
+                "imageData": None,
+                "shapes": shapes,
+            }
+        )
+    )
     return tmp_path
 
 
@@ -103,16 +116,24 @@ def test_mapping_to_an_unknown_class_is_an_error(tmp_path):
 def test_seg_import_matches_the_seg_frames(shared_data, tmp_path):
     d = shared_data / "real" / "third_party_seg_sr"
     mapping = tmp_path / "map.yaml"
-    mapping.write_text("Liver: normal\nGREEN: bulge\nORANGE: protrusion\nPURPLE: schmorl\n"
-                       "LIGHT_BLUE: ignore\nDARK_BLUE: normal\n")
-    build_from_seg([d / "liver.dcm", d / "partial_overlaps.dcm"], tmp_path / "ds", mapping=mapping,
-                   ct=[d / "ct-3slice"])
+    mapping.write_text(
+        "Liver: normal\nGREEN: bulge\nORANGE: protrusion\nPURPLE: schmorl\n"
+        "LIGHT_BLUE: ignore\nDARK_BLUE: normal\n"
+    )
+    build_from_seg(
+        [d / "liver.dcm", d / "partial_overlaps.dcm"],
+        tmp_path / "ds",
+        mapping=mapping,
+        ct=[d / "ct-3slice"],
+    )
     spec = read_data_yaml(tmp_path / "ds" / "data.yaml")
     images = {p.stem: p for p in spec.images("train") + spec.images("val")}
     seg = pydicom.dcmread(d / "liver.dcm")
     frames = seg.pixel_array
-    cts = {round(float(c.ImagePositionPatient[2]), 2): c for c in
-           (pydicom.dcmread(p) for p in sorted((d / "ct-3slice").glob("*.dcm")))}
+    cts = {
+        round(float(c.ImagePositionPatient[2]), 2): c
+        for c in (pydicom.dcmread(p) for p in sorted((d / "ct-3slice").glob("*.dcm")))
+    }
     checked = 0
     for f, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
         z = round(float(fg.PlanePositionSequence[0].ImagePositionPatient[2]), 2)
@@ -139,13 +160,22 @@ def test_seg_without_its_ct_says_which_slice_is_missing(shared_data, tmp_path):
         build_from_seg([d / "seg.dcm"], tmp_path / "ds", mapping=mapping, ct=[d])
 
 
-@pytest.mark.parametrize("content,match", [
-    (None, "not found"),
-    ("names: [a, b]\n", "missing"),
-    ("train: images/train\nval: images/val\nnames: [normal, bulge, schmorl, protrusion]\n", "order"),
-    ("train: images/train\nval: images/val\nnames: [normal, schmorl, bulge, herniation]\n", "herniation"),
-    ("train: [\n", "YAML"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "not found"),
+        ("names: [a, b]\n", "missing"),
+        (
+            "train: images/train\nval: images/val\nnames: [normal, bulge, schmorl, protrusion]\n",
+            "order",
+        ),
+        (
+            "train: images/train\nval: images/val\nnames: [normal, schmorl, bulge, herniation]\n",
+            "herniation",
+        ),
+        ("train: [\n", "YAML"),
+    ],
+)
 def test_bad_data_yaml_is_a_clear_error(tmp_path, content, match):
     from node.training.data import DataError
 

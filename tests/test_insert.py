@@ -18,7 +18,12 @@ from node.training.from_phantoms import Randomise, study_samples
 @pytest.fixture(scope="module")
 def lumbar_base(shared_data):
     d = shared_data / "real" / "lumbar_ct_crop_l2_l4"
-    return load_base(d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "verse", "lumbar")
+    return load_base(
+        d / "sub-ct_label-22_ct.nii.gz",
+        d / "sub-ct_seg-vert_label-22_msk.nii.gz",
+        "verse",
+        "lumbar",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,9 @@ def test_inserted_lesions_measure_as_their_class_and_untouched_levels_are_unknow
     assert {"bulge", "protrusion"} <= kinds
 
 
-def test_the_image_changes_only_at_inserted_levels_with_disc_hu_and_the_scans_own_noise(lumbar_base, inserted):
+def test_the_image_changes_only_at_inserted_levels_with_disc_hu_and_the_scans_own_noise(
+    lumbar_base, inserted
+):
     seen = 0
     for folder in inserted:
         truth = json.loads((folder / TRUTH_FILE).read_text())
@@ -72,7 +79,9 @@ def test_the_image_changes_only_at_inserted_levels_with_disc_hu_and_the_scans_ow
         base_idx = np.rint(lumbar_base.grid.to_index(vol.grid.to_patient(idx))).astype(int)
         before = lumbar_base.hu[tuple(base_idx.T)].reshape(vol.hu.shape)
         lab_idx = np.rint(labels.grid.to_index(vol.grid.to_patient(idx))).astype(int)
-        disc_level = labels.disc_level[tuple(lab_idx.T)].reshape(vol.hu.shape)  # on the series' grid
+        disc_level = labels.disc_level[tuple(lab_idx.T)].reshape(
+            vol.hu.shape
+        )  # on the series' grid
         changed = np.abs(vol.hu - before) > 1.0
         centres = [np.array(e["centre_lps"]) for e in truth["levels"] if e["inserted"]]
         if not centres:
@@ -82,7 +91,11 @@ def test_the_image_changes_only_at_inserted_levels_with_disc_hu_and_the_scans_ow
         near = np.min([np.linalg.norm(pts - c, axis=1) for c in centres], axis=0)
         assert near.max() < 45.0, "voxels changed away from every inserted level"
         for e in truth["levels"]:
-            if not e["inserted"] or not ({"bulge", "protrusion"} & set(e["classes"])) or "schmorl" in e["classes"]:
+            if (
+                not e["inserted"]
+                or not ({"bulge", "protrusion"} & set(e["classes"]))
+                or "schmorl" in e["classes"]
+            ):
                 continue
             code = e["label_code"]
             ext = (disc_level == code) & changed & (np.abs(vol.hu - before) > 30)
@@ -108,10 +121,17 @@ def test_inserted_studies_make_training_samples_with_randomised_slices(inserted)
 def test_labels_that_do_not_match_the_ct_are_refused(shared_data, tmp_path):
     d = shared_data / "real" / "lumbar_ct_crop_l2_l4"
     with pytest.raises(BaseError, match="not on the grid"):
-        load_base(d / "sub-ct_label-22_ct.nii.gz", shared_data / "real" / "chest_ct_t1_l3_labels" / "labels.nii.gz",
-                  "totalsegmentator")
+        load_base(
+            d / "sub-ct_label-22_ct.nii.gz",
+            shared_data / "real" / "chest_ct_t1_l3_labels" / "labels.nii.gz",
+            "totalsegmentator",
+        )
     with pytest.raises(BaseError, match="fewer than two"):
-        load_base(d / "sub-ct_label-22_ct.nii.gz", d / "sub-ct_seg-vert_label-22_msk.nii.gz", "totalsegmentator")
+        load_base(
+            d / "sub-ct_label-22_ct.nii.gz",
+            d / "sub-ct_seg-vert_label-22_msk.nii.gz",
+            "totalsegmentator",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +145,8 @@ def test_the_vertebral_edge_follows_the_labelled_bodies_of_real_ct(which, lumbar
     """The node's vertebral edge (from the image alone) against the outline of the labelled
     body above each disc: on the crop the cancellous bone is as dark as muscle and the
     cortex broken, on the chest CT a contrast-filled aorta lies against the bodies."""
-    from node.analysis.measure import outer_radius
+    from node.analysis.measure import outer_radius, vertebral_edge
     from node.analysis.spine import find_spine
-    from node.analysis.study import vertebral_edge
     from node.geometry import Plane
 
     base = lumbar_base if which == "lumbar" else chest_base
@@ -161,7 +180,11 @@ def test_the_column_is_followed_to_the_edge_of_the_field_of_view(chest_base):
     line = spine.centre_line(small, grid, spine.body_mask(small, grid, smooth), smooth)
     # the line runs through the front part of the bodies: what must hold is that it keeps the
     # same place in them down to the last disc
-    offsets = np.array([line[np.argmin(np.abs(line[:, 2] - lv.centre[2]))][:2] - lv.centre[:2]
-                        for lv in base_levels(chest_base)])
+    offsets = np.array(
+        [
+            line[np.argmin(np.abs(line[:, 2] - lv.centre[2]))][:2] - lv.centre[:2]
+            for lv in base_levels(chest_base)
+        ]
+    )
     assert len(offsets) == 3
     assert np.all(np.hypot(*(offsets - np.median(offsets, axis=0)).T) < 6.0), np.round(offsets, 1)

@@ -15,8 +15,8 @@ from node import migrations
 from node.config import Destination, SeriesRules, Settings
 from node.db import Base, Delivery, DeliveryState, Job, State, make_engine, make_sessions, utcnow
 from node.export.delivery import deliver_due, queue_deliveries
+from node.ingest.series import ReceivedInstance
 from node.jobs import (
-    ReceivedInstance,
     association_released,
     claim,
     complete_series,
@@ -62,10 +62,22 @@ def sessions(request, tmp_path):
 
 
 def instance(series: str, k: int, assoc: str = "a1", **kw) -> ReceivedInstance:
-    base = dict(sop_class_uid=CT, sop_instance_uid=f"{series}.{k}", series_uid=series, study_uid="1.2.3",
-                path=f"/spool/{series}/{k}.dcm", size=1000, calling_aet="MODALITY", called_aet="IDAICS",
-                association=assoc, modality="CT", position=-2.0 * k, slice_thickness=2.0, orientation=AXIAL,
-                series_description="lumbar spine")
+    base = dict(
+        sop_class_uid=CT,
+        sop_instance_uid=f"{series}.{k}",
+        series_uid=series,
+        study_uid="1.2.3",
+        path=f"/spool/{series}/{k}.dcm",
+        size=1000,
+        calling_aet="MODALITY",
+        called_aet="IDAICS",
+        association=assoc,
+        modality="CT",
+        position=-2.0 * k,
+        slice_thickness=2.0,
+        orientation=AXIAL,
+        series_description="lumbar spine",
+    )
     base.update(kw)
     return ReceivedInstance(**base)
 
@@ -126,7 +138,9 @@ def test_one_association_per_instance_ends_as_one_job_of_all_instances(sessions)
             record_instance(s, instance("5.1", k, assoc=f"a{k}"), "test")
             s.flush()
             association_released(s, ["5.1"])  # each instance's association closes at once
-            complete_series(s, RULES, "test", now=after(0.05))  # the next comes well within the grace
+            complete_series(
+                s, RULES, "test", now=after(0.05)
+            )  # the next comes well within the grace
             s.commit()
     with sessions() as s:
         done = complete_series(s, RULES, "test", now=after(1.5))
@@ -180,17 +194,27 @@ def test_instances_after_the_job_ran_start_one_analysis_of_all_instances(session
             assert old.state is State.SKIPPED and f"superseded by job {new.id}" in old.reason
             assert predecessor(s, new) is None
         # sending the same 150 again changes nothing
-        assert {record_instance(s, instance("6.2", k), "test")[0].id for k in range(150)} == {new.id}
+        assert {record_instance(s, instance("6.2", k), "test")[0].id for k in range(150)} == {
+            new.id
+        }
 
 
-@pytest.mark.parametrize("kw, why", [
-    ({"modality": "MR", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4"}, "not a CT image series (modality MR)"),
-    ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.7"},  # Secondary Capture labelled CT
-     "modality CT, but SOP class 1.2.840.10008.5.1.4.1.1.7, not a CT image storage class"),
-    ({"series_description": "Scout 0.5"}, "matches the skip rule"),
-    ({"slice_thickness": 10.0}, "10.0 mm thick"),
-    ({"orientation": "0\\1\\0\\0\\0\\-1"}, "not an axial series"),
-])
+@pytest.mark.parametrize(
+    "kw, why",
+    [
+        (
+            {"modality": "MR", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4"},
+            "not a CT image series (modality MR)",
+        ),
+        (
+            {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.7"},  # Secondary Capture labelled CT
+            "modality CT, but SOP class 1.2.840.10008.5.1.4.1.1.7, not a CT image storage class",
+        ),
+        ({"series_description": "Scout 0.5"}, "matches the skip rule"),
+        ({"slice_thickness": 10.0}, "10.0 mm thick"),
+        ({"orientation": "0\\1\\0\\0\\0\\-1"}, "not an axial series"),
+    ],
+)
 def test_series_not_for_this_node_are_skipped_with_the_reason(sessions, kw, why):
     job_id = receive(sessions, "3.1", 30, **kw)
     with sessions() as s:
@@ -212,8 +236,14 @@ def _queued(sessions, n: int) -> list[int]:
     ids = []
     with sessions() as s:
         for i in range(n):
-            job = Job(state=State.QUEUED, study_uid="1", series_uid=f"9.{i}", calling_aet="M", called_aet="I",
-                      stage_seconds={})
+            job = Job(
+                state=State.QUEUED,
+                study_uid="1",
+                series_uid=f"9.{i}",
+                calling_aet="M",
+                called_aet="I",
+                stage_seconds={},
+            )
             s.add(job)
             s.flush()
             ids.append(job.id)
@@ -298,13 +328,19 @@ def test_deliveries_retry_with_backoff_fail_visibly_and_can_be_resent(sessions, 
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3.4"
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        ds.SOPClassUID,
+        "1.2.3.4",
+    )
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(out / "dicom" / "sr.dcm", enforce_file_format=True)
     closed = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
-    settings = Settings(destinations=[closed.model_dump()], default_destinations=["pacs"],
-                        sending={"max_attempts": 3, "backoff_seconds": 0.0, "timeout_s": 2},
-                        home=tmp_path)
+    settings = Settings(
+        destinations=[closed.model_dump()],
+        default_destinations=["pacs"],
+        sending={"max_attempts": 3, "backoff_seconds": 0.0, "timeout_s": 2},
+        home=tmp_path,
+    )
     (job_id,) = _queued(sessions, 1)
     with sessions() as s:
         claim(s, "w:1")
@@ -319,7 +355,9 @@ def test_deliveries_retry_with_backoff_fail_visibly_and_can_be_resent(sessions, 
         job = s.get(Job, job_id)
         (d,) = job.deliveries
         assert d.state is DeliveryState.FAILED and d.attempts == 3 and len(d.history) == 3
-        assert job.state is State.FAILED and "delivery to pacs failed after 3 attempts" in job.reason
+        assert (
+            job.state is State.FAILED and "delivery to pacs failed after 3 attempts" in job.reason
+        )
         fresh = resend(s, job, "admin")
         s.commit()
         assert [x.state for x in fresh] == [DeliveryState.PENDING] and job.state is State.SENDING
@@ -332,9 +370,16 @@ def test_a_send_held_by_a_sender_that_died_is_due_again_at_once(sessions, tmp_pa
     import node.export.delivery as delivery
 
     (job_id,) = _queued(sessions, 1)
-    settings = Settings(destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1",
-                                                  port=free_port()).model_dump()],
-                        default_destinations=["pacs"], sending={"timeout_s": 30}, home=tmp_path)
+    settings = Settings(
+        destinations=[
+            Destination(
+                name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port()
+            ).model_dump()
+        ],
+        default_destinations=["pacs"],
+        sending={"timeout_s": 30},
+        home=tmp_path,
+    )
     with sessions() as s:
         claim(s, "w:1")
         job = s.get(Job, job_id)
@@ -352,12 +397,18 @@ def test_a_send_held_by_a_sender_that_died_is_due_again_at_once(sessions, tmp_pa
         delivery.attempt(sessions, d_id, settings, "host:999999")
     with sessions() as s:
         d = s.get(Delivery, d_id)
-        assert delivery.holder(d) == "host:999999" and d.next_try_at > utcnow() + dt.timedelta(seconds=60)
-        assert delivery.release_dead_holds(s, lambda who: who == "alive:1", "test") == []  # a live holder keeps it
+        assert delivery.holder(d) == "host:999999" and d.next_try_at > utcnow() + dt.timedelta(
+            seconds=60
+        )
+        assert (
+            delivery.release_dead_holds(s, lambda who: who == "alive:1", "test") == []
+        )  # a live holder keeps it
         (freed,) = delivery.release_dead_holds(s, lambda who: who == "host:999999", "test")
         s.commit()
         assert freed.id == d_id and delivery.holder(freed) is None and freed.next_try_at <= utcnow()
-        assert freed.history == [] and any(e.event == "send lease released" for e in freed.job.events)
+        assert freed.history == [] and any(
+            e.event == "send lease released" for e in freed.job.events
+        )
 
 
 def test_backoff_doubles_up_to_the_cap():
@@ -369,8 +420,14 @@ def test_backoff_doubles_up_to_the_cap():
 def test_delivery_rows_are_not_sent_twice(sessions, tmp_path):
     (job_id,) = _queued(sessions, 1)
     with sessions() as s:
-        d = Delivery(job_id=job_id, destination="x", address="X@127.0.0.1:1", state=DeliveryState.PENDING,
-                     next_try_at=utcnow() + dt.timedelta(hours=1), history=[])
+        d = Delivery(
+            job_id=job_id,
+            destination="x",
+            address="X@127.0.0.1:1",
+            state=DeliveryState.PENDING,
+            next_try_at=utcnow() + dt.timedelta(hours=1),
+            history=[],
+        )
         s.add(d)
         s.commit()
     assert deliver_due(sessions, Settings(home=tmp_path), "t") == 0  # not due yet: untouched
@@ -385,8 +442,11 @@ def test_senders_trying_one_delivery_at_once_send_it_once(sessions, tmp_path):
     from tests.test_sender import result, storescp
 
     with storescp(tmp_path / "got") as port:
-        settings = Settings(destinations=[{"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": port}],
-                            default_destinations=["good"], home=tmp_path)
+        settings = Settings(
+            destinations=[{"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": port}],
+            default_destinations=["good"],
+            home=tmp_path,
+        )
         (job_id,) = _queued(sessions, 1)
         result(tmp_path / "out")
         with sessions() as s:

@@ -26,7 +26,9 @@ def _rss_mb() -> float:
 
 
 def _receiver(tmp_path: Path, **receiver) -> Receiver:
-    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), **receiver})
+    settings = Settings(
+        home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), **receiver}
+    )
     rx = Receiver(settings, make_sessions(make_engine(settings.database_url)), "test")
     rx.start()
     return rx
@@ -79,7 +81,9 @@ def _sockets_from(home: Path, source: str, count: int, **receiver):
 
 
 def test_idle_sockets_neither_take_association_slots_nor_stay(tmp_path):
-    with _sockets_from(tmp_path, "127.0.0.2", 12, max_connections_per_peer=64, request_timeout_s=2.0) as (port, idle):
+    with _sockets_from(
+        tmp_path, "127.0.0.2", 12, max_connections_per_peer=64, request_timeout_s=2.0
+    ) as (port, idle):
         ok, took = _echo_seconds(port)
         assert ok and took < 2.0, f"echo behind 12 idle sockets: ok={ok}, {took:.1f} s"
         # the node drops a connection that never asks for an association
@@ -87,7 +91,9 @@ def test_idle_sockets_neither_take_association_slots_nor_stay(tmp_path):
 
 
 def test_one_peer_cannot_hold_every_connection(tmp_path):
-    with _sockets_from(tmp_path, "127.0.0.3", 6, max_connections_per_peer=4, request_timeout_s=30.0) as (port, held):
+    with _sockets_from(
+        tmp_path, "127.0.0.3", 6, max_connections_per_peer=4, request_timeout_s=30.0
+    ) as (port, held):
         closed = [_closed_within(s, 0.5) for s in held]
         assert closed == [False] * 4 + [True] * 2
         ok, took = _echo_seconds(port)  # another peer is served at once

@@ -38,14 +38,23 @@ def test_largest_component_keeps_the_biggest_piece():
 
 def test_the_separable_resample_equals_a_box_filter_and_a_zoom():
     rng = np.random.default_rng(3)
-    for shape, spacing in [((47, 73, 73), (1.5, 1.5, 1.5)), ((40, 128, 120), (2.5, 0.7, 0.7)),
-                           ((61, 100, 90), (0.6, 0.5, 0.9))]:
+    for shape, spacing in [
+        ((47, 73, 73), (1.5, 1.5, 1.5)),
+        ((40, 128, 120), (2.5, 0.7, 0.7)),
+        ((61, 100, 90), (0.6, 0.5, 0.9)),
+    ]:
         hu = (rng.normal(size=shape) * 100).astype(np.float32)
         affine = np.diag([*spacing, 1.0])
         factors = np.array(spacing) / 2.0
         box = [max(1, int(round(1 / f))) for f in factors]
-        want = ndimage.zoom(ndimage.uniform_filter(hu, size=box, mode="nearest"), factors, order=1,
-                            prefilter=False, grid_mode=True, mode="nearest")
+        want = ndimage.zoom(
+            ndimage.uniform_filter(hu, size=box, mode="nearest"),
+            factors,
+            order=1,
+            prefilter=False,
+            grid_mode=True,
+            mode="nearest",
+        )
         got, grid = resample_iso(hu, Grid(shape, affine))
         assert got.shape == want.shape == grid.shape
         assert np.abs(got - want).max() < 1e-3

@@ -38,7 +38,9 @@ def test_hand_computed_two_by_two():
     assert m.accuracy == pytest.approx(0.7)
     assert m.kappa == pytest.approx(0.4)  # po 0.7, pe (25*30 + 25*20)/2500 = 0.5
     a = m.per_class[0]
-    assert (a.sensitivity, a.specificity, a.ppv, a.npv) == pytest.approx((0.8, 0.6, 20 / 30, 15 / 20))
+    assert (a.sensitivity, a.specificity, a.ppv, a.npv) == pytest.approx(
+        (0.8, 0.6, 20 / 30, 15 / 20)
+    )
     # standard error under kappa = 0 (Fleiss et al. 1969), by hand:
     # (pe + pe^2 - sum r c (r + c)) / (n (1 - pe)^2) = (0.75 - 0.51) / 12.5 = 0.0192
     z = m.kappa / 0.0192**0.5

@@ -57,28 +57,55 @@ def previous_release_database(url: str) -> None:
         conn.commit()
         t0 = dt.datetime(2026, 11, 30, 8, 0, 0)
         for i, state in enumerate(State):
-            conn.execute(text(
-                "INSERT INTO job (id, state, attempts, created_at, state_since, stage_seconds, study_uid, series_uid, "
-                "calling_aet, called_aet, instances, bytes_received, last_instance_at, association_released, "
-                "instances_deleted, patient_id, result) VALUES (:id, :state, 1, :t, :t, '{}', :st, :se, 'CT1', "
-                "'IDAICS', 3, 3000, :t, :rel, :deleted, :pid, :result)"),
-                dict(id=i + 1, state=state.value, t=t0, st=f"1.2.{i}", se=f"1.2.{i}.1", rel=True, deleted=False,
-                     pid=f"P{i}", result='{"levels": 5}' if state is State.DONE else None))
+            conn.execute(
+                text(
+                    "INSERT INTO job (id, state, attempts, created_at, state_since, stage_seconds, study_uid, series_uid, "
+                    "calling_aet, called_aet, instances, bytes_received, last_instance_at, association_released, "
+                    "instances_deleted, patient_id, result) VALUES (:id, :state, 1, :t, :t, '{}', :st, :se, 'CT1', "
+                    "'IDAICS', 3, 3000, :t, :rel, :deleted, :pid, :result)"
+                ),
+                dict(
+                    id=i + 1,
+                    state=state.value,
+                    t=t0,
+                    st=f"1.2.{i}",
+                    se=f"1.2.{i}.1",
+                    rel=True,
+                    deleted=False,
+                    pid=f"P{i}",
+                    result='{"levels": 5}' if state is State.DONE else None,
+                ),
+            )
             for k in range(3):
-                conn.execute(text(
-                    "INSERT INTO instance (job_id, sop_instance_uid, sop_class_uid, path, size, position, frames, "
-                    "received_at) VALUES (:j, :uid, '1.2.840.10008.5.1.4.1.1.2', :p, 1000, :pos, 1, :t)"),
-                    dict(j=i + 1, uid=f"1.2.{i}.1.{k}", p=f"/spool/{i}/{k}.dcm", pos=-2.0 * k, t=t0))
-            conn.execute(text("INSERT INTO audit_event (job_id, at, actor, event, detail) "
-                              "VALUES (:j, :t, 'host:1', 'received', 'three instances')"), dict(j=i + 1, t=t0))
-        held = '[{"at": "2026-11-30T08:00:00", "ok": false, "error": "refused", "seconds": 0.1}, ' \
-               '{"held_by": "host:4242", "at": "2026-11-30T08:05:00"}]'
+                conn.execute(
+                    text(
+                        "INSERT INTO instance (job_id, sop_instance_uid, sop_class_uid, path, size, position, frames, "
+                        "received_at) VALUES (:j, :uid, '1.2.840.10008.5.1.4.1.1.2', :p, 1000, :pos, 1, :t)"
+                    ),
+                    dict(
+                        j=i + 1, uid=f"1.2.{i}.1.{k}", p=f"/spool/{i}/{k}.dcm", pos=-2.0 * k, t=t0
+                    ),
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO audit_event (job_id, at, actor, event, detail) "
+                    "VALUES (:j, :t, 'host:1', 'received', 'three instances')"
+                ),
+                dict(j=i + 1, t=t0),
+            )
+        held = (
+            '[{"at": "2026-11-30T08:00:00", "ok": false, "error": "refused", "seconds": 0.1}, '
+            '{"held_by": "host:4242", "at": "2026-11-30T08:05:00"}]'
+        )
         sent = '[{"at": "2026-11-30T08:00:00", "ok": true, "error": null, "seconds": 0.4}]'
         for j, state, history in ((4, "PENDING", held), (5, "SENT", sent)):
-            conn.execute(text(
-                "INSERT INTO delivery (job_id, destination, address, state, attempts, created_at, history, "
-                "next_try_at) VALUES (:j, 'pacs', 'PACS@127.0.0.1:4242', :s, 1, :t, :h, :t)"),
-                dict(j=j, s=state, t=t0, h=history))
+            conn.execute(
+                text(
+                    "INSERT INTO delivery (job_id, destination, address, state, attempts, created_at, history, "
+                    "next_try_at) VALUES (:j, 'pacs', 'PACS@127.0.0.1:4242', :s, 1, :t, :h, :t)"
+                ),
+                dict(j=j, s=state, t=t0, h=history),
+            )
         conn.commit()
     engine.dispose()
 
@@ -118,7 +145,9 @@ def test_a_previous_release_database_is_upgraded_and_loses_nothing(url, tmp_path
         pending, sent = s.execute(select(Delivery).order_by(Delivery.id)).scalars().all()
         # the hold moved from the history into its column; the attempts stayed
         assert pending.state is DeliveryState.PENDING and pending.held_by == "host:4242"
-        assert pending.history == [{"at": "2026-11-30T08:00:00", "ok": False, "error": "refused", "seconds": 0.1}]
+        assert pending.history == [
+            {"at": "2026-11-30T08:00:00", "ok": False, "error": "refused", "seconds": 0.1}
+        ]
         assert sent.held_by is None and sent.history[0]["ok"] is True
     with engine.connect() as conn:
         assert migrations.current(conn) == migrations.HEAD
@@ -160,7 +189,10 @@ def test_db_upgrade_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IDAICS_DATABASE_URL", url)
     monkeypatch.setenv("IDAICS_HOME", str(tmp_path))
     assert main(["db", "upgrade"]) == 0
-    assert f"from {migrations.BASELINE} (made before migrations) to {migrations.HEAD}" in capsys.readouterr().out
+    assert (
+        f"from {migrations.BASELINE} (made before migrations) to {migrations.HEAD}"
+        in capsys.readouterr().out
+    )
     assert main(["db", "current"]) == 0
     assert migrations.HEAD in capsys.readouterr().out
     assert main(["db", "upgrade"]) == 0

@@ -30,10 +30,9 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-v2"
 
 #: dciodvfy warnings that remain, each with why it is acceptable.
 ACCEPTED_WARNINGS = {
-    r"Unrecognized defined term <99IDAICS> for value 1 of attribute <Coding Scheme Designator>":
-        "99IDAICS is the node's local coding scheme for the disc findings PS3.16 has no code for; "
-        "DICOM reserves '99' designators for local schemes and the objects declare it in the "
-        "Coding Scheme Identification Sequence, but dciodvfy only knows the PS3.16 schemes",
+    r"Unrecognized defined term <99IDAICS> for value 1 of attribute <Coding Scheme Designator>": "99IDAICS is the node's local coding scheme for the disc findings PS3.16 has no code for; "
+    "DICOM reserves '99' designators for local schemes and the objects declare it in the "
+    "Coding Scheme Identification Sequence, but dciodvfy only knows the PS3.16 schemes",
 }
 
 
@@ -65,7 +64,9 @@ def test_every_finding_has_its_segment_and_every_class_is_seen(made):
         for i, disc in enumerate(m.result.discs):
             mine = [s for s in m.segments if s.disc == i]
             assert {s.cls for s in mine if not s.plain} == set(disc.classes), disc.level
-            assert [s.part for s in mine].count(Part.DISC) == (1 if disc.findings else 0), disc.level
+            assert [s.part for s in mine].count(Part.DISC) == (1 if disc.findings else 0), (
+                disc.level
+            )
             classes |= {s.cls for s in mine if not s.plain}
     assert classes == set(DiscClass), classes  # the phantoms hold every class between them
 
@@ -81,7 +82,9 @@ def assert_segments_are_one_region_in_their_disc_space(segments, result, vol) ->
         d = (vol.grid.to_patient(s.voxels) - site.centre) @ site.frame[:, 2]
         half = site.height_mm / 2
         if s.part is Part.NODE:
-            assert (np.abs(d) >= half - 1e-6).all() and (np.abs(d) <= half + NODE_DEPTH_MM + 1e-6).all(), s.label
+            assert (np.abs(d) >= half - 1e-6).all() and (
+                np.abs(d) <= half + NODE_DEPTH_MM + 1e-6
+            ).all(), s.label
         else:
             assert (np.abs(d) <= half + 1e-6).all(), s.label
             assert vol.hu[tuple(s.voxels.T)].max() <= BONE_HU, s.label
@@ -89,7 +92,13 @@ def assert_segments_are_one_region_in_their_disc_space(segments, result, vol) ->
 
 
 def test_each_segment_is_one_region_inside_its_disc_space(made):
-    assert sum(assert_segments_are_one_region_in_their_disc_space(m.segments, m.result, m.vol) for m in made) >= 15
+    assert (
+        sum(
+            assert_segments_are_one_region_in_their_disc_space(m.segments, m.result, m.vol)
+            for m in made
+        )
+        >= 15
+    )
 
 
 def test_segments_on_the_real_chest_ct_are_one_region_inside_their_disc_space(shared_data):
@@ -102,9 +111,13 @@ def test_segments_on_the_real_chest_ct_are_one_region_inside_their_disc_space(sh
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     # dciodvfy exits non-zero on warnings too: its lines are what count
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
     lines = (run.stdout + run.stderr).splitlines()
-    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
+    return [x for x in lines if x.startswith("Error")], [
+        x for x in lines if x.startswith("Warning")
+    ]
 
 
 def test_dciodvfy_finds_no_error_in_any_object(made):
@@ -113,7 +126,9 @@ def test_dciodvfy_finds_no_error_in_any_object(made):
         for name, path in m.paths.items():
             errors, warnings = dciodvfy(path)
             assert not errors, (name, errors)
-            unexplained = [w for w in warnings if not any(re.search(p, w) for p in ACCEPTED_WARNINGS)]
+            unexplained = [
+                w for w in warnings if not any(re.search(p, w) for p in ACCEPTED_WARNINGS)
+            ]
             assert not unexplained, (name, unexplained)
             checked += 1
     assert checked >= 3 * (2 + 2 * 5)
@@ -123,10 +138,24 @@ def test_dcmqi_reads_the_seg_and_its_masks_match_ours_in_patient_space(made, tmp
     m = max(made, key=lambda m: len(m.segments))
     out = tmp_path / "dcmqi"
     out.mkdir()
-    subprocess.run([dcmqi_tool("segimage2itkimage"), "--inputDICOM", str(m.paths["seg"]), "--outputDirectory", str(out),
-                    "-t", "nrrd"], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            dcmqi_tool("segimage2itkimage"),
+            "--inputDICOM",
+            str(m.paths["seg"]),
+            "--outputDirectory",
+            str(out),
+            "-t",
+            "nrrd",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     meta = json.loads((out / "meta.json").read_text())
-    labels = {int(s["labelID"]): s["SegmentLabel"] for group in meta["segmentAttributes"] for s in group}
+    labels = {
+        int(s["labelID"]): s["SegmentLabel"] for group in meta["segmentAttributes"] for s in group
+    }
     assert labels == {s.number: s.label for s in m.segments}
     for s in m.segments:
         data, header = nrrd.read(str(out / f"{s.number}.nrrd"))
@@ -141,16 +170,32 @@ def test_dcmqi_reads_the_seg_and_its_masks_match_ours_in_patient_space(made, tmp
 def test_dcmqi_reads_both_reports_and_names_every_segment(made, tmp_path):
     card = load_model(MODEL).card
     for m in made:
-        both = build_outputs(m.result, m.vol, card, OutputSettings(objects=("seg", "sr", "sr_volumetric")))
+        both = build_outputs(
+            m.result, m.vol, card, OutputSettings(objects=("seg", "sr", "sr_volumetric"))
+        )
         paths = {p.stem: p for p in write_outputs(both, tmp_path / m.result.study_uid)}
         for name in ("sr", "sr-volumetric"):
             out = tmp_path / f"{m.result.study_uid}-{name}.json"
-            subprocess.run([dcmqi_tool("tid1500reader"), "--inputDICOM", str(paths[name]), "--outputMetadata",
-                            str(out)], check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [
+                    dcmqi_tool("tid1500reader"),
+                    "--inputDICOM",
+                    str(paths[name]),
+                    "--outputMetadata",
+                    str(out),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             meas = json.loads(out.read_text())["Measurements"]
-            assert sorted(x["TrackingIdentifier"] for x in meas) == sorted(s.label for s in both.segments), name
+            assert sorted(x["TrackingIdentifier"] for x in meas) == sorted(
+                s.label for s in both.segments
+            ), name
             if name == "sr-volumetric":  # what 3D Slicer follows to the SEG's segments
-                assert sorted(x["ReferencedSegment"] for x in meas) == sorted(s.number for s in both.segments)
+                assert sorted(x["ReferencedSegment"] for x in meas) == sorted(
+                    s.number for s in both.segments
+                )
 
 
 def test_read_back_gives_the_findings_of_the_result(made):
@@ -181,7 +226,10 @@ def test_read_back_gives_the_findings_of_the_result(made):
                 conf = g["measurements"][codes.CONFIDENCE[s.cls].meaning]
                 assert conf == (pytest.approx(100 * s.confidence, abs=1e-3), "%")
             if s.part is Part.DISC:
-                assert g["measurements"]["Height"] == (pytest.approx(disc.measurements.height_mm, abs=1e-3), "mm")
+                assert g["measurements"]["Height"] == (
+                    pytest.approx(disc.measurements.height_mm, abs=1e-3),
+                    "mm",
+                )
             # the outline: closed, on an acquired slice, along the edge of the segment's footprint
             kind, pts, sop = g["region"]
             assert kind == "POLYLINE" and len(pts) >= 4 and (pts[0] == pts[-1]).all()
@@ -220,7 +268,9 @@ def test_orthanc_accepts_every_object_and_serves_it_back_unchanged(made, tmp_pat
     m = made[0]
     with orthanc(tmp_path / "orthanc") as pacs:
         ae = AE(ae_title="IDAICS")
-        for uid in {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in m.paths.values()}:
+        for uid in {
+            pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in m.paths.values()
+        }:
             ae.add_requested_context(uid)
         assoc = ae.associate("127.0.0.1", pacs.dicom_port, ae_title=pacs.aet)
         assert assoc.is_established
@@ -232,8 +282,10 @@ def test_orthanc_accepts_every_object_and_serves_it_back_unchanged(made, tmp_pat
             assoc.release()
         for path in m.paths.values():
             sent = pydicom.dcmread(path)
-            found = pacs.post_json("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID":
-                                                                                   sent.SOPInstanceUID}})
+            found = pacs.post_json(
+                "/tools/find",
+                {"Level": "Instance", "Query": {"SOPInstanceUID": sent.SOPInstanceUID}},
+            )
             assert len(found) == 1, path.name
             stored = pydicom.dcmread(pacs.get_file(f"/instances/{found[0]}/file"))
             assert stored == sent, path.name  # every data element, file meta aside
@@ -261,13 +313,20 @@ def test_a_report_that_replaces_an_earlier_one_names_it_as_its_predecessor(made,
     m = made[0]
     card = load_model(MODEL).card
     first = pydicom.dcmread(m.paths["sr"])
-    again = build_outputs(m.result, m.vol, card, OutputSettings(objects=("seg", "sr")), previous=[first]).sr
-    assert again.SOPInstanceUID != first.SOPInstanceUID and again.SeriesInstanceUID != first.SeriesInstanceUID
+    again = build_outputs(
+        m.result, m.vol, card, OutputSettings(objects=("seg", "sr")), previous=[first]
+    ).sr
+    assert (
+        again.SOPInstanceUID != first.SOPInstanceUID
+        and again.SeriesInstanceUID != first.SeriesInstanceUID
+    )
     ref = again.PredecessorDocumentsSequence[0]
     assert ref.StudyInstanceUID == first.StudyInstanceUID
     sop = ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert (ref.ReferencedSeriesSequence[0].SeriesInstanceUID, sop.ReferencedSOPInstanceUID) == (
-        first.SeriesInstanceUID, first.SOPInstanceUID)
+        first.SeriesInstanceUID,
+        first.SOPInstanceUID,
+    )
     assert "PredecessorDocumentsSequence" not in first
     path = tmp_path / "sr.dcm"
     again.save_as(path, enforce_file_format=True)
@@ -281,17 +340,29 @@ def test_which_objects_are_made_is_configurable(made):
     only_sr = build_outputs(m.result, m.vol, card, OutputSettings(objects=("sr",)))
     assert only_sr.seg is None and only_sr.key_images == () and only_sr.sr is not None
     groups = report_groups(only_sr.sr)
-    assert len(groups) == len(m.segments) and all(g["segment"] is None and g["region"] for g in groups)
+    assert len(groups) == len(m.segments) and all(
+        g["segment"] is None and g["region"] for g in groups
+    )
     with pytest.raises(ValueError, match="unknown output object"):
         OutputSettings(objects=("seg", "pdf"))
     with pytest.raises(ValueError, match="add seg"):
         OutputSettings(objects=("sr", "sr_volumetric"))
-    assert OutputSettings().objects == ("seg", "sr", "key_images")  # the volumetric report only where asked
+    assert OutputSettings().objects == (
+        "seg",
+        "sr",
+        "key_images",
+    )  # the volumetric report only where asked
 
 
 def test_a_mask_on_a_plane_lands_on_the_voxels_it_covers():
-    grid = axial_grid(rows=40, columns=40, slices=20, pixel_spacing=(1.0, 1.0), slice_spacing=2.0,
-                      first_position=(0.0, 0.0, 0.0))
+    grid = axial_grid(
+        rows=40,
+        columns=40,
+        slices=20,
+        pixel_spacing=(1.0, 1.0),
+        slice_spacing=2.0,
+        first_position=(0.0, 0.0, 0.0),
+    )
     centre = grid.to_patient(np.array([10.0, 20.0, 20.0]))
     # an axial plane through slice 10 with 0.5 mm pixels, pixel 32 on the voxel (10, 20, 20):
     # a rectangle 6 mm by 10 mm
@@ -312,8 +383,13 @@ def enhanced_ct(folder: Path, sop_class: str | None = None) -> pydicom.Dataset:
     import highdicom as hd
 
     frames = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
-    ds = hd.legacy.LegacyConvertedEnhancedCTImage(frames, series_instance_uid=hd.UID(), series_number=50,
-                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    ds = hd.legacy.LegacyConvertedEnhancedCTImage(
+        frames,
+        series_instance_uid=hd.UID(),
+        series_number=50,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
     if sop_class:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
     return ds
@@ -338,9 +414,14 @@ def test_an_enhanced_ct_instance_gives_the_same_volume_and_a_seg_on_its_frames(m
         ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
         assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
         n = int(ref.ReferencedFrameNumber)
-        want = src.PerFrameFunctionalGroupsSequence[n - 1].PlanePositionSequence[0].ImagePositionPatient
-        assert [float(x) for x in frame.PlanePositionSequence[0].ImagePositionPatient] == pytest.approx(
-            [float(x) for x in want])
+        want = (
+            src.PerFrameFunctionalGroupsSequence[n - 1]
+            .PlanePositionSequence[0]
+            .ImagePositionPatient
+        )
+        assert [
+            float(x) for x in frame.PlanePositionSequence[0].ImagePositionPatient
+        ] == pytest.approx([float(x) for x in want])
     back = seg_voxels_lps(seg)
     for s in m.segments:  # the same voxels as from the single-frame series
         assert as_set(back[s.number]) == as_set(m.vol.grid.to_patient(s.voxels))

@@ -56,8 +56,11 @@ def stalled_pacs():
 def storescp(folder: Path, aet: str = "GOOD"):
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", aet, "-od", str(folder), "+xa", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", aet, "-od", str(folder), "+xa", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         t_end = time.monotonic() + 20
         while time.monotonic() < t_end:
@@ -77,7 +80,10 @@ def result(outbox: Path) -> None:
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "SR"
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+    )
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(outbox / "dicom" / "sr.dcm", enforce_file_format=True)
 
@@ -85,20 +91,38 @@ def result(outbox: Path) -> None:
 def test_a_stalled_destination_holds_only_its_own_share_of_the_sender(tmp_path):
     with stalled_pacs() as hung, storescp(tmp_path / "received") as good:
         settings = Settings(
-            destinations=[{"name": "hung", "ae_title": "HUNG", "host": "127.0.0.1", "port": hung},
-                          {"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": good}],
-            default_destinations=["hung", "good"], home=tmp_path,
-            sending={"threads": 3, "per_destination": 1, "poll_seconds": 0.1, "timeout_s": 60,
-                     "backoff_seconds": 60})
+            destinations=[
+                {"name": "hung", "ae_title": "HUNG", "host": "127.0.0.1", "port": hung},
+                {"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": good},
+            ],
+            default_destinations=["hung", "good"],
+            home=tmp_path,
+            sending={
+                "threads": 3,
+                "per_destination": 1,
+                "poll_seconds": 0.1,
+                "timeout_s": 60,
+                "backoff_seconds": 60,
+            },
+        )
         sessions = make_sessions(make_engine(f"sqlite:///{tmp_path / 'idaics.db'}"))
         with sessions() as s:
             for k in range(4):
-                job = Job(state=State.RUNNING, study_uid=f"1.2.{k}", series_uid=f"1.2.{k}.1", calling_aet="CT",
-                          called_aet="IDAICS", outputs_dir=str(tmp_path / f"out{k}"), attempts=1)
+                job = Job(
+                    state=State.RUNNING,
+                    study_uid=f"1.2.{k}",
+                    series_uid=f"1.2.{k}.1",
+                    calling_aet="CT",
+                    called_aet="IDAICS",
+                    outputs_dir=str(tmp_path / f"out{k}"),
+                    attempts=1,
+                )
                 result(tmp_path / f"out{k}")
                 s.add(job)
                 s.flush()
-                queue_deliveries(s, job, settings, "w:1")  # the hung destination's first, in every job
+                queue_deliveries(
+                    s, job, settings, "w:1"
+                )  # the hung destination's first, in every job
             s.commit()
         sender = Sender(sessions, settings, "sender:1")
         sender.start()
@@ -113,7 +137,9 @@ def test_a_stalled_destination_holds_only_its_own_share_of_the_sender(tmp_path):
             assert good_states == [DeliveryState.SENT] * 4
             assert len(list((tmp_path / "received").iterdir())) == 4
             with sessions() as s:
-                hung_rows = s.query(Delivery).filter_by(destination="hung").order_by(Delivery.id).all()
+                hung_rows = (
+                    s.query(Delivery).filter_by(destination="hung").order_by(Delivery.id).all()
+                )
                 # every good send finished while the first try to the hung PACS is still waiting
                 # for an answer, and it is the only one: one thread of three, as configured
                 assert [d.attempts for d in hung_rows] == [0, 0, 0, 0]
@@ -129,9 +155,12 @@ def test_a_stalled_pacs_does_not_hold_the_worker_back(phantoms, tmp_path):
     for a PACS that never answers: workers queue deliveries, the sender sends them."""
     with stalled_pacs() as hung:
         home = tmp_path / "node"
-        path, cfg = node_config(home, destinations=[{"name": "hung", "ae_title": "HUNG", "host": "127.0.0.1",
-                                                     "port": hung}],
-                                default_destinations=["hung"], sending={"timeout_s": 120})
+        path, cfg = node_config(
+            home,
+            destinations=[{"name": "hung", "ae_title": "HUNG", "host": "127.0.0.1", "port": hung}],
+            default_destinations=["hung"],
+            sending={"timeout_s": 120},
+        )
         node = NodeProcess(path, home, cfg["receiver"]["port"], cfg["receiver"]["ae_title"]).start()
         try:
             for study in phantoms[:2]:
@@ -140,7 +169,9 @@ def test_a_stalled_pacs_does_not_hold_the_worker_back(phantoms, tmp_path):
             first = jobs(node.home)[0]
             assert first.state is State.SENDING and second.state is State.SENDING
             # the first job's delivery is still on its first try (no try has ended)
-            assert [d.attempts for d in first.deliveries] == [0] and first.deliveries[0].held_by is not None
+            assert [d.attempts for d in first.deliveries] == [0] and first.deliveries[
+                0
+            ].held_by is not None
             assert "RUNNING" in second.stage_seconds
         finally:
             node.stop()

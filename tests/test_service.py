@@ -59,27 +59,53 @@ def wait_job(home: Path, until, timeout: float = 180, index: int = -1) -> Job:
         if js and until(js[index]):
             return js[index]
         time.sleep(0.3)
-    raise AssertionError(f"job did not get there in {timeout} s: {[(j.id, j.state, j.reason) for j in jobs(home)]}")
+    raise AssertionError(
+        f"job did not get there in {timeout} s: {[(j.id, j.state, j.reason) for j in jobs(home)]}"
+    )
 
 
 def storescu(node: NodeProcess, path: Path, aet: str = "MODALITY") -> subprocess.CompletedProcess:
-    return subprocess.run([dcmtk("storescu"), "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port),
-                           "-R", "+sd", str(path)], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-aet",
+            aet,
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            "-R",
+            "+sd",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def echoscu(node: NodeProcess, aet: str) -> subprocess.CompletedProcess:
-    return subprocess.run([dcmtk("echoscu"), "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def in_pacs(pacs, study_uid: str, modality: str) -> list[Dataset]:
-    found = pacs.post_json("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid,
-                                                                          "Modality": modality}})
+    found = pacs.post_json(
+        "/tools/find",
+        {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}},
+    )
     return [pydicom.dcmread(pacs.get_file(f"/instances/{i}/file")) for i in found]
 
 
-def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom, pacs, tmp_path, shared_data,
-                                                                        monkeypatch):
+def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(
+    phantom, pacs, tmp_path, shared_data, monkeypatch
+):
     # 5.5 mm slices accepted, so that the real head CT below reaches the analysis
     node, _ = start_node(tmp_path / "node", pacs, series={"max_slice_thickness_mm": 6.0})
     try:
@@ -101,7 +127,12 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         assert {lv["level"] for lv in phantom.truth["levels"]} <= levels
         # what the node wrote is its own: spool folders 0700, instances, results and database 0600
         spooled = Path(job.received[0].path)
-        for path in (spooled, spooled.parent, node.home / "idaics.db", next(node.home.rglob("sr.dcm"))):
+        for path in (
+            spooled,
+            spooled.parent,
+            node.home / "idaics.db",
+            next(node.home.rglob("sr.dcm")),
+        ):
             assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
 
         # the same study again: every instance is a duplicate, no new job
@@ -120,8 +151,13 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         head = shared_data / "real" / "ge_head_ct_gantry_tilt"
         head_study = pydicom.dcmread(next(head.iterdir()), stop_before_pixels=True).StudyInstanceUID
         assert storescu(node, head).returncode == 0
-        refused = wait_job(node.home, lambda j: j.study_uid == head_study and j.state in (
-            State.DONE, State.FAILED, State.SKIPPED), 120)
+        refused = wait_job(
+            node.home,
+            lambda j: (
+                j.study_uid == head_study and j.state in (State.DONE, State.FAILED, State.SKIPPED)
+            ),
+            120,
+        )
         assert refused.state is State.SKIPPED and "gantry tilt" in refused.reason, refused.reason
         (report,) = in_pacs(pacs, head_study, "SR")
         assert report.SeriesDescription == "IDAICS report: series not analysed"
@@ -136,15 +172,22 @@ def test_a_study_from_the_modality_comes_back_to_the_pacs_as_seg_and_sr(phantom,
         # a dataset that cannot be parsed gets 0xC000, and the node goes on serving
         assert send_malformed(node, monkeypatch) == 0xC000
         assert echoscu(node, "MODALITY").returncode == 0
-        assert "could not understand an instance from IDAICS_TEST: element (0010,0010) is cut off" in node.log()
+        assert (
+            "could not understand an instance from IDAICS_TEST: element (0010,0010) is cut off"
+            in node.log()
+        )
 
         # the same study as one Enhanced CT instance: received, analysed, results in the PACS
         enh = enhanced_ct(phantom.folder / SERIES_DIR, ENHANCED_CT)
         assert store(node, enh) == 0x0000
         final = (State.DONE, State.FAILED, State.SKIPPED)
-        ej = wait_job(node.home, lambda j: j.series_uid == enh.SeriesInstanceUID and j.state in final)
+        ej = wait_job(
+            node.home, lambda j: j.series_uid == enh.SeriesInstanceUID and j.state in final
+        )
         assert ej.state is State.DONE, ej.reason
-        refs = {s.ReferencedSeriesSequence[0].SeriesInstanceUID for s in in_pacs(pacs, study, "SEG")}
+        refs = {
+            s.ReferencedSeriesSequence[0].SeriesInstanceUID for s in in_pacs(pacs, study, "SEG")
+        }
         assert refs == {ct_series, enh.SeriesInstanceUID}
     finally:
         node.stop()
@@ -180,12 +223,18 @@ def send_malformed(node: NodeProcess, monkeypatch) -> int:
     uid = "1.2.826.0.1.3680043.8.498.1"
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        "1.2.826.0.1.3680043.8.498.2",
+        "1.2.826.0.1.3680043.8.498.3",
+    )
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     good = encode(ds, False, True)
-    monkeypatch.setattr(pynetdicom.association, "encode",
-                        lambda *args, **kwargs: good + b"\x10\x00\x10\x00PN\xfe\x7f" + b"DOE^JOHN")
+    monkeypatch.setattr(
+        pynetdicom.association,
+        "encode",
+        lambda *args, **kwargs: good + b"\x10\x00\x10\x00PN\xfe\x7f" + b"DOE^JOHN",
+    )
     try:
         return store(node, ds)
     finally:
@@ -220,7 +269,9 @@ def test_a_node_killed_while_it_runs_a_job_finishes_it_after_restart(phantom, pa
 
 
 def test_below_the_free_space_floor_the_answer_is_out_of_resources(phantom, tmp_path):
-    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "min_free_mb": 10**9})
+    settings = Settings(
+        home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "min_free_mb": 10**9}
+    )
     sessions = make_sessions(make_engine(settings.database_url))
     rx = Receiver(settings, sessions, "test")
     rx.start()
@@ -268,7 +319,9 @@ def test_the_node_runs_on_postgresql(phantom, pacs, tmp_path):
 
 
 def test_associations_beyond_the_cap_are_refused(tmp_path):
-    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "max_associations": 2})
+    settings = Settings(
+        home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "max_associations": 2}
+    )
     rx = Receiver(settings, make_sessions(make_engine(settings.database_url)), "test")
     rx.start()
     held = []
@@ -286,15 +339,21 @@ def test_associations_beyond_the_cap_are_refused(tmp_path):
         rx.stop()
 
 
-def test_a_series_sent_over_two_associations_completes_only_when_both_are_released(phantom, tmp_path):
+def test_a_series_sent_over_two_associations_completes_only_when_both_are_released(
+    phantom, tmp_path
+):
     from node.config import SeriesRules
     from node.jobs import complete_series
 
-    settings = Settings(home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "min_free_mb": 10})
+    settings = Settings(
+        home=tmp_path, receiver={"host": "127.0.0.1", "port": free_port(), "min_free_mb": 10}
+    )
     sessions = make_sessions(make_engine(settings.database_url))
     rx = Receiver(settings, sessions, "test")
     rx.start()
-    rules = SeriesRules(quiet_seconds=3600, grace_seconds=0.2)  # only the early completion can complete it
+    rules = SeriesRules(
+        quiet_seconds=3600, grace_seconds=0.2
+    )  # only the early completion can complete it
     files = sorted((phantom.folder / SERIES_DIR).glob("*.dcm"))
 
     def connect():
@@ -305,7 +364,9 @@ def test_a_series_sent_over_two_associations_completes_only_when_both_are_releas
         return assoc
 
     def state() -> State:
-        time.sleep(rules.grace_seconds)  # the grace after the last instance, which completion waits for
+        time.sleep(
+            rules.grace_seconds
+        )  # the grace after the last instance, which completion waits for
         with sessions() as s:
             complete_series(s, rules, "test")
             s.commit()
@@ -335,7 +396,9 @@ def test_a_series_sent_over_two_associations_completes_only_when_both_are_releas
         rx.stop()
 
 
-def test_a_series_sent_again_in_full_after_a_pause_ends_as_one_analysis_of_all_instances(phantom, pacs, tmp_path):
+def test_a_series_sent_again_in_full_after_a_pause_ends_as_one_analysis_of_all_instances(
+    phantom, pacs, tmp_path
+):
     """The modality sends half the series, pauses until the node has analysed it, then sends
     the whole series: the last job covers all 150 slices and its report replaces the first."""
     node, _ = start_node(tmp_path / "node", pacs)
@@ -355,10 +418,14 @@ def test_a_series_sent_again_in_full_after_a_pause_ends_as_one_analysis_of_all_i
         assert last.instances == 150 and len({i.sop_instance_uid for i in last.received}) == 150
         history = jobs(node.home)
         assert [j.id for j in history] == [first.id, last.id]
-        assert any(e.event == "superseded" and f"by job {last.id}" in e.detail for e in history[0].events)
+        assert any(
+            e.event == "superseded" and f"by job {last.id}" in e.detail for e in history[0].events
+        )
         assert any(f"supersedes job {first.id}" in (e.detail or "") for e in history[1].events)
         older, newer = (pydicom.dcmread(Path(j.outputs_dir) / "dicom" / "sr.dcm") for j in history)
-        in_the_pacs = {d.SOPInstanceUID: d for d in in_pacs(pacs, phantom.truth["study_instance_uid"], "SR")}
+        in_the_pacs = {
+            d.SOPInstanceUID: d for d in in_pacs(pacs, phantom.truth["study_instance_uid"], "SR")
+        }
         assert {older.SOPInstanceUID, newer.SOPInstanceUID} <= set(in_the_pacs)
         ref = in_the_pacs[newer.SOPInstanceUID].PredecessorDocumentsSequence[0]
         sop = ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -377,9 +444,13 @@ def test_a_node_killed_early_leaves_no_process_behind(tmp_path, after_s):
 
     home = tmp_path / "node"
     path, _ = node_config(home)
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "IDAICS_CONFIG": str(path)},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "serve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "IDAICS_CONFIG": str(path)},
+        start_new_session=True,
+    )
     time.sleep(after_s)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -397,7 +468,9 @@ def test_a_node_killed_early_leaves_no_process_behind(tmp_path, after_s):
     assert not left, "a process of the killed node was still alive 30 s later"
 
 
-def test_two_worker_hosts_on_one_postgresql_finish_the_job_of_the_one_that_died(phantoms, pacs, tmp_path):
+def test_two_worker_hosts_on_one_postgresql_finish_the_job_of_the_one_that_died(
+    phantoms, pacs, tmp_path
+):
     """Scale-out: the node (listener and scheduler, no worker of its own) and two worker
     processes with their own host names share one PostgreSQL and one spool. The first host is
     killed in the middle of the job; the second finishes it; one set of results is sent."""
@@ -410,14 +483,24 @@ def test_two_worker_hosts_on_one_postgresql_finish_the_job_of_the_one_that_died(
 
     def start_worker(path: Path, host: str) -> subprocess.Popen:
         env = {**os.environ, "IDAICS_CONFIG": str(path), "IDAICS_HOST_NAME": host}
-        return subprocess.Popen([sys.executable, "-m", "node.cli", "worker"], env=env, start_new_session=True,
-                                stdout=open(path.parent / f"{host}.log", "ab"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "worker"],
+            env=env,
+            start_new_session=True,
+            stdout=open(path.parent / f"{host}.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     with postgres() as url:
         dest = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
         home = tmp_path / "node"
-        path, cfg = node_config(home, database_url=url, destinations=[dest], default_destinations=["pacs"],
-                                workers={"count": 0, "heartbeat_seconds": 1.0, "stale_after_seconds": 4.0})
+        path, cfg = node_config(
+            home,
+            database_url=url,
+            destinations=[dest],
+            default_destinations=["pacs"],
+            workers={"count": 0, "heartbeat_seconds": 1.0, "stale_after_seconds": 4.0},
+        )
         node = NodeProcess(path, home, cfg["receiver"]["port"], cfg["receiver"]["ae_title"]).start()
         sessions = make_sessions(make_engine(url))
 
@@ -435,7 +518,9 @@ def test_two_worker_hosts_on_one_postgresql_finish_the_job_of_the_one_that_died(
                 if job is not None and until(job):
                     return job
                 time.sleep(0.2)
-            raise AssertionError(f"no job got there: {the_job() and (the_job().state, the_job().reason)}")
+            raise AssertionError(
+                f"no job got there: {the_job() and (the_job().state, the_job().reason)}"
+            )
 
         a = start_worker(path, "host-a")
         b = None
@@ -454,7 +539,9 @@ def test_two_worker_hosts_on_one_postgresql_finish_the_job_of_the_one_that_died(
             b = start_worker(path, "host-b")
             done = wait(lambda j: j.state in final)
             assert done.state is State.DONE, (done.reason, node.log()[-2000:])
-            assert done.id == running.id and done.worker.startswith("host-b:") and done.attempts == 2
+            assert (
+                done.id == running.id and done.worker.startswith("host-b:") and done.attempts == 2
+            )
             assert any(e.event == "requeued" and "host-a:" in (e.detail or "") for e in done.events)
             assert [d.state.value for d in done.deliveries] == ["SENT"]
             uid = study.truth["study_instance_uid"]

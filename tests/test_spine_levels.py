@@ -46,8 +46,13 @@ def _judge(args: tuple[int, int]) -> dict:
             cos = min(1.0, abs(float(d.frame[:, 2] @ np.array(lv["normal_lps"]))))
             angle = float(np.degrees(np.arccos(cos)))
         levels.append((lv["level"], miss, angle))
-    return {"index": index, "levels": levels, "warnings": spine.warnings, "skeleton": truth["skeleton"],
-            "slice_mm": truth["scanner"]["slice_spacing_mm"]}
+    return {
+        "index": index,
+        "levels": levels,
+        "warnings": spine.warnings,
+        "skeleton": truth["skeleton"],
+        "slice_mm": truth["scanner"]["slice_spacing_mm"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +64,22 @@ def judged():
 @pytest.mark.slow
 def test_at_least_99_percent_of_300_phantom_levels_are_named_right(judged):
     total = sum(len(s["levels"]) for s in judged)
-    wrong = [(s["index"], s["slice_mm"], lv, miss) for s in judged for lv, miss, _ in s["levels"]
-             if miss is None or miss > TOLERANCE_MM]
+    wrong = [
+        (s["index"], s["slice_mm"], lv, miss)
+        for s in judged
+        for lv, miss, _ in s["levels"]
+        if miss is None or miss > TOLERANCE_MM
+    ]
     angles = [a for s in judged for _, _, a in s["levels"] if a is not None]
-    variants = {(s["skeleton"]["rib_pairs"], s["skeleton"]["sacrum_in_view"], s["slice_mm"] == 5.0) for s in judged}
-    print(f"{total - len(wrong)}/{total} levels named right; disc plane off by median "
-          f"{np.median(angles):.1f} deg, 95th percentile {np.percentile(angles, 95):.1f} deg; variants (rib pairs, sacrum in view, 5 mm): "
-          f"{sorted(variants)}; wrong: {wrong}")
+    variants = {
+        (s["skeleton"]["rib_pairs"], s["skeleton"]["sacrum_in_view"], s["slice_mm"] == 5.0)
+        for s in judged
+    }
+    print(
+        f"{total - len(wrong)}/{total} levels named right; disc plane off by median "
+        f"{np.median(angles):.1f} deg, 95th percentile {np.percentile(angles, 95):.1f} deg; variants (rib pairs, sacrum in view, 5 mm): "
+        f"{sorted(variants)}; wrong: {wrong}"
+    )
     assert total >= 300
     assert {11, 12, 13} <= {v[0] for v in variants} and {True, False} <= {v[1] for v in variants}
     assert len(wrong) <= 0.01 * total, wrong
@@ -74,7 +88,11 @@ def test_at_least_99_percent_of_300_phantom_levels_are_named_right(judged):
 
 @pytest.mark.slow
 def test_every_study_whose_anchors_disagree_is_named_from_the_sacrum_with_a_warning(judged):
-    both = [s for s in judged if s["skeleton"]["sacrum_in_view"] and s["skeleton"]["lowest_ribs_in_view"]]
+    both = [
+        s
+        for s in judged
+        if s["skeleton"]["sacrum_in_view"] and s["skeleton"]["lowest_ribs_in_view"]
+    ]
     odd = [s for s in both if s["skeleton"]["rib_pairs"] != 12]
     assert odd, "no study with 11 or 13 rib pairs and both anchors in view"
     for s in odd:
@@ -83,5 +101,7 @@ def test_every_study_whose_anchors_disagree_is_named_from_the_sacrum_with_a_warn
     # to (the levels stay named from the sacrum): rare, and counted
     normal = [s for s in both if s["skeleton"]["rib_pairs"] == 12]
     false = [s["index"] for s in normal if any("disagree" in w for w in s["warnings"])]
-    print(f"disagreement warnings on {len(false)} of {len(normal)} studies with 12 rib pairs: {false}")
+    print(
+        f"disagreement warnings on {len(false)} of {len(normal)} studies with 12 rib pairs: {false}"
+    )
     assert len(false) <= 0.05 * len(normal), false

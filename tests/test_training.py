@@ -23,8 +23,27 @@ def tiny_dataset(phantoms, tmp_path_factory):
 def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     model = tmp_path / "models" / "tiny"
-    rc = main(["train", "--data", str(tiny_dataset), "--out", str(model), "--epochs", "1", "--imgsz", "96",
-               "--batch", "8", "--device", "cpu", "--workers", "0", "--fraction", "0.3"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(tiny_dataset),
+            "--out",
+            str(model),
+            "--epochs",
+            "1",
+            "--imgsz",
+            "96",
+            "--batch",
+            "8",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--fraction",
+            "0.3",
+        ]
+    )
     assert rc == 0
     card = yaml.safe_load((model / "model.yaml").read_text())
     assert card["classes"] == list(CLASS_NAMES)
@@ -42,8 +61,22 @@ def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path, monkeypatch):
     right = sum(report["confusion"][i][i] for i in range(len(report["confusion"])))
     assert m["accuracy"] == pytest.approx(right / m["images"], abs=1e-3)
     # the evaluate command gives the same figures on the same split
-    assert main(["evaluate", "--model", str(model), "--data", str(tiny_dataset), "--out", str(tmp_path / "ev"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(tiny_dataset),
+                "--out",
+                str(tmp_path / "ev"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["confusion"] == report["confusion"]
 
@@ -53,12 +86,39 @@ def test_fine_tuning_starts_from_the_given_weights(tiny_dataset, tmp_path):
     import torch
 
     base = tmp_path / "base"
-    args = ["--data", str(tiny_dataset), "--epochs", "1", "--imgsz", "64", "--batch", "8", "--device", "cpu",
-            "--workers", "0", "--fraction", "0.2"]
+    args = [
+        "--data",
+        str(tiny_dataset),
+        "--epochs",
+        "1",
+        "--imgsz",
+        "64",
+        "--batch",
+        "8",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--fraction",
+        "0.2",
+    ]
     assert main(["train", *args, "--out", str(base)]) == 0
     # with a learning rate of 0 the convolution weights can only be the ones it started from
-    assert main(["train", *args, "--out", str(tmp_path / "tuned"), "--from", str(base / "weights.pt"),
-                 "--lr0", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *args,
+                "--out",
+                str(tmp_path / "tuned"),
+                "--from",
+                str(base / "weights.pt"),
+                "--lr0",
+                "0",
+            ]
+        )
+        == 0
+    )
 
     def convs(path):
         model = torch.load(path, map_location="cpu", weights_only=False)["model"].float()
@@ -75,5 +135,7 @@ def test_train_refuses_bad_data(tmp_path, capsys):
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "unknown class names" in err and "normal, schmorl, bulge, protrusion" in err
-    assert main(["train", "--data", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "m")]) == 2
+    assert (
+        main(["train", "--data", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "m")]) == 2
+    )
     assert "not found" in capsys.readouterr().err

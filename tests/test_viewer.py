@@ -37,28 +37,38 @@ from tests.viewer import ohif
 pytestmark = pytest.mark.slow
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "idaics-v2"
-DICOMWEB = {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+DICOMWEB = {
+    "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+}
 SERVICES = "window.services"
 
 
 def _store(pacs, files) -> None:
     for f in files:
-        req = urllib.request.Request(pacs.url + "/instances", data=Path(f).read_bytes(), method="POST")
+        req = urllib.request.Request(
+            pacs.url + "/instances", data=Path(f).read_bytes(), method="POST"
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             assert json.loads(r.read())["Status"] in ("Success", "AlreadyStored")
 
 
 def _display_sets(b: Browser) -> list[dict]:
-    return json.loads(b.js(f"JSON.stringify({SERVICES}.displaySetService.getActiveDisplaySets().map(d => "
-                           "({uid: d.displaySetInstanceUID, modality: d.Modality, number: d.SeriesNumber})))"))
+    return json.loads(
+        b.js(
+            f"JSON.stringify({SERVICES}.displaySetService.getActiveDisplaySets().map(d => "
+            "({uid: d.displaySetInstanceUID, modality: d.Modality, number: d.SeriesNumber})))"
+        )
+    )
 
 
 def _show(b: Browser, series_number: int) -> str:
     """Double-click the series' thumbnail in the study browser, as a radiologist opens it."""
-    assert b.js(f"(() => {{ const t = document.querySelector('[data-cy^=\"study-browser-thumbnail\"]"
-                f"[data-series=\"{series_number}\"]'); if (!t) return false;"
-                " t.dispatchEvent(new MouseEvent('dblclick', {bubbles: true})); return true; })()"), series_number
+    assert b.js(
+        f'(() => {{ const t = document.querySelector(\'[data-cy^="study-browser-thumbnail"]'
+        f'[data-series="{series_number}"]\'); if (!t) return false;'
+        " t.dispatchEvent(new MouseEvent('dblclick', {bubbles: true})); return true; })()"
+    ), series_number
     return b.js(f"{SERVICES}.viewportGridService.getActiveViewportId()")
 
 
@@ -71,13 +81,18 @@ def _viewport_shows_image(shot: Path) -> bool:
 
 
 def _click(b: Browser, text: str) -> None:
-    b.js(f"[...document.querySelectorAll('button, span, a')].filter(e => e.textContent.trim() === {text!r})"
-         ".forEach(e => e.click())")
+    b.js(
+        f"[...document.querySelectorAll('button, span, a')].filter(e => e.textContent.trim() === {text!r})"
+        ".forEach(e => e.click())"
+    )
 
 
 def _open_study(b: Browser, url: str, n_series: int) -> list[dict]:
     b.go(url)
-    b.wait(f"{SERVICES} && {SERVICES}.displaySetService.getActiveDisplaySets().length >= {n_series}", 180)
+    b.wait(
+        f"{SERVICES} && {SERVICES}.displaySetService.getActiveDisplaySets().length >= {n_series}",
+        180,
+    )
     b.wait("document.querySelector('canvas') !== null", 60)
     time.sleep(2)
     _click(b, "Skip all")  # the viewer's first-visit tour
@@ -108,7 +123,9 @@ def test_ohif_opens_the_sr_seg_and_key_images_of_a_study(analysed, phantom, tmp_
     vol, result, outputs, paths = analysed
     ct_files = sorted((phantom.folder / SERIES_DIR).iterdir())
     sr = pydicom.dcmread(next(p for p in paths if p.name == "sr.dcm"))
-    groups = next(g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010").ContentSequence
+    groups = next(
+        g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ).ContentSequence
     assert len(groups) == len(outputs.segments)  # one planar group per segment
     with orthanc(tmp_path / "orthanc", extra=DICOMWEB) as pacs, ohif(pacs.url) as viewer:
         _store(pacs, ct_files + paths)
@@ -121,11 +138,15 @@ def test_ohif_opens_the_sr_seg_and_key_images_of_a_study(analysed, phantom, tmp_
             # the SR: every group hydrates with its outline, its level and its numbers
             sr_set = by[("SR", 9802)]
             _show(b, 9802)
-            got = json.loads(b.wait(
-                f"(() => {{ const d = {SERVICES}.displaySetService.getDisplaySetByUID('{sr_set}');"
-                " return d && d.isLoaded && d.measurements && d.measurements.length ? JSON.stringify("
-                "d.measurements.map(m => ({id: m.TrackingIdentifier, loaded: m.loaded, type: m.graphicType,"
-                " labels: m.labels}))) : null; })()", 60))
+            got = json.loads(
+                b.wait(
+                    f"(() => {{ const d = {SERVICES}.displaySetService.getDisplaySetByUID('{sr_set}');"
+                    " return d && d.isLoaded && d.measurements && d.measurements.length ? JSON.stringify("
+                    "d.measurements.map(m => ({id: m.TrackingIdentifier, loaded: m.loaded, type: m.graphicType,"
+                    " labels: m.labels}))) : null; })()",
+                    60,
+                )
+            )
             time.sleep(3)
             assert not b.errors, b.errors
             assert "Something went wrong" not in _viewer_text(b)
@@ -134,11 +155,16 @@ def test_ohif_opens_the_sr_seg_and_key_images_of_a_study(analysed, phantom, tmp_
                 assert m["loaded"] and m["type"] == "POLYLINE", m
                 labels = {x["label"]: x["value"] for x in m["labels"]}
                 seg = next(s for s in outputs.segments if s.label == m["id"])
-                assert labels.get("363698007") == codes.disc_code(seg.level).meaning, m  # the finding site
+                assert labels.get("363698007") == codes.disc_code(seg.level).meaning, (
+                    m
+                )  # the finding site
                 assert any(v.endswith((" mm", " mm2", " %")) for v in labels.values()), m
                 if not seg.plain:
                     conf = labels[codes.CONFIDENCE[seg.cls].meaning]
-                    assert abs(float(conf.split()[0]) - 100 * seg.confidence) < 0.01, (m, seg.confidence)
+                    assert abs(float(conf.split()[0]) - 100 * seg.confidence) < 0.01, (
+                        m,
+                        seg.confidence,
+                    )
             for disc in result.discs:  # one outline (or more) per level
                 assert any(m["id"].startswith(disc.level + " ") for m in got), disc.level
             b.wait("document.querySelectorAll('svg path, svg polyline').length > 0", 30)
@@ -149,26 +175,37 @@ def test_ohif_opens_the_sr_seg_and_key_images_of_a_study(analysed, phantom, tmp_
             vp = _show(b, 9801)
             time.sleep(3)
             _click(b, "Yes")  # "Do you want to open this Segmentation?"
-            segs = json.loads(b.wait(
-                f"(() => {{ const s = {SERVICES}.segmentationService.getSegmentations();"
-                " if (!s.length || !Object.keys(s[0].segments).length) return null;"
-                f" return JSON.stringify(Object.values(s[0].segments).filter(x => x).map(x => [x.segmentIndex,"
-                f" x.label, {SERVICES}.segmentationService.getSegmentColor('{vp}', s[0].segmentationId,"
-                " x.segmentIndex)])); })()", 90))
+            segs = json.loads(
+                b.wait(
+                    f"(() => {{ const s = {SERVICES}.segmentationService.getSegmentations();"
+                    " if (!s.length || !Object.keys(s[0].segments).length) return null;"
+                    f" return JSON.stringify(Object.values(s[0].segments).filter(x => x).map(x => [x.segmentIndex,"
+                    f" x.label, {SERVICES}.segmentationService.getSegmentColor('{vp}', s[0].segmentationId,"
+                    " x.segmentIndex)])); })()",
+                    90,
+                )
+            )
             time.sleep(2)
             assert not b.errors, b.errors
-            assert {n: label for n, label, _ in segs} == {s.number: s.label for s in outputs.segments}
+            assert {n: label for n, label, _ in segs} == {
+                s.number: s.label for s in outputs.segments
+            }
             for n, _label, colour in segs:
                 s = next(x for x in outputs.segments if x.number == n)
                 want = DISC_COLOUR if s.plain else CLASS_COLOURS[s.cls]
-                assert colour and np.abs(np.array(colour[:3]) - np.array(want)).max() <= 12, (s.label, colour)
+                assert colour and np.abs(np.array(colour[:3]) - np.array(want)).max() <= 12, (
+                    s.label,
+                    colour,
+                )
             # on the slice through the middle of the largest finding
             s = max((x for x in outputs.segments if not x.plain), key=lambda x: len(x.voxels))
             k = int(np.median(s.voxels[:, 0]))
             sop = vol.headers[int(np.argmin(np.abs(np.array(vol.slice_index) - k)))].SOPInstanceUID
-            assert b.js(f"(() => {{ const v = {SERVICES}.cornerstoneViewportService.getCornerstoneViewport('{vp}');"
-                        f" const i = v.getImageIds().findIndex(x => x.includes('{sop}')); if (i < 0) return false;"
-                        " v.setImageIdIndex(i); return true; })()")
+            assert b.js(
+                f"(() => {{ const v = {SERVICES}.cornerstoneViewportService.getCornerstoneViewport('{vp}');"
+                f" const i = v.getImageIds().findIndex(x => x.includes('{sop}')); if (i < 0) return false;"
+                " v.setImageIdIndex(i); return true; })()"
+            )
             time.sleep(2)
             shots.append(b.screenshot(tmp_path / "ohif-seg.png"))
 

@@ -73,9 +73,13 @@ mimetypes.add_type("text/javascript", ".js")
 
 def ohif_dist() -> Path:
     """Where OHIF's prebuilt `dist/` is (``IDAICS_OHIF_DIST`` overrides)."""
-    dist = Path(os.environ.get("IDAICS_OHIF_DIST", ROOT / ".cache" / "ohif" / OHIF_VERSION / "dist"))
+    dist = Path(
+        os.environ.get("IDAICS_OHIF_DIST", ROOT / ".cache" / "ohif" / OHIF_VERSION / "dist")
+    )
     if not (dist / "index.html").is_file():
-        raise RuntimeError(f"OHIF {OHIF_VERSION} not found at {dist}: deploy/test.sh fetches it with npm pack")
+        raise RuntimeError(
+            f"OHIF {OHIF_VERSION} not found at {dist}: deploy/test.sh fetches it with npm pack"
+        )
     return dist
 
 
@@ -110,8 +114,10 @@ def _handler(dist: Path, pacs: str) -> type[BaseHTTPRequestHandler]:
             self._send(200, file.read_bytes(), {"Content-Type": kind})
 
         def _proxy(self) -> None:
-            req = urllib.request.Request(pacs + self.path, headers={
-                k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")})
+            req = urllib.request.Request(
+                pacs + self.path,
+                headers={k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
                     body, status = r.read(), r.status

@@ -33,13 +33,21 @@ SMALL_HOLE_MM2 = 40.0
 MAX_SHIFT_MM = 14.0
 
 
-def _sample(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, reach_w: float
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sample(
+    hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, reach_w: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     us = np.arange(-REACH_MM, REACH_MM + 1e-6, STEP_MM)
     ws = np.arange(-reach_w, reach_w + 1e-6, W_STEP_MM)
     w, u, v = np.meshgrid(ws, us, us, indexing="ij")
-    pts = centre + u[..., None] * frame[:, 0] + v[..., None] * frame[:, 1] + w[..., None] * frame[:, 2]
-    vals = ndimage.map_coordinates(hu, grid.to_index(pts.reshape(-1, 3)).T, order=1, mode="constant", cval=-1000.0)
+    pts = (
+        centre
+        + u[..., None] * frame[:, 0]
+        + v[..., None] * frame[:, 1]
+        + w[..., None] * frame[:, 2]
+    )
+    vals = ndimage.map_coordinates(
+        hu, grid.to_index(pts.reshape(-1, 3)).T, order=1, mode="constant", cval=-1000.0
+    )
     return us, ws, ndimage.gaussian_filter(vals.reshape(w.shape), (1.0, 0.6, 0.6))
 
 
@@ -48,13 +56,16 @@ def _first_peak(seg: np.ndarray) -> np.ndarray:
     stands `PEAK_HU` over the darkest value before it (-1: none)."""
     runmin = np.minimum.accumulate(seg, axis=0)
     peak = np.zeros(seg.shape, dtype=bool)
-    peak[1:-1] = (seg[1:-1] >= seg[:-2]) & (seg[1:-1] >= seg[2:]) & (seg[1:-1] - runmin[1:-1] >= PEAK_HU)
+    peak[1:-1] = (
+        (seg[1:-1] >= seg[:-2]) & (seg[1:-1] >= seg[2:]) & (seg[1:-1] - runmin[1:-1] >= PEAK_HU)
+    )
     first = np.argmax(peak, axis=0)
     return np.where(peak.any(axis=0), first, -1)
 
 
-def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, height: float
-             ) -> tuple[np.ndarray, np.ndarray, float] | None:
+def _measure(
+    hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, height: float
+) -> tuple[np.ndarray, np.ndarray, float] | None:
     reach_w = max(height, 6.0) / 2 + 14.0
     us, ws, vals = _sample(hu, grid, centre, frame, reach_w)
     mid = len(ws) // 2
@@ -64,7 +75,7 @@ def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, 
     # out from the darkest point passed on the way: in osteoporotic bone, and on thick slices
     # through a thin disc, the bodies can be as dark as the disc, their cortex is not
     up_idx = _first_peak(vals[mid:])
-    down_idx = _first_peak(vals[:mid + 1][::-1])
+    down_idx = _first_peak(vals[: mid + 1][::-1])
     ok = (up_idx > 0) & (down_idx > 0)
     top = ws[mid] + up_idx * W_STEP_MM
     bottom = ws[mid] - down_idx * W_STEP_MM
@@ -80,7 +91,9 @@ def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, 
     foot = lab == np.bincount(near).argmax()
     holes, n = ndimage.label(ndimage.binary_fill_holes(foot) & ~foot)
     if n:  # noise makes small holes (the canal, a large one, stays out)
-        small = np.flatnonzero(ndimage.sum(np.ones_like(foot), holes, range(1, n + 1)) * STEP_MM ** 2 <= SMALL_HOLE_MM2)
+        small = np.flatnonzero(
+            ndimage.sum(np.ones_like(foot), holes, range(1, n + 1)) * STEP_MM**2 <= SMALL_HOLE_MM2
+        )
         foot = foot | np.isin(holes, small + 1)
     # opened by a disk: thin bridges to a pedicle, a facet or a rib head are not the disc
     deep = ndimage.distance_transform_edt(foot) * STEP_MM > OPEN_MM
@@ -89,13 +102,17 @@ def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, 
         sizes = ndimage.sum(deep, dl, range(1, n + 1))
         deep = dl == 1 + int(np.argmax(sizes))
         foot = foot & (ndimage.distance_transform_edt(~deep) * STEP_MM <= OPEN_MM + 0.5)
-    if foot.sum() * STEP_MM ** 2 < MIN_FOOTPRINT_MM2:
+    if foot.sum() * STEP_MM**2 < MIN_FOOTPRINT_MM2:
         return None
     uu, vv = np.meshgrid(us, us, indexing="ij")
 
     def pts(w: np.ndarray, sel: np.ndarray) -> np.ndarray:
-        return (centre + uu[sel][:, None] * frame[:, 0] + vv[sel][:, None] * frame[:, 1]
-                + w[sel][:, None] * frame[:, 2])
+        return (
+            centre
+            + uu[sel][:, None] * frame[:, 0]
+            + vv[sel][:, None] * frame[:, 1]
+            + w[sel][:, None] * frame[:, 2]
+        )
 
     # the endplate planes from the inner part of the footprint (the rim is rounded)
     inner = foot & ok & (ndimage.distance_transform_edt(foot) * STEP_MM > 2.5)
@@ -124,8 +141,9 @@ def _measure(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, 
     return new_centre, frame_from_normal(up, frame[:, 0]), new_height
 
 
-def refine_site(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray,
-                height: float) -> tuple[np.ndarray, np.ndarray, float, bool]:
+def refine_site(
+    hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray, height: float
+) -> tuple[np.ndarray, np.ndarray, float, bool]:
     """(centre, frame, height, refined) of a disc site measured on its endplates."""
     c, f, h = centre, frame, height
     for _ in range(ROUNDS):
@@ -134,6 +152,10 @@ def refine_site(hu: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarra
             return centre, frame, height, False
         c, f, h = got
     turn = float(np.degrees(np.arccos(min(1.0, abs(float(f[:, 2] @ frame[:, 2]))))))
-    if turn > MAX_TURN_DEG or float(np.linalg.norm(c - centre)) > MAX_SHIFT_MM or not 1.0 < h < 25.0:
+    if (
+        turn > MAX_TURN_DEG
+        or float(np.linalg.norm(c - centre)) > MAX_SHIFT_MM
+        or not 1.0 < h < 25.0
+    ):
         return centre, frame, height, False
     return c, f, h, True

@@ -41,8 +41,9 @@ class Finding:
     slices: int  # how many slices support it
 
 
-def centre_detection(dets: tuple[Detection, ...], size: int,
-                     classes: tuple[DiscClass, ...] = MORPHOLOGY) -> Detection | None:
+def centre_detection(
+    dets: tuple[Detection, ...], size: int, classes: tuple[DiscClass, ...] = MORPHOLOGY
+) -> Detection | None:
     """The most confident detection of ``classes`` covering the image centre (or nearest it)."""
     c = size // 2
     cands = [d for d in dets if d.class_name in {k.value for k in classes}]
@@ -65,10 +66,12 @@ def node_near_disc(d: Detection, s: SliceDetections, disc_half_height_mm: float)
     return dy_mm < disc_half_height_mm + 10.0
 
 
-def fuse(slices: list[SliceDetections], disc_half_height_mm: float) -> tuple[list[Finding], dict[str, float]]:
+def fuse(
+    slices: list[SliceDetections], disc_half_height_mm: float
+) -> tuple[list[Finding], dict[str, float]]:
     """Findings of one disc (primary first) and the vote per morphology class."""
-    votes = {c: 0.0 for c in MORPHOLOGY}
-    support = {c: 0 for c in MORPHOLOGY}
+    votes = dict.fromkeys(MORPHOLOGY, 0.0)
+    support = dict.fromkeys(MORPHOLOGY, 0)
     disc_slices = [s for s in slices if s.role == "disc"]
     for s in disc_slices:
         d = centre_detection(s.detections, s.size)
@@ -76,17 +79,25 @@ def fuse(slices: list[SliceDetections], disc_half_height_mm: float) -> tuple[lis
             c = DiscClass(d.class_name)
             votes[c] += d.confidence
             support[c] += 1
-    node_confs = [d.confidence for s in slices for d in s.detections
-                  if d.class_name == DiscClass.SCHMORL.value and node_near_disc(d, s, disc_half_height_mm)]
+    node_confs = [
+        d.confidence
+        for s in slices
+        for d in s.detections
+        if d.class_name == DiscClass.SCHMORL.value and node_near_disc(d, s, disc_half_height_mm)
+    ]
     findings: list[Finding] = []
     n = max(len(disc_slices), 1)
     if any(votes.values()):
         morph = max(MORPHOLOGY, key=lambda c: votes[c])
         findings.append(Finding(morph, votes[morph] / n, support[morph]))
-    node = (max(node_confs, default=0.0) >= NODE_MIN_CONF
-            or sum(c >= NODE_SUPPORT_CONF for c in node_confs) >= 2)
+    node = (
+        max(node_confs, default=0.0) >= NODE_MIN_CONF
+        or sum(c >= NODE_SUPPORT_CONF for c in node_confs) >= 2
+    )
     if node:
-        nf = Finding(DiscClass.SCHMORL, max(node_confs), sum(c >= NODE_SUPPORT_CONF for c in node_confs))
+        nf = Finding(
+            DiscClass.SCHMORL, max(node_confs), sum(c >= NODE_SUPPORT_CONF for c in node_confs)
+        )
         if findings and findings[0].cls is DiscClass.NORMAL:
             findings = [nf]  # a node makes the level abnormal; the disc body itself is normal
         else:

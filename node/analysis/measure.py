@@ -1,7 +1,9 @@
 """Measurements of a disc against the vertebral edge in a plane parallel to the disc.
 
-Both the truth of the phantoms and the analysis of the model's masks use these, so that a
-phantom's "share of circumference" means the same as the node's.
+Both the truth of the phantoms and the analysis of the model's masks use `disc_extension`,
+so that a phantom's "share of circumference" means the same as the node's. `vertebral_edge`
+finds the bodies' outline in the CT itself, and `measure` takes a disc's measurements and the
+paper's 25% rule from the model's mask against it.
 """
 
 from __future__ import annotations
@@ -9,11 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+
+from node.analysis.spine import DiscSite
+from node.analysis.volume import Volume
+from node.classes import DiscClass
+from node.geometry import Plane, sample_plane
+from node.masks import disk
 
 #: A ray counts as "beyond the vertebral edge" past this many millimetres.
 EXTENDS_MM = 1.0
 #: The paper's rule: over 25% of the circumference is a bulge, under it a protrusion.
 BULGE_SHARE = 0.25
+EDGE_PIXEL_MM = 0.5
+#: The vertebral edge: cortex brighter than this on the brightest of planes this far past
+#: each endplate, smoothed this much, with gaps in the ring up to this radius closed.
+EDGE_BONE_HU = 150.0
+EDGE_OFFSETS_MM = (1.5, 3.0, 4.5, 6.0)
+EDGE_SMOOTH_MM = 0.6
+RING_GAP_MM = 3.5
+VESSEL_MM = 3.0  # opening radius that keeps a vessel's cross-section, not a grazed rim
+VESSEL_AREA_MM2 = 150.0  # the aorta's cross-section, not an osteophyte's or a grazed endplate's
+VESSEL_AWAY_MM = 20.0  # ... centred outside the body, not on a tilted endplate inside it
+CONCAVE_MM = 3.0  # how far the posterior corners of a body reach behind its midline wall
+PEDICLE_MM = 5.0  # opening radius: wider than half a pedicle, far narrower than a body
+CANAL_BEHIND_MM = 10.0  # a hole further behind the disc centre than this is the canal
 
 
 @dataclass(frozen=True)
@@ -59,7 +81,9 @@ class Extension:
         return min(360.0, width * step_deg)
 
 
-def outer_radius(mask: np.ndarray, centre: tuple[float, float], angles: np.ndarray, step: float = 0.5) -> np.ndarray:
+def outer_radius(
+    mask: np.ndarray, centre: tuple[float, float], angles: np.ndarray, step: float = 0.5
+) -> np.ndarray:
     """Distance in pixels from ``centre`` to the last mask pixel along each ray (NaN if none)."""
     radii = np.arange(0.0, float(max(mask.shape)), step)
     rows = centre[0] + np.outer(np.sin(angles), radii)
@@ -89,3 +113,138 @@ def disc_extension(
     r_disc = outer_radius(disc, centre, angles)
     r_edge = outer_radius(vertebral_edge, centre, angles)
     return Extension(np.degrees(angles), (r_disc - r_edge) * pixel_mm)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    height_mm: float
+    extension_mm: float | None = None
+    extension_share: float | None = None
+    extension_direction_deg: float | None = None
+    disc_area_mm2: float | None = None
+    rule_class: DiscClass | None = None  # what the 25% rule says from the masks
+
+
+def _body_holes(bone: np.ndarray, plane: Plane) -> np.ndarray:
+    """Holes in the bone that lie in front of the canal: a body's dark cancellous inside.
+
+    The spinal canal is a hole too (ringed by the arch) but lies behind the disc centre.
+    """
+    holes = ndimage.binary_fill_holes(bone) & ~bone
+    lab, n = ndimage.label(holes)
+    if n == 0:
+        return holes
+    rows = ndimage.center_of_mass(holes, lab, range(1, n + 1))
+    centre = (plane.size - 1) / 2
+    keep = [
+        i + 1 for i, (r, _) in enumerate(rows) if (r - centre) * plane.pixel_mm < CANAL_BEHIND_MM
+    ]
+    return np.isin(lab, keep)
+
+
+def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> np.ndarray:
+    """Outline of the two vertebral bodies next to a disc, projected onto the disc's plane.
+
+    On each side the brightest HU over planes 1.5-6 mm past the endplate (at 0.5 mm,
+    lightly smoothed) shows the body's cortex as a ring, even where the cancellous bone
+    inside is as dark as soft tissue (osteoporotic or thick-sliced bone) and the ring is
+    broken where the basivertebral vein leaves the body. The ring above `EDGE_BONE_HU` is
+    closed over such gaps, filled (the canal, a hole behind the disc centre, is not), and
+    opened with a disk wider than a pedicle so that the arch does not count as body; a
+    vessel bright in the disc's own plane is taken out first. The outline is that of either
+    body (their union), on ``plane``'s own pixel grid.
+    """
+    factor = max(1, int(round(EDGE_PIXEL_MM / plane.pixel_mm)))
+    coarse = Plane(plane.centre, plane.u, plane.v, plane.size // factor, plane.pixel_mm * factor)
+    # what stays bright right across the disc space (a contrast-filled aorta, a calcified
+    # vessel lying against the body) is no body; a plane that grazes an endplate (thin,
+    # concave or tilted discs) is bright in one of these planes, not in all
+    across = np.min(
+        [
+            sample_plane(
+                vol.hu, vol.grid, coarse.shifted(f * (up_mm + down_mm) / 2), order=1, fill=-1000.0
+            )
+            for f in (-0.5, 0.0, 0.5)
+        ],
+        axis=0,
+    )
+    mid = ndimage.gaussian_filter(across, EDGE_SMOOTH_MM / coarse.pixel_mm) > EDGE_BONE_HU
+    wide = ndimage.binary_opening(mid, structure=disk(VESSEL_MM / coarse.pixel_mm))
+    lab, n = ndimage.label(wide)
+    if n:
+        area = ndimage.sum_labels(wide, lab, range(1, n + 1)) * coarse.pixel_mm**2
+        at = np.array(ndimage.center_of_mass(wide, lab, range(1, n + 1))) - (coarse.size - 1) / 2
+        away = np.hypot(at[:, 0], at[:, 1]) * coarse.pixel_mm
+        ahead = at[:, 0] < 0  # the great vessels lie in front of the column; the arch behind it
+        wide = np.isin(
+            lab, 1 + np.nonzero((area >= VESSEL_AREA_MM2) & (away > VESSEL_AWAY_MM) & ahead)[0]
+        )
+    vessel = ndimage.binary_dilation(wide, structure=disk(1.0 / coarse.pixel_mm))
+    edge = np.zeros((coarse.size, coarse.size), dtype=bool)
+    for d in (up_mm, -down_mm):
+        side = np.sign(d) or 1.0
+        brightest = np.max(
+            [
+                sample_plane(
+                    vol.hu, vol.grid, coarse.shifted(d + side * off), order=1, fill=-1000.0
+                )
+                for off in EDGE_OFFSETS_MM
+            ],
+            axis=0,
+        )
+        bone = ndimage.gaussian_filter(brightest, EDGE_SMOOTH_MM / coarse.pixel_mm) > EDGE_BONE_HU
+        bone = ndimage.binary_closing(bone & ~vessel, structure=disk(RING_GAP_MM / coarse.pixel_mm))
+        body = bone | _body_holes(bone, coarse)
+        body = ndimage.binary_opening(body, structure=disk(PEDICLE_MM / coarse.pixel_mm))
+        edge |= _centre_body(body)
+    edge = _centre_body(edge)
+    # The pedicles leave the body at its posterior corners: nothing more than
+    # `CONCAVE_MM` behind the posterior wall at the midline (the first row behind the disc
+    # centre that is no body) counts; where no wall shows there, the body is taken as about
+    # as deep behind the disc centre as in front of it.
+    centre = coarse.size // 2
+    col = edge[:, centre]
+    if col.any():
+        behind = np.nonzero(~col[centre:])[0]
+        if col[centre] and behind.size:
+            cut = centre + int(behind[0]) + int(round(CONCAVE_MM / coarse.pixel_mm))
+        else:
+            cut = int(centre + 1.05 * (centre - int(np.argmax(col))))
+        edge[cut + 1 :, :] = False
+    full = np.kron(edge, np.ones((factor, factor), dtype=bool))
+    out = np.zeros((plane.size, plane.size), dtype=bool)
+    out[: full.shape[0], : full.shape[1]] = full[: plane.size, : plane.size]
+    return out
+
+
+def _centre_body(mask: np.ndarray) -> np.ndarray:
+    """The part of ``mask`` under the disc centre (else its largest part): the body, not
+    other bone."""
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    c = mask.shape[0] // 2
+    keep = lab[c, c] or int(np.argmax(ndimage.sum_labels(mask, lab, range(1, n + 1)))) + 1
+    return lab == keep
+
+
+def measure(
+    vol: Volume, site: DiscSite, plane: Plane, disc_mask: np.ndarray | None
+) -> tuple[Measurements, np.ndarray | None]:
+    """The disc's measurements, and the vertebral edge on ``plane`` they were taken against."""
+    if disc_mask is None or not disc_mask.any():
+        return Measurements(height_mm=site.height_mm), None
+    edge = vertebral_edge(vol, plane, site.height_mm / 2, site.height_mm / 2)
+    area = float(disc_mask.sum()) * plane.pixel_mm**2
+    if not edge.any():
+        return Measurements(height_mm=site.height_mm, disc_area_mm2=area), None
+    ext = disc_extension(disc_mask, edge, plane.pixel_mm)
+    share, mx = ext.share, ext.max_mm
+    rule = (
+        DiscClass.BULGE
+        if share > BULGE_SHARE
+        else DiscClass.PROTRUSION
+        if mx > EXTENDS_MM and share > 0
+        else DiscClass.NORMAL
+    )
+    return Measurements(site.height_mm, mx, share, ext.direction_deg, area, rule), edge

@@ -25,15 +25,21 @@ TILE = 320
 def table(result: StudyResult | dict) -> str:
     """The per-level table, from a result or its JSON form (``StudyResult.to_dict()``)."""
     d = result.to_dict() if isinstance(result, StudyResult) else result
-    lines = [f"{'level':<8} {'classes':<22} {'conf':>5} {'ext mm':>7} {'share':>6} {'area mm2':>9}  warnings"]
+    lines = [
+        f"{'level':<8} {'classes':<22} {'conf':>5} {'ext mm':>7} {'share':>6} {'area mm2':>9}  warnings"
+    ]
     for lv in d.get("levels", []):
         m = lv.get("measurements", {})
         ext = f"{m['extension_mm']:.1f}" if m.get("extension_mm") is not None else "-"
-        share = f"{m['extension_share'] * 100:.0f}%" if m.get("extension_share") is not None else "-"
+        share = (
+            f"{m['extension_share'] * 100:.0f}%" if m.get("extension_share") is not None else "-"
+        )
         area = f"{m['disc_area_mm2']:.0f}" if m.get("disc_area_mm2") is not None else "-"
         cls = "+".join(lv["classes"]) or "-"
-        lines.append(f"{lv['level']:<8} {cls:<22} {lv['confidence']:>5.2f} {ext:>7} {share:>6} {area:>9}  "
-                     f"{'; '.join(lv.get('warnings', []))}")
+        lines.append(
+            f"{lv['level']:<8} {cls:<22} {lv['confidence']:>5.2f} {ext:>7} {share:>6} {area:>9}  "
+            f"{'; '.join(lv.get('warnings', []))}"
+        )
     if not d.get("levels"):
         lines.append("(no disc found)")
     for w in d.get("warnings", []):
@@ -47,21 +53,25 @@ def write_json(result: StudyResult, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def outlined_tile(grey: np.ndarray, masks: Iterable[tuple[np.ndarray, DiscClass]], caption: str,
-                  size: int = TILE) -> Image.Image:
+def outlined_tile(
+    grey: np.ndarray, masks: Iterable[tuple[np.ndarray, DiscClass]], caption: str, size: int = TILE
+) -> Image.Image:
     """A greyscale slice with each ``(mask, DiscClass)`` outlined in its class colour,
     resized to ``size`` and captioned."""
     rgb = np.repeat(grey[..., None], 3, axis=2).copy()
     for mask, cls in masks:
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        contours, _ = cv2.findContours(
+            mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
         cv2.drawContours(rgb, contours, -1, CLASS_COLOURS[cls], 2)
     img = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
     ImageDraw.Draw(img).text((6, 4), caption, fill=(255, 255, 0), font=ImageFont.load_default())
     return img
 
 
-def mid_slice(vol: Volume, disc: DiscResult, view: View, window: Windowing, spec: ViewSpec
-              ) -> tuple[np.ndarray, list[tuple[np.ndarray, DiscClass]]]:
+def mid_slice(
+    vol: Volume, disc: DiscResult, view: View, window: Windowing, spec: ViewSpec
+) -> tuple[np.ndarray, list[tuple[np.ndarray, DiscClass]]]:
     """The windowed mid slice of one view through a disc, and the model's ``(mask, class)``
     pairs drawn on it."""
     plane = disc_plane(view, disc.site.centre, disc.site.frame, spec)
@@ -86,7 +96,9 @@ def spine_picture(result: StudyResult, vol: Volume) -> Image.Image | None:
     y = np.arange(y0 - 90.0, y0 + 90.0, 1.0)
     zz, yy = np.meshgrid(z, y, indexing="ij")
     pts = np.stack([np.broadcast_to(x[:, None], zz.shape), yy, zz], axis=-1).reshape(-1, 3)
-    hu = ndimage.map_coordinates(vol.hu, vol.grid.to_index(pts).T, order=1, mode="constant", cval=-1000.0)
+    hu = ndimage.map_coordinates(
+        vol.hu, vol.grid.to_index(pts).T, order=1, mode="constant", cval=-1000.0
+    )
     grey = SPINE_WINDOW.apply(hu.reshape(zz.shape))
     img = Image.fromarray(grey).convert("RGB")
     draw = ImageDraw.Draw(img)
@@ -101,7 +113,9 @@ def spine_picture(result: StudyResult, vol: Volume) -> Image.Image | None:
     return img.resize((img.width * 2, img.height * 2), Image.Resampling.BILINEAR)
 
 
-def write_previews(result: StudyResult, vol: Volume, out: Path, window: Windowing, spec: ViewSpec) -> list[Path]:
+def write_previews(
+    result: StudyResult, vol: Volume, out: Path, window: Windowing, spec: ViewSpec
+) -> list[Path]:
     """One PNG per level (the mid axial and mid sagittal slices with the model's masks), and
     ``spine.png``, the column with the discs found and their names."""
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +129,9 @@ def write_previews(result: StudyResult, vol: Volume, out: Path, window: Windowin
         for view in (View.AXIAL, View.SAGITTAL):
             grey, ms = mid_slice(vol, d, view, window, spec)
             cls = "+".join(c.value for c in d.classes) or "nothing found"
-            tiles.append(outlined_tile(grey, ms, f"{d.level} {view.value}: {cls} ({d.confidence:.2f})"))
+            tiles.append(
+                outlined_tile(grey, ms, f"{d.level} {view.value}: {cls} ({d.confidence:.2f})")
+            )
         sheet = Image.new("RGB", (2 * TILE, TILE))
         for i, t in enumerate(tiles):
             sheet.paste(t, (i * TILE, 0))

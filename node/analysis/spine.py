@@ -220,7 +220,9 @@ def canal_points(small: np.ndarray, grid: Grid, smooth: np.ndarray | None = None
         return grid.to_patient(np.insert(idx2.astype(float), zax, j, axis=1))
 
     # patient x of each pixel of a slice (the same for every slice of an axial stack)
-    x_of = lps(0, np.argwhere(np.ones(smooth.shape[1:], dtype=bool)))[:, 0].reshape(smooth.shape[1:])
+    x_of = lps(0, np.argwhere(np.ones(smooth.shape[1:], dtype=bool)))[:, 0].reshape(
+        smooth.shape[1:]
+    )
 
     def scan(j: int) -> list[np.ndarray]:
         """The body centres in front of the canals of slice j."""
@@ -254,7 +256,10 @@ def canal_points(small: np.ndarray, grid: Grid, smooth: np.ndarray | None = None
                 c = p.mean(axis=0)
                 if not (6.0 <= width <= 32.0 and 5.0 <= depth <= 30.0):
                     continue
-                if abs(c[0] - mid_x) > CANAL_MAX_OFF_MIDLINE_MM or tissue[j][hole].mean() > CANAL_MAX_HU:
+                if (
+                    abs(c[0] - mid_x) > CANAL_MAX_OFF_MIDLINE_MM
+                    or tissue[j][hole].mean() > CANAL_MAX_HU
+                ):
                     continue  # off the midline, or the cancellous inside of a body (not a canal)
                 column = body[np.abs(body[:, 0] - c[0]) < 3.0]
                 if len(column) == 0 or column[:, 1].max() - c[1] > CANAL_MAX_DEPTH_MM:
@@ -343,8 +348,9 @@ def _robust_chain(pts: np.ndarray) -> np.ndarray:
     return pts[run[::-1]]
 
 
-def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None,
-                smooth: np.ndarray | None = None) -> np.ndarray | None:
+def centre_line(
+    small: np.ndarray, grid: Grid, mask: np.ndarray | None = None, smooth: np.ndarray | None = None
+) -> np.ndarray | None:
     """Points (LPS, every `STEP_MM` along z, cranial first) of the column's centre line.
 
     The line runs through the vertebral bodies found in front of closed canals
@@ -365,7 +371,9 @@ def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None,
         rev = line[::-1]
         dx = bone_all[:, 0] - np.interp(bone_all[:, 2], rev[:, 2], rev[:, 0])
         dy = bone_all[:, 1] - np.interp(bone_all[:, 2], rev[:, 2], rev[:, 1])
-        win = (np.abs(dx) < BODY_WINDOW_MM[0]) & (dy > -BODY_WINDOW_MM[1]) & (dy < BODY_WINDOW_MM[2])
+        win = (
+            (np.abs(dx) < BODY_WINDOW_MM[0]) & (dy > -BODY_WINDOW_MM[1]) & (dy < BODY_WINDOW_MM[2])
+        )
         # past the last canal (the sacrum, tilted so that no axial slice closes its canal)
         # the line is only extrapolated: there all the bone of the column counts
         # (a sliver of the field of view past the last canal, less than part of a body, is
@@ -378,13 +386,17 @@ def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None,
         if z_all.max() - hi >= EDGE_BODY_MM:
             beyond |= z_all > hi
         win = np.where(beyond, np.abs(dx) < BEYOND_WINDOW_MM, win)
-        bone = np.column_stack([np.where(beyond, bone_all[:, 0], bone_all[:, 0] - dx), bone_all[:, 1:]])[win]
+        bone = np.column_stack(
+            [np.where(beyond, bone_all[:, 0], bone_all[:, 0] - dx), bone_all[:, 1:]]
+        )[win]
         if len(bone) == 0:
             break
         edges = np.arange(bone[:, 2].min(), bone[:, 2].max() + 4.0, 4.0)
         idx = np.digitize(bone[:, 2], edges) - 1
         counts = np.bincount(idx, minlength=len(edges))
-        least = max(10.0, 0.4 * float(np.median(counts[counts > 0])))  # a bin at a disc holds little
+        least = max(
+            10.0, 0.4 * float(np.median(counts[counts > 0]))
+        )  # a bin at a disc holds little
         fine = []
         for b in range(len(edges) - 1):
             sel = bone[idx == b]
@@ -398,8 +410,16 @@ def centre_line(small: np.ndarray, grid: Grid, mask: np.ndarray | None = None,
 
 def _smooth_line(pts: np.ndarray, grid: Grid) -> np.ndarray:
     """A smooth line through ``pts`` (sorted along z), every `STEP_MM`, cranial first."""
-    corners = grid.to_patient(np.array([[i, j, k] for i in (0, grid.shape[0] - 1)
-                                        for j in (0, grid.shape[1] - 1) for k in (0, grid.shape[2] - 1)]))
+    corners = grid.to_patient(
+        np.array(
+            [
+                [i, j, k]
+                for i in (0, grid.shape[0] - 1)
+                for j in (0, grid.shape[1] - 1)
+                for k in (0, grid.shape[2] - 1)
+            ]
+        )
+    )
     z_lo = max(float(pts[:, 2].min()) - LINE_BEYOND_MM, float(corners[:, 2].min()))
     z_hi = min(float(pts[:, 2].max()) + LINE_BEYOND_MM, float(corners[:, 2].max()))
     zs = np.arange(z_hi, z_lo, -STEP_MM)
@@ -440,8 +460,12 @@ def column_profile(vol: Volume, line: np.ndarray) -> np.ndarray:
     rr = np.arange(RIM_R_MM[0], RIM_R_MM[1] + 1e-6, 1.5)
     u = (np.cos(ang)[:, None] * rr[None, :]).ravel()
     v = (np.sin(ang)[:, None] * rr[None, :]).ravel()
-    pts = line[:, None, :] + u[None, :, None] * left[:, None, :] + v[None, :, None] * post[:, None, :]
-    vals = ndimage.map_coordinates(vol.hu, vol.grid.to_index(pts.reshape(-1, 3)).T, order=1, mode="nearest")
+    pts = (
+        line[:, None, :] + u[None, :, None] * left[:, None, :] + v[None, :, None] * post[:, None, :]
+    )
+    vals = ndimage.map_coordinates(
+        vol.hu, vol.grid.to_index(pts.reshape(-1, 3)).T, order=1, mode="nearest"
+    )
     rim = np.median(vals.reshape(len(line), RIM_RAYS, len(rr)).max(axis=2), axis=1)
     return ndimage.gaussian_filter1d(rim, 0.5 / STEP_MM)
 
@@ -457,12 +481,15 @@ def mean_profile(vol: Volume, line: np.ndarray, radius: float = 7.0) -> np.ndarr
     for i, (p, t) in enumerate(zip(line, tang)):
         f = frame_from_normal(t)
         pts = p + offs[:, :1] * f[:, 0] + offs[:, 1:] * f[:, 1]
-        out[i] = ndimage.map_coordinates(vol.hu, vol.grid.to_index(pts).T, order=1, mode="nearest").mean()
+        out[i] = ndimage.map_coordinates(
+            vol.hu, vol.grid.to_index(pts).T, order=1, mode="nearest"
+        ).mean()
     return ndimage.gaussian_filter1d(out, 1.0 / STEP_MM)
 
 
-def _valleys(profile: np.ndarray, min_depth: float, max_mm: float, lo: int = 0, hi: int | None = None
-             ) -> list[tuple[tuple[int, int], float]]:
+def _valleys(
+    profile: np.ndarray, min_depth: float, max_mm: float, lo: int = 0, hi: int | None = None
+) -> list[tuple[tuple[int, int], float]]:
     """Valleys of the profile in ``[lo, hi)`` as ((start, end), depth).
 
     A valley's depth is measured against the lower of the highest points within
@@ -529,7 +556,7 @@ def _regular_chain(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int
     rhythm and falls out. Among the sets that keep the rhythm, the one whose valleys are
     deepest in total, less `RHYTHM_WEIGHT` median depths per step out of rhythm, wins.
     """
-    cand = sorted({sp: d for sp, d in found}.items())
+    cand = sorted(dict(found).items())
     n = len(cand)
     if n == 0:
         return []
@@ -577,8 +604,9 @@ def _deepest_apart(found: list[tuple[tuple[int, int], float]]) -> list[tuple[int
     return sorted(kept)
 
 
-def disc_spans(profile: np.ndarray, *, regular: bool = True,
-               prominence: float = ENDPLATE_PROMINENCE_HU) -> list[tuple[int, int]]:
+def disc_spans(
+    profile: np.ndarray, *, regular: bool = True, prominence: float = ENDPLATE_PROMINENCE_HU
+) -> list[tuple[int, int]]:
     """(start, end) indices of the dark stretches of the profile that are disc spaces.
 
     A disc space is a valley at least `ENDPLATE_PROMINENCE_HU` below the endplates around it
@@ -593,7 +621,10 @@ def disc_spans(profile: np.ndarray, *, regular: bool = True,
         # more likely a dark band inside that body
         depth = dict(found)
         edge = int(EDGE_BODY_MM / STEP_MM)
-        if kept[-1][1] >= len(profile) - edge and depth[kept[-1]] < EDGE_DEPTH_RATIO * depth[kept[-2]]:
+        if (
+            kept[-1][1] >= len(profile) - edge
+            and depth[kept[-1]] < EDGE_DEPTH_RATIO * depth[kept[-2]]
+        ):
             kept = kept[:-1]
         if kept[0][0] < edge and depth[kept[0]] < EDGE_DEPTH_RATIO * depth[kept[1]]:
             kept = kept[1:]
@@ -604,8 +635,13 @@ def disc_spans(profile: np.ndarray, *, regular: bool = True,
         step = float(np.median(np.diff(mids)))
         for m0, m1 in zip(mids[:-1], mids[1:]):
             if m1 - m0 > 1.6 * step:
-                extra = _valleys(profile, prominence / 2, 1.4 * DISC_MAX_MM,
-                                 int(m0 + 0.5 * step), int(m1 - 0.5 * step))
+                extra = _valleys(
+                    profile,
+                    prominence / 2,
+                    1.4 * DISC_MAX_MM,
+                    int(m0 + 0.5 * step),
+                    int(m1 - 0.5 * step),
+                )
                 if extra:
                     kept.append(max(extra, key=lambda e: e[1])[0])
     return sorted(kept)
@@ -617,7 +653,9 @@ def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
     v = np.arange(-20.0, 6.0 + 1e-6, 2.0)
     uu, vv = np.meshgrid(u, v)
     pts = centre + uu.ravel()[:, None] * frame[:, 0] + vv.ravel()[:, None] * frame[:, 1]
-    hit = ndimage.map_coordinates(mask.astype(np.uint8), grid.to_index(pts).T, order=0, mode="constant")
+    hit = ndimage.map_coordinates(
+        mask.astype(np.uint8), grid.to_index(pts).T, order=0, mode="constant"
+    )
     cols = hit.reshape(uu.shape).any(axis=0)
     if not cols.any():
         return 0.0
@@ -635,13 +673,18 @@ def _lumbosacral(mask: np.ndarray, grid: Grid, sites: list) -> int | None:
         centre, frame, height, _ = sites[j]
         below = centre - frame[:, 2] * (height / 2 + 10.0)
         above = centre + frame[:, 2] * (height / 2 + 10.0)
-        w_below, w_above = _front_width(mask, grid, below, frame), _front_width(mask, grid, above, frame)
+        w_below, w_above = (
+            _front_width(mask, grid, below, frame),
+            _front_width(mask, grid, above, frame),
+        )
         if w_above > 0 and w_below > SACRUM_WIDTH_RATIO * w_above:
             return j
     return None
 
 
-def lowest_rib(small: np.ndarray, grid: Grid, line: np.ndarray, smooth: np.ndarray | None = None) -> float | None:
+def lowest_rib(
+    small: np.ndarray, grid: Grid, line: np.ndarray, smooth: np.ndarray | None = None
+) -> float | None:
     """Height (LPS z) at which the lowest rib meets the column, or None without ribs.
 
     Bone lateral to the column (more than `RIB_MEDIAL_MM` to either side, so the vertebrae
@@ -656,8 +699,14 @@ def lowest_rib(small: np.ndarray, grid: Grid, line: np.ndarray, smooth: np.ndarr
     rev = line[::-1]
     dx = p[:, 0] - np.interp(p[:, 2], rev[:, 2], rev[:, 0])
     dy = p[:, 1] - np.interp(p[:, 2], rev[:, 2], rev[:, 1])
-    keep = ((p[:, 2] >= line[:, 2].min()) & (p[:, 2] <= line[:, 2].max()) & (np.abs(dx) >= RIB_MEDIAL_MM)
-            & (np.abs(dx) < 140.0) & (dy > -30.0) & (dy < 60.0))
+    keep = (
+        (p[:, 2] >= line[:, 2].min())
+        & (p[:, 2] <= line[:, 2].max())
+        & (np.abs(dx) >= RIB_MEDIAL_MM)
+        & (np.abs(dx) < 140.0)
+        & (dy > -30.0)
+        & (dy < 60.0)
+    )
     sel = np.zeros(small.shape, dtype=bool)
     sel[tuple(idx[keep].T)] = True
     lab, n = ndimage.label(sel)
@@ -680,14 +729,18 @@ def lowest_rib(small: np.ndarray, grid: Grid, line: np.ndarray, smooth: np.ndarr
 def _names_from(anchor_disc: int, anchor_level: str, n: int) -> list[str]:
     """Level names of ``n`` discs (cranial first) given that disc ``anchor_disc`` is ``anchor_level``."""
     k0 = VERTEBRAE.index(anchor_level.split("-")[0]) - anchor_disc
-    return [f"{VERTEBRAE[k0 + j]}-{VERTEBRAE[k0 + j + 1]}" if 0 <= k0 + j < len(VERTEBRAE) - 1 else ""
-            for j in range(n)]
+    return [
+        f"{VERTEBRAE[k0 + j]}-{VERTEBRAE[k0 + j + 1]}" if 0 <= k0 + j < len(VERTEBRAE) - 1 else ""
+        for j in range(n)
+    ]
 
 
 def _level_offset(a: str, b: str) -> int:
     """How many levels apart two disc names are ("" counts as above T8)."""
+
     def pos(name: str) -> int:
         return VERTEBRAE.index(name.split("-")[0]) if name else -1
+
     return abs(pos(a) - pos(b))
 
 
@@ -735,16 +788,25 @@ def find_spine(vol: Volume) -> Spine:
     if rib_z is not None:
         below_ribs = [j for j, st in enumerate(sites) if st[0][2] < rib_z]
         if not below_ribs and not sacrum:
-            return Spine((), False, line, ("ribs down to the lowest vertebra in view: no lumbar spine in view",),
-                         rib_anchor=True)
+            return Spine(
+                (),
+                False,
+                line,
+                ("ribs down to the lowest vertebra in view: no lumbar spine in view",),
+                rib_anchor=True,
+            )
         # the lowest rib in view is the twelfth only if the column goes on below it
         if len(below_ribs) >= RIB_FREE_DISCS:
             # T12-L1 lies under the body that bears the lowest ribs; a first disc found
             # further down than a spacing and a half is L1-L2 (T12-L1 was missed)
             first = below_ribs[0]
-            step = float(np.median(np.diff([-st[0][2] for st in sites]))) if len(sites) > 1 else 30.0
+            step = (
+                float(np.median(np.diff([-st[0][2] for st in sites]))) if len(sites) > 1 else 30.0
+            )
             below_rib = rib_z - sites[first][0][2]
-            by_ribs = _names_from(first, "L1-L2" if below_rib > 1.5 * step else "T12-L1", len(sites))
+            by_ribs = _names_from(
+                first, "L1-L2" if below_rib > 1.5 * step else "T12-L1", len(sites)
+            )
     if by_sacrum and by_ribs:
         names = by_sacrum
         if by_ribs != by_sacrum:
@@ -752,25 +814,36 @@ def find_spine(vol: Volume) -> Spine:
             shift = _level_offset(by_ribs[both], by_sacrum[both])
             warnings.append(
                 f"the sacrum and the lowest ribs disagree by {shift} level(s) (a transitional vertebra, or "
-                "11 or 13 rib pairs?): levels are named from the sacrum; check the count")
+                "11 or 13 rib pairs?): levels are named from the sacrum; check the count"
+            )
     elif by_sacrum:
         names = by_sacrum
     elif by_ribs:
         names = by_ribs
-        warnings.append("sacrum not in the field of view: levels are named from the lowest ribs (T12); "
-                        "check the count")
+        warnings.append(
+            "sacrum not in the field of view: levels are named from the lowest ribs (T12); "
+            "check the count"
+        )
     else:
         names = [""] * len(sites)
-        warnings.append("neither the sacrum nor the lowest ribs in the field of view: disc levels are not named")
+        warnings.append(
+            "neither the sacrum nor the lowest ribs in the field of view: disc levels are not named"
+        )
     spacing = np.diff([s[3] for s in sites]) * STEP_MM
     for i, gap in enumerate(spacing):
         if gap > 1.7 * float(np.median(spacing)):
-            warnings.append(f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed")
+            warnings.append(
+                f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed"
+            )
     discs = []
     for i, ((c_, f_, h_, _), n) in enumerate(zip(sites, names)):
-        c_, f_, h_, _refined = refine_site(vol.hu, vol.grid, c_, f_, h_)  # on the disc's own endplates
+        c_, f_, h_, _refined = refine_site(
+            vol.hu, vol.grid, c_, f_, h_
+        )  # on the disc's own endplates
         discs.append(DiscSite(i, n, c_, f_, h_))
     named = tuple(d for d in discs if d.level)
     if named:
         discs = [d for d in discs if d.level in DISC_LEVELS]
-    return Spine(tuple(discs), sacrum, line, tuple(warnings), named=named, rib_anchor=by_ribs is not None)
+    return Spine(
+        tuple(discs), sacrum, line, tuple(warnings), named=named, rib_anchor=by_ribs is not None
+    )

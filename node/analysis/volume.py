@@ -102,10 +102,16 @@ def load_series(paths: Iterable[Path]) -> Volume:
         raise VolumeError("no image instances")
     multi = [ds for ds in read if int(ds.get("NumberOfFrames") or 1) > 1]
     if multi and len(read) > 1:
-        raise VolumeError(f"{len(multi)} multi-frame instance(s) mixed with {len(read) - len(multi)} other(s)")
+        raise VolumeError(
+            f"{len(multi)} multi-frame instance(s) mixed with {len(read) - len(multi)} other(s)"
+        )
     datasets = _frames(read[0]) if multi else read
     warnings: list[str] = []
-    images = [ds for ds in datasets if "LOCALIZER" not in [str(x).upper() for x in ds.get("ImageType", [])]]
+    images = [
+        ds
+        for ds in datasets
+        if "LOCALIZER" not in [str(x).upper() for x in ds.get("ImageType", [])]
+    ]
     if len(images) < len(datasets):
         warnings.append(f"{len(datasets) - len(images)} localizer image(s) left out")
         datasets = images
@@ -117,8 +123,11 @@ def load_series(paths: Iterable[Path]) -> Volume:
     series = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
     if len(series) > 1:
         raise VolumeError(f"instances of {len(series)} series mixed together")
-    missing = [kw for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
-               if any(kw not in ds for ds in datasets)]
+    missing = [
+        kw
+        for kw in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+        if any(kw not in ds for ds in datasets)
+    ]
     if missing:
         raise VolumeError(f"no {', '.join(missing)}: the slices cannot be placed in patient space")
     for ds in datasets:
@@ -136,11 +145,15 @@ def load_series(paths: Iterable[Path]) -> Volume:
     normal = np.cross(row_dir, col_dir)
     tilt_tag = max(abs(float(ds.get("GantryDetectorTilt", 0) or 0)) for ds in datasets)
     if tilt_tag > MAX_TILT_DEG:
-        raise VolumeError(f"gantry tilt of {tilt_tag:.1f} degrees is not supported; send a series "
-                          "reconstructed without tilt")
+        raise VolumeError(
+            f"gantry tilt of {tilt_tag:.1f} degrees is not supported; send a series "
+            "reconstructed without tilt"
+        )
     off_axis = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
     if off_axis > MAX_OBLIQUE_DEG:
-        raise VolumeError(f"not an axial series (slice normal {off_axis:.0f} degrees from the body axis)")
+        raise VolumeError(
+            f"not an axial series (slice normal {off_axis:.0f} degrees from the body axis)"
+        )
     pos = np.array([[float(x) for x in ds.ImagePositionPatient] for ds in datasets])
     along = pos @ normal
     order = np.argsort(-along, kind="stable")
@@ -155,8 +168,10 @@ def load_series(paths: Iterable[Path]) -> Volume:
         raise VolumeError("fewer than two distinct slices")
     shift = pos - np.outer(along - along[0], normal) - pos[0]
     if np.abs(shift).max() > 0.05 * max(float(abs(along[-1] - along[0])), 1.0) + 0.5:
-        raise VolumeError("slices are shifted sideways along the stack (gantry tilt); send a series "
-                          "reconstructed without tilt")
+        raise VolumeError(
+            "slices are shifted sideways along the stack (gantry tilt); send a series "
+            "reconstructed without tilt"
+        )
     gaps = -np.diff(along)
     # the regular spacing: the gaps that are not a missing slice or more
     spacing = float(np.median(gaps[gaps < 1.5 * gaps.min()]))
@@ -168,7 +183,9 @@ def load_series(paths: Iterable[Path]) -> Volume:
     if n_missing:
         if n_missing > MAX_MISSING_SHARE * len(datasets) or whole.max() > MAX_MISSING_RUN + 1:
             raise VolumeError(f"{n_missing} slice(s) missing (gaps up to {gaps.max():.1f} mm)")
-        warnings.append(f"{n_missing} missing slice(s) filled by interpolation (gaps up to {gaps.max():.1f} mm)")
+        warnings.append(
+            f"{n_missing} missing slice(s) filled by interpolation (gaps up to {gaps.max():.1f} mm)"
+        )
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     ps = [float(x) for x in datasets[0].PixelSpacing]
     index = np.concatenate([[0], np.cumsum(whole)]).astype(int)
@@ -179,10 +196,16 @@ def load_series(paths: Iterable[Path]) -> Volume:
         if not np.allclose([float(x) for x in ds.PixelSpacing], ps, atol=1e-3):
             raise VolumeError("slices differ in pixel spacing")
         try:
-            arr = (ds._frame_pixels if hasattr(ds, "_frame_pixels") else ds.pixel_array).astype(np.float32)
+            arr = (ds._frame_pixels if hasattr(ds, "_frame_pixels") else ds.pixel_array).astype(
+                np.float32
+            )
         except Exception as exc:  # a codec missing or corrupt data: say which
-            raise VolumeError(f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from None
-        hu[k] = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+            raise VolumeError(
+                f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}"
+            ) from None
+        hu[k] = arr * float(ds.get("RescaleSlope", 1) or 1) + float(
+            ds.get("RescaleIntercept", 0) or 0
+        )
     for a, b in zip(index[:-1], index[1:]):
         for k in range(a + 1, b):  # fill missing slices linearly
             w = (k - a) / (b - a)
@@ -219,7 +242,9 @@ def _frames(ds: Dataset) -> list[Dataset]:
     try:
         pixels = ds.pixel_array
     except Exception as exc:
-        raise VolumeError(f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from None
+        raise VolumeError(
+            f"cannot decode pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}"
+        ) from None
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
     if len(per_frame) != pixels.shape[0]:
@@ -231,14 +256,20 @@ def _frames(ds: Dataset) -> list[Dataset]:
                 return src[keyword].value[0]
         return None
 
-    top = {tag: elem for tag, elem in ds.items()
-           if tag not in (PIXEL_DATA, 0x52009229, 0x52009230, 0x00280008)}  # pixels, functional groups, frames
+    top = {
+        tag: elem
+        for tag, elem in ds.items()
+        if tag not in (PIXEL_DATA, 0x52009229, 0x52009230, 0x00280008)
+    }  # pixels, functional groups, frames
     out = []
     for i, fg in enumerate(per_frame):
         f = Dataset(dict(top))
         f.file_meta = ds.file_meta
-        pos, ori, meas = group(fg, "PlanePositionSequence"), group(fg, "PlaneOrientationSequence"), \
-            group(fg, "PixelMeasuresSequence")
+        pos, ori, meas = (
+            group(fg, "PlanePositionSequence"),
+            group(fg, "PlaneOrientationSequence"),
+            group(fg, "PixelMeasuresSequence"),
+        )
         if pos is None or ori is None or meas is None:
             raise VolumeError(f"frame {i + 1} has no plane position, orientation or pixel measures")
         f.ImagePositionPatient = pos.ImagePositionPatient
@@ -248,7 +279,10 @@ def _frames(ds: Dataset) -> list[Dataset]:
             f.SliceThickness = meas.SliceThickness
         rescale = group(fg, "PixelValueTransformationSequence")
         if rescale is not None:
-            f.RescaleSlope, f.RescaleIntercept = rescale.get("RescaleSlope", 1), rescale.get("RescaleIntercept", 0)
+            f.RescaleSlope, f.RescaleIntercept = (
+                rescale.get("RescaleSlope", 1),
+                rescale.get("RescaleIntercept", 0),
+            )
         f._frame_pixels = pixels[i]
         f._frame_index = i
         out.append(f)
@@ -276,5 +310,11 @@ def load_nifti(path: Path) -> Volume:
     if hu.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D volume, got shape {hu.shape}")
     ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return Volume(hu=hu, grid=Grid(hu.shape, ras_to_lps @ img.affine), study_uid="", series_uid="",
-                  frame_of_reference_uid="", sop_instance_uids=())
+    return Volume(
+        hu=hu,
+        grid=Grid(hu.shape, ras_to_lps @ img.affine),
+        study_uid="",
+        series_uid="",
+        frame_of_reference_uid="",
+        sop_instance_uids=(),
+    )

@@ -29,15 +29,27 @@ def queue_deliveries(session: Session, job: Job, settings: Settings, actor: str)
     dests = settings.destinations_for(job.calling_aet)
     out = []
     for d in dests:
-        dl = Delivery(job=job, destination=d.name, address=address(d), state=DeliveryState.PENDING,
-                      attempts=0, next_try_at=utcnow(), history=[])
+        dl = Delivery(
+            job=job,
+            destination=d.name,
+            address=address(d),
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_try_at=utcnow(),
+            history=[],
+        )
         session.add(dl)
         out.append(dl)
     if out:
         transition(session, job, State.SENDING, actor)
     else:
-        transition(session, job, State.DONE, actor, f"no destination configured for {job.calling_aet}; "
-                   "results kept in the outbox")
+        transition(
+            session,
+            job,
+            State.DONE,
+            actor,
+            f"no destination configured for {job.calling_aet}; results kept in the outbox",
+        )
     return out
 
 
@@ -52,13 +64,27 @@ def _settle(session: Session, job: Job, actor: str) -> None:
     if states == {DeliveryState.SENT}:
         result = job.result or {}
         if result.get("analysed") is False:  # the report of why it was not analysed is sent
-            transition(session, job, State(result.get("final_state", State.SKIPPED.value)), actor, job.reason)
+            transition(
+                session,
+                job,
+                State(result.get("final_state", State.SKIPPED.value)),
+                actor,
+                job.reason,
+            )
         else:
             transition(session, job, State.DONE, actor)
     elif DeliveryState.FAILED in states and DeliveryState.PENDING not in states:
         failed = [d for d in latest.values() if d.state is DeliveryState.FAILED]
-        transition(session, job, State.FAILED, actor, "; ".join(
-            f"delivery to {d.destination} failed after {d.attempts} attempts: {d.last_error}" for d in failed))
+        transition(
+            session,
+            job,
+            State.FAILED,
+            actor,
+            "; ".join(
+                f"delivery to {d.destination} failed after {d.attempts} attempts: {d.last_error}"
+                for d in failed
+            ),
+        )
 
 
 def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor: str) -> bool:
@@ -71,9 +97,16 @@ def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor:
         dest = next((x for x in settings.destinations if x.name == d.destination), None)
         # hold the delivery for the length of the try, so that no other sender takes it
         hold = utcnow() + dt.timedelta(seconds=settings.sending.timeout_s * (len(files) + 2))
-        won = changed(s, update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
-                                               Delivery.next_try_at <= utcnow())
-                        .values(next_try_at=hold, held_by=actor))
+        won = changed(
+            s,
+            update(Delivery)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_try_at <= utcnow(),
+            )
+            .values(next_try_at=hold, held_by=actor),
+        )
         s.commit()
         if won != 1:
             return False
@@ -92,17 +125,33 @@ def attempt(sessions: sessionmaker, delivery_id: int, settings: Settings, actor:
         d = s.get(Delivery, delivery_id)
         d.attempts += 1
         d.held_by = None
-        d.history = [*(d.history or []), {"at": utcnow().isoformat(timespec="seconds"), "ok": error is None,
-                                          "error": error, "seconds": seconds}]
+        d.history = [
+            *(d.history or []),
+            {
+                "at": utcnow().isoformat(timespec="seconds"),
+                "ok": error is None,
+                "error": error,
+                "seconds": seconds,
+            },
+        ]
         if error is None:
-            d.state, d.sent_at, d.last_error, d.next_try_at = DeliveryState.SENT, utcnow(), None, None
-            audit(s, d.job, actor, "sent", f"{len(files)} objects to {d.address} in {seconds:.1f} s")
+            d.state, d.sent_at, d.last_error, d.next_try_at = (
+                DeliveryState.SENT,
+                utcnow(),
+                None,
+                None,
+            )
+            audit(
+                s, d.job, actor, "sent", f"{len(files)} objects to {d.address} in {seconds:.1f} s"
+            )
         else:
             d.last_error = error
             if d.attempts >= settings.sending.max_attempts:
                 d.state, d.next_try_at = DeliveryState.FAILED, None
             else:
-                d.next_try_at = utcnow() + dt.timedelta(seconds=settings.sending.backoff(d.attempts))
+                d.next_try_at = utcnow() + dt.timedelta(
+                    seconds=settings.sending.backoff(d.attempts)
+                )
             log.warning("delivery %s of job %s, attempt %d: %s", d.id, d.job_id, d.attempts, error)
             audit(s, d.job, actor, "send failed", f"attempt {d.attempts} to {d.address}: {error}")
         _settle(s, d.job, actor)
@@ -120,21 +169,32 @@ def release_dead_holds(session: Session, dead: Callable[[str], bool], actor: str
     not when the hold would have run out."""
     out = []
     now = utcnow()
-    for d in session.execute(select(Delivery).where(Delivery.state == DeliveryState.PENDING,
-                                                    Delivery.next_try_at > now)).scalars():
+    for d in session.execute(
+        select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.next_try_at > now)
+    ).scalars():
         who = holder(d)
         if who and dead(who):
             d.held_by = None
             d.next_try_at = now
-            audit(session, d.job, actor, "send lease released", f"{d.destination}: sender {who} is gone")
+            audit(
+                session,
+                d.job,
+                actor,
+                "send lease released",
+                f"{d.destination}: sender {who} is gone",
+            )
             out.append(d)
     return out
 
 
-def deliver_due(sessions: sessionmaker, settings: Settings, actor: str, job_id: int | None = None) -> int:
+def deliver_due(
+    sessions: sessionmaker, settings: Settings, actor: str, job_id: int | None = None
+) -> int:
     """Try every PENDING delivery that is due (of one job, or all); returns how many were sent."""
     with sessions() as s:
-        q = select(Delivery.id).where(Delivery.state == DeliveryState.PENDING, Delivery.next_try_at <= utcnow())
+        q = select(Delivery.id).where(
+            Delivery.state == DeliveryState.PENDING, Delivery.next_try_at <= utcnow()
+        )
         if job_id is not None:
             q = q.where(Delivery.job_id == job_id)
         due = list(s.execute(q.order_by(Delivery.id)).scalars())

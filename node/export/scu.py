@@ -49,7 +49,9 @@ def _tls(tls: TLS | None, host: str) -> tuple[ssl.SSLContext, str] | None:
 
 
 def _associate(ae: AE, dest: Destination) -> Association:
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls(dest.tls, dest.host))
+    assoc = ae.associate(
+        dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls(dest.tls, dest.host)
+    )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise SendError(f"association with {address(dest)} failed ({why})")
@@ -71,8 +73,13 @@ def echo(dest: Destination, calling_aet: str = "IDAICS", timeout: float = 30) ->
         assoc.release()
 
 
-def send_files(paths: Iterable[Path], dest: Destination, calling_aet: str = "IDAICS", timeout: float = 30,
-               progress: Callable[[Path, int], None] | None = None) -> int:
+def send_files(
+    paths: Iterable[Path],
+    dest: Destination,
+    calling_aet: str = "IDAICS",
+    timeout: float = 30,
+    progress: Callable[[Path, int], None] | None = None,
+) -> int:
     """C-STORE every file to ``dest`` over one association; returns how many were stored.
 
     Each file is offered in its own transfer syntax. Raises `SendError` naming the files that
@@ -84,7 +91,9 @@ def send_files(paths: Iterable[Path], dest: Destination, calling_aet: str = "IDA
     contexts: dict[str, set[str]] = {}
     for p in paths:
         meta = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-        contexts.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
+        contexts.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(
+            str(meta.TransferSyntaxUID)
+        )
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntaxes in contexts.items():
@@ -100,7 +109,9 @@ def send_files(paths: Iterable[Path], dest: Destination, calling_aet: str = "IDA
             if code in STORED:
                 stored += 1
             else:
-                failed.append(f"{p.name}: {'no answer' if code is None else f'status 0x{code:04X}'}")
+                failed.append(
+                    f"{p.name}: {'no answer' if code is None else f'status 0x{code:04X}'}"
+                )
                 if not assoc.is_established:
                     break
             if progress:

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from node import logs
 from node.config import Settings
 from node.db import Delivery, DeliveryState, utcnow
 from node.export.delivery import attempt
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class Sender:
     def __init__(self, sessions: sessionmaker, settings: Settings, actor: str):
         self.sessions, self.settings, self.actor = sessions, settings, actor
-        self._todo: queue.Queue[tuple[int, str] | None] = queue.Queue()
+        self._todo: queue.Queue[tuple[int, str, int] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()
         self._per_destination: Counter[str] = Counter()
@@ -41,9 +42,13 @@ class Sender:
     # -- what the node calls ---------------------------------------------------------------
     def start(self) -> None:
         s = self.settings.sending
-        self._threads = [threading.Thread(target=self._send_loop, name=f"idaics-send-{i + 1}", daemon=True)
-                         for i in range(s.threads)]
-        self._threads.append(threading.Thread(target=self._find_loop, name="idaics-send-due", daemon=True))
+        self._threads = [
+            threading.Thread(target=self._send_loop, name=f"idaics-send-{i + 1}", daemon=True)
+            for i in range(s.threads)
+        ]
+        self._threads.append(
+            threading.Thread(target=self._find_loop, name="idaics-send-due", daemon=True)
+        )
         for t in self._threads:
             t.start()
 
@@ -69,17 +74,19 @@ class Sender:
         """Hand the due deliveries that may go now to the pool; returns how many."""
         limit = self.settings.sending.per_destination
         with self.sessions() as s:
-            due = s.execute(select(Delivery.id, Delivery.destination)
-                            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_try_at <= utcnow())
-                            .order_by(Delivery.id)).all()
+            due = s.execute(
+                select(Delivery.id, Delivery.destination, Delivery.job_id)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_try_at <= utcnow())
+                .order_by(Delivery.id)
+            ).all()
         handed = 0
         with self._lock:
-            for delivery_id, destination in due:
+            for delivery_id, destination, job_id in due:
                 if delivery_id in self._in_flight or self._per_destination[destination] >= limit:
                     continue
                 self._in_flight.add(delivery_id)
                 self._per_destination[destination] += 1
-                self._todo.put((delivery_id, destination))
+                self._todo.put((delivery_id, destination, job_id))
                 handed += 1
         return handed
 
@@ -98,11 +105,17 @@ class Sender:
             item = self._todo.get()
             if item is None or self._stop.is_set():
                 return
-            delivery_id, destination = item
+            delivery_id, destination, job_id = item
             try:
-                attempt(self.sessions, delivery_id, self.settings, self.actor)
-            except (SQLAlchemyError, OSError):  # attempt records every send error; this is the database
-                log.exception("sender: delivery %s to %s could not be recorded", delivery_id, destination)
+                with logs.job(job_id):
+                    attempt(self.sessions, delivery_id, self.settings, self.actor)
+            except (
+                SQLAlchemyError,
+                OSError,
+            ):  # attempt records every send error; this is the database
+                log.exception(
+                    "sender: delivery %s to %s could not be recorded", delivery_id, destination
+                )
             finally:
                 with self._lock:
                     self._in_flight.discard(delivery_id)

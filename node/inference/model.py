@@ -64,15 +64,23 @@ def read_card(folder: Path) -> ModelCard:
         raise ModelError(f"{path}: weights {weights.name} not found")
     views = raw.get("views")
     if not isinstance(views, dict):
-        raise ModelError(f"{path}: the model was trained on '{views}' views; the study analysis needs "
-                         "disc-centred views (a card with views: size, axial_fov_mm, sagittal_fov_mm)")
+        raise ModelError(
+            f"{path}: the model was trained on '{views}' views; the study analysis needs "
+            "disc-centred views (a card with views: size, axial_fov_mm, sagittal_fov_mm)"
+        )
     w = raw.get("windowing") or {}
     return ModelCard(
-        name=str(raw.get("name", folder.name)), folder=folder, weights=weights, classes=classes,
+        name=str(raw.get("name", folder.name)),
+        folder=folder,
+        weights=weights,
+        classes=classes,
         input_size=int(raw.get("input_size", 512)),
         windowing=Windowing(float(w.get("center", 60.0)), float(w.get("width", 600.0))),
-        views=ViewSpec(int(views.get("size", 512)), float(views.get("axial_fov_mm", 80.0)),
-                       float(views.get("sagittal_fov_mm", 100.0))),
+        views=ViewSpec(
+            int(views.get("size", 512)),
+            float(views.get("axial_fov_mm", 80.0)),
+            float(views.get("sagittal_fov_mm", 100.0)),
+        ),
         raw=raw,
     )
 
@@ -117,9 +125,16 @@ class DiscModel:
             return []
         rgb = [np.repeat(im[..., None], 3, axis=2) for im in images]
         with self._lock:
-            results = self._yolo.predict(rgb, imgsz=self.card.input_size, conf=conf, device=self.device,
-                                         verbose=False, retina_masks=True, batch=len(rgb),
-                                         **({"half": True} if self.half else {}))
+            results = self._yolo.predict(
+                rgb,
+                imgsz=self.card.input_size,
+                conf=conf,
+                device=self.device,
+                verbose=False,
+                retina_masks=True,
+                batch=len(rgb),
+                **({"half": True} if self.half else {}),
+            )
         out = []
         for res in cast(list[Any], results):  # ultralytics Results
             dets = []

@@ -47,8 +47,12 @@ class GuardedSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > PDU_HEADER_BYTES and nr_bytes > self.limit:
             peer = self.assoc.requestor.address_info if self.assoc else "?"
-            log.warning("refused a PDU of %d bytes from %s (at most %d): association aborted",
-                        nr_bytes, peer, self.limit)
+            log.warning(
+                "refused a PDU of %d bytes from %s (at most %d): association aborted",
+                nr_bytes,
+                peer,
+                self.limit,
+            )
             raise PduTooLong(f"PDU of {nr_bytes} bytes refused (at most {self.limit})")
         return super().recv(nr_bytes)
 
@@ -74,8 +78,12 @@ class GuardedRequestHandler(RequestHandler):
         with server.peer_lock:
             held = server.peers.get(host, 0)
             if held >= server.max_per_peer:
-                log.warning("refused a connection from %s: it already holds %d (at most %d per peer)",
-                            host, held, server.max_per_peer)
+                log.warning(
+                    "refused a connection from %s: it already holds %d (at most %d per peer)",
+                    host,
+                    held,
+                    server.max_per_peer,
+                )
                 return  # the server closes the socket
             server.peers[host] = held + 1
         try:
@@ -104,15 +112,31 @@ class GuardedAE(AE):
 
     @property
     def active_associations(self) -> list[Association]:
-        return [a for a in super().active_associations
-                if not (a.is_acceptor and a.dul.state_machine.current_state in ("Sta1", "Sta2"))]
+        return [
+            a
+            for a in super().active_associations
+            if not (a.is_acceptor and a.dul.state_machine.current_state in ("Sta1", "Sta2"))
+        ]
 
-    def start_guarded_server(self, address: tuple[str, int], evt_handlers: list, max_per_peer: int,
-                             ssl_context: Any = None) -> GuardedServer:
+    def start_guarded_server(
+        self,
+        address: tuple[str, int],
+        evt_handlers: list,
+        max_per_peer: int,
+        ssl_context: Any = None,
+    ) -> GuardedServer:
         """Like `start_server(block=False)`, with the guarded server and request handler."""
-        server = cast(GuardedServer, self.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
-                                  server_class=GuardedServer, request_handler=GuardedRequestHandler,
-                                  max_per_peer=max_per_peer))
+        server = cast(
+            GuardedServer,
+            self.make_server(
+                address,
+                evt_handlers=evt_handlers,
+                ssl_context=ssl_context,
+                server_class=GuardedServer,
+                request_handler=GuardedRequestHandler,
+                max_per_peer=max_per_peer,
+            ),
+        )
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
         thread.start()
         self._servers.append(server)

@@ -20,6 +20,8 @@ import logging
 import queue
 import threading
 import uuid
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,10 +39,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy.orm import sessionmaker
 
+from node import logs
 from node.config import Settings
 from node.ingest import spool
 from node.ingest.guard import GuardedAE, GuardedServer
-from node.jobs import CT_STORAGE, ReceivedInstance, association_released, record_instance
+from node.ingest.series import CT_STORAGE, ReceivedInstance
+from node.jobs import association_released, record_instance
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,11 @@ def _geometry(ds: Dataset) -> tuple[float | None, float | None, str | None]:
         if "ImagePositionPatient" in ds:
             normal = np.cross(iop[:3], iop[3:])
             pos = float(np.dot([float(x) for x in ds.ImagePositionPatient], normal))
-        return pos, (float(thick) if thick not in (None, "") else None), "\\".join(f"{x:.6f}" for x in iop)
+        return (
+            pos,
+            (float(thick) if thick not in (None, "") else None),
+            "\\".join(f"{x:.6f}" for x in iop),
+        )
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None, None, None
 
@@ -82,8 +90,12 @@ def truncated(ds: Dataset) -> str | None:
     """The first element whose value is shorter than its declared length (a cut-off dataset,
     which pydicom would read without complaint), or None."""
     for tag, elem in ds.items():
-        if isinstance(elem, RawDataElement) and elem.length != UNDEFINED_LENGTH and elem.value is not None \
-                and len(elem.value) != elem.length:
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.length != UNDEFINED_LENGTH
+            and elem.value is not None
+            and len(elem.value) != elem.length
+        ):
             return f"element {tag} is cut off ({len(elem.value)} of {elem.length} bytes)"
     return None
 
@@ -160,6 +172,7 @@ class Receiver:
         self.server: GuardedServer | None = None
         self.recorder: _Recorder | None = None
         self._open: dict[str, set[str]] = {}  # association -> series it has carried
+        self._ids: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         r = settings.receiver
         ae = GuardedAE(ae_title=r.ae_title)
@@ -172,7 +185,9 @@ class Receiver:
         if r.allowed_calling_aets:
             ae.require_calling_aet = list(r.allowed_calling_aets)
         else:
-            log.warning("no allowed_calling_aets configured: any calling AE may store to %s", r.ae_title)
+            log.warning(
+                "no allowed_calling_aets configured: any calling AE may store to %s", r.ae_title
+            )
         ae.add_supported_context(Verification)
         # CT in every transfer syntax (compressed ones are decoded at analysis); any other
         # storage class uncompressed, only to be recorded and skipped. pynetdicom copies the
@@ -181,16 +196,27 @@ class Receiver:
             if cx.abstract_syntax is None:
                 continue
             ct = cx.abstract_syntax in CT_STORAGE
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES if ct else UNCOMPRESSED)
+            ae.add_supported_context(
+                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES if ct else UNCOMPRESSED
+            )
         self.ae = ae
 
     def start(self) -> None:
         r = self.settings.receiver
-        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_RELEASED, self._on_released), (evt.EVT_ABORTED, self._on_aborted),
-                    (evt.EVT_REJECTED, self._on_rejected)]
+        handlers = [
+            (event, self._logged(fn))
+            for event, fn in (
+                (evt.EVT_C_ECHO, self._on_echo),
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_RELEASED, self._on_released),
+                (evt.EVT_ABORTED, self._on_aborted),
+                (evt.EVT_REJECTED, self._on_rejected),
+            )
+        ]
         self.recorder = _Recorder(self.sessions, self.actor)
-        self.server = self.ae.start_guarded_server((r.host, r.port), handlers, r.max_connections_per_peer)
+        self.server = self.ae.start_guarded_server(
+            (r.host, r.port), handlers, r.max_connections_per_peer
+        )
         log.info("listening as %s on %s:%d", r.ae_title, r.host, r.port)
 
     def stop(self) -> None:
@@ -206,11 +232,22 @@ class Receiver:
         return self.server is not None
 
     # -- handlers ----------------------------------------------------------------------
-    @staticmethod
-    def _assoc_id(assoc: Association) -> str:
-        if not hasattr(assoc, "_idaics_id"):
-            setattr(assoc, "_idaics_id", uuid.uuid4().hex)
-        return str(getattr(assoc, "_idaics_id"))
+    def _assoc_id(self, assoc: Association) -> str:
+        """The association's id in the log and the database (a pynetdicom association has
+        none that is unique over the node's life)."""
+        with self._lock:
+            if assoc not in self._ids:
+                self._ids[assoc] = uuid.uuid4().hex
+            return self._ids[assoc]
+
+    def _logged(self, handler: Callable[[evt.Event], Any]) -> Callable[[evt.Event], Any]:
+        """``handler`` with its log lines naming the association it serves."""
+
+        def run(event: evt.Event) -> Any:
+            with logs.association(self._assoc_id(event.assoc)):
+                return handler(event)
+
+        return run
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -233,8 +270,9 @@ class Receiver:
     def _close(self, assoc: Association) -> list[str]:
         """Forget an association; the series it carried that no other open association is
         still carrying (a sender may use several associations for one series)."""
+        key = self._assoc_id(assoc)
         with self._lock:
-            mine = self._open.pop(self._assoc_id(assoc), set())
+            mine = self._open.pop(key, set())
             busy = set().union(*self._open.values()) if self._open else set()
         return sorted(mine - busy)
 
@@ -242,8 +280,12 @@ class Receiver:
         calling = str(event.assoc.requestor.ae_title).strip()
         free = spool.free_mb(self.settings.spool_dir)
         if free < self.settings.receiver.min_free_mb:
-            log.error("refused an instance from %s: %.0f MB free in the spool, below the floor of %d MB",
-                      calling, free, self.settings.receiver.min_free_mb)
+            log.error(
+                "refused an instance from %s: %.0f MB free in the spool, below the floor of %d MB",
+                calling,
+                free,
+                self.settings.receiver.min_free_mb,
+            )
             return OUT_OF_RESOURCES
         try:
             ds = event.dataset
@@ -251,19 +293,29 @@ class Receiver:
             if (cut := truncated(ds)) is not None:
                 raise ValueError(cut)
             sop_uid = spool.check_uid(ds.SOPInstanceUID, "SOPInstanceUID")
-            path = spool.instance_path(self.settings.spool_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid)
+            path = spool.instance_path(
+                self.settings.spool_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, sop_uid
+            )
             request = cast(C_STORE, event.request)
             if sop_uid != str(request.AffectedSOPInstanceUID).strip():
                 raise ValueError("the dataset's SOPInstanceUID differs from the request's")
             pos, thick, iop = _geometry(ds)
             frames = int(ds.get("NumberOfFrames") or 1)
             info: dict[str, Any] = dict(
-                sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=sop_uid,
-                series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
-                modality=_text(ds, "Modality", 16), study_date=_text(ds, "StudyDate", 8),
-                series_description=_text(ds, "SeriesDescription"), body_part=_text(ds, "BodyPartExamined", 16),
-                patient_name=_text(ds, "PatientName"), patient_id=_text(ds, "PatientID"),
-                position=pos, slice_thickness=thick, orientation=iop, frames=frames,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=sop_uid,
+                series_uid=str(ds.SeriesInstanceUID),
+                study_uid=str(ds.StudyInstanceUID),
+                modality=_text(ds, "Modality", 16),
+                study_date=_text(ds, "StudyDate", 8),
+                series_description=_text(ds, "SeriesDescription"),
+                body_part=_text(ds, "BodyPartExamined", 16),
+                patient_name=_text(ds, "PatientName"),
+                patient_id=_text(ds, "PatientID"),
+                position=pos,
+                slice_thickness=thick,
+                orientation=iop,
+                frames=frames,
             )
         except Exception as exc:  # anything a malformed dataset can raise
             log.error("could not understand an instance from %s: %s", calling, exc)
@@ -275,9 +327,14 @@ class Receiver:
             log.error("could not write %s: %s", path, exc)
             return OUT_OF_RESOURCES
         try:
-            got = ReceivedInstance(path=str(path), size=len(data), calling_aet=calling,
-                                   called_aet=self.settings.receiver.ae_title,
-                                   association=self._assoc_id(event.assoc), **info)
+            got = ReceivedInstance(
+                path=str(path),
+                size=len(data),
+                calling_aet=calling,
+                called_aet=self.settings.receiver.ae_title,
+                association=self._assoc_id(event.assoc),
+                **info,
+            )
             if self.recorder is None:
                 raise RuntimeError("the listener is stopped")
             self.recorder.record(got)
@@ -287,4 +344,3 @@ class Receiver:
             log.exception("could not record %s", path)
             return PROCESSING_FAILURE
         return SUCCESS
-

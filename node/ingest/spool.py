@@ -33,8 +33,13 @@ def check_uid(value: object, what: str) -> str:
 
 
 def instance_path(spool: Path, study_uid: object, series_uid: object, sop_uid: object) -> Path:
-    return (spool / "incoming" / check_uid(study_uid, "StudyInstanceUID") / check_uid(series_uid, "SeriesInstanceUID")
-            / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm")
+    return (
+        spool
+        / "incoming"
+        / check_uid(study_uid, "StudyInstanceUID")
+        / check_uid(series_uid, "SeriesInstanceUID")
+        / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+    )
 
 
 def outbox(spool: Path, job_id: int) -> Path:
@@ -121,7 +126,11 @@ def remove_unrecorded(spool: Path, recorded: set[str], older_than_s: float = STA
     incoming = spool / "incoming"
     for path in incoming.rglob("*.dcm") if incoming.is_dir() else ():
         try:
-            if str(path.resolve()) not in known and path.is_file() and path.stat().st_mtime < cutoff:
+            if (
+                str(path.resolve()) not in known
+                and path.is_file()
+                and path.stat().st_mtime < cutoff
+            ):
                 path.unlink()
                 n += 1
         except FileNotFoundError:

@@ -36,7 +36,16 @@ BASELINE = "0001"
 HERE = Path(__file__).parent
 #: Tables of the baseline, with the columns a pre-migration database must have to be taken as it.
 BASELINE_TABLES = {
-    "job": {"id", "state", "reason", "attempts", "study_uid", "series_uid", "result", "outputs_dir"},
+    "job": {
+        "id",
+        "state",
+        "reason",
+        "attempts",
+        "study_uid",
+        "series_uid",
+        "result",
+        "outputs_dir",
+    },
     "instance": {"id", "job_id", "sop_instance_uid", "path", "position"},
     "delivery": {"id", "job_id", "destination", "state", "attempts", "next_try_at", "history"},
     "audit_event": {"id", "job_id", "at", "event"},
@@ -137,12 +146,16 @@ def _baseline_check(conn: Connection) -> bool:
         return False
     for table, cols in BASELINE_TABLES.items():
         if not insp.has_table(table):
-            raise MigrationError(f"the database has some of the node's tables but not {table!r}: "
-                                 "not a database this node made")
+            raise MigrationError(
+                f"the database has some of the node's tables but not {table!r}: "
+                "not a database this node made"
+            )
         missing = cols - {c["name"] for c in insp.get_columns(table)}
         if missing:
-            raise MigrationError(f"table {table!r} lacks {', '.join(sorted(missing))}: made by a release "
-                                 "older than the migrations know")
+            raise MigrationError(
+                f"table {table!r} lacks {', '.join(sorted(missing))}: made by a release "
+                "older than the migrations know"
+            )
     return True
 
 
@@ -155,32 +168,33 @@ def upgrade(engine: Engine, *, make_backup: bool = True) -> Upgrade:
     with engine.connect() as conn:
         if current(conn) == HEAD:
             return Upgrade(HEAD, HEAD)
-    with _one_at_a_time(engine):
-        with engine.connect() as conn:
-            before = current(conn)
-            if before == HEAD:
-                return Upgrade(HEAD, HEAD)
-            from alembic import command
-            from alembic.script import ScriptDirectory
+    with _one_at_a_time(engine), engine.connect() as conn:
+        before = current(conn)
+        if before == HEAD:
+            return Upgrade(HEAD, HEAD)
+        from alembic import command
+        from alembic.script import ScriptDirectory
 
-            cfg = _config(conn)
-            known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
-            if before is not None and before not in known:
-                raise MigrationError(f"the database is at revision {before}, newer than this release "
-                                     f"knows (up to {HEAD}): upgrade the node, do not downgrade the database")
-            legacy = before is None and _baseline_check(conn)
-            conn.rollback()
-            path = _sqlite_path(engine)
-            saved = None
-            if path is not None and (before is not None or legacy) and make_backup:
-                saved = backup(path, before)
-                log.info("database copied to %s before its upgrade", saved)
-            if legacy:
-                command.stamp(cfg, BASELINE)
-                conn.commit()
-            command.upgrade(cfg, "head")
+        cfg = _config(conn)
+        known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
+        if before is not None and before not in known:
+            raise MigrationError(
+                f"the database is at revision {before}, newer than this release "
+                f"knows (up to {HEAD}): upgrade the node, do not downgrade the database"
+            )
+        legacy = before is None and _baseline_check(conn)
+        conn.rollback()
+        path = _sqlite_path(engine)
+        saved = None
+        if path is not None and (before is not None or legacy) and make_backup:
+            saved = backup(path, before)
+            log.info("database copied to %s before its upgrade", saved)
+        if legacy:
+            command.stamp(cfg, BASELINE)
             conn.commit()
-            after = current(conn) or HEAD
+        command.upgrade(cfg, "head")
+        conn.commit()
+        after = current(conn) or HEAD
     done = Upgrade(BASELINE if legacy else before, after, legacy, saved)
     log.info("%s", done.describe())
     return done

@@ -40,15 +40,24 @@ class DicomOutputs:
         return out
 
 
-def build_outputs(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
-                  previous: Sequence[Dataset] = ()) -> DicomOutputs:
+def build_outputs(
+    result: StudyResult,
+    vol: Volume,
+    card: ModelCard,
+    settings: OutputSettings,
+    previous: Sequence[Dataset] = (),
+) -> DicomOutputs:
     """SEG (when a finding has a mask), SR and key images, as ``settings.objects`` asks.
     ``previous``: the SRs of an earlier analysis of the series, which the new SR replaces."""
     if not vol.headers:
         raise ValueError("DICOM outputs need a volume loaded from DICOM instances")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    segments = build_segments(result, vol.grid, vol.hu) if {"seg", "sr", "sr_volumetric"} & set(settings.objects) else []
+    segments = (
+        build_segments(result, vol.grid, vol.hu)
+        if {"seg", "sr", "sr_volumetric"} & set(settings.objects)
+        else []
+    )
     tracking = {s.number: hd.UID() for s in segments}
     t["segments"] = time.perf_counter() - t0
     seg = None

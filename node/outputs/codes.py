@@ -65,7 +65,9 @@ ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
 HEIGHT = Code("121207", "DCM", "Height")
 AREA = Code("121202", "DCM", "Area of Defined Region")
 EXTENSION = Code("extension", LOCAL_SCHEME, "Extension beyond vertebral body edge")
-EXTENSION_SHARE = Code("extension-share", LOCAL_SCHEME, "Share of circumference beyond vertebral body edge")
+EXTENSION_SHARE = Code(
+    "extension-share", LOCAL_SCHEME, "Share of circumference beyond vertebral body edge"
+)
 #: The model's confidence in one class, per class: a viewer that prints a group's
 #: measurements by their names (OHIF) then shows what the confidence is of.
 CONFIDENCE: dict[DiscClass, Code] = {

@@ -47,8 +47,12 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 EDGE_LETTERS = {View.AXIAL: ("R", "L", "A", "P"), View.SAGITTAL: ("A", "P", "H", "F")}
 
 
-def draw(grey: np.ndarray, masks: Iterable[tuple[np.ndarray, DiscClass]], caption: str,
-         view: View = View.AXIAL) -> np.ndarray:
+def draw(
+    grey: np.ndarray,
+    masks: Iterable[tuple[np.ndarray, DiscClass]],
+    caption: str,
+    view: View = View.AXIAL,
+) -> np.ndarray:
     """RGB picture: the slice with masks outlined, the banner along the top and again along
     the bottom (a viewer's overlays, its cine bar among them, cover at most one of them),
     the caption above the lower banner, and orientation letters at the edges."""
@@ -70,7 +74,9 @@ def draw(grey: np.ndarray, masks: Iterable[tuple[np.ndarray, DiscClass]], captio
     return np.asarray(img.convert("RGB"))
 
 
-def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings) -> list[Dataset]:
+def build_key_images(
+    result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings
+) -> list[Dataset]:
     """Two pictures per level (axial, sagittal), in one series, cranial to caudal."""
     if not vol.headers or not result.discs:
         return []
@@ -104,6 +110,8 @@ def build_key_images(result: StudyResult, vol: Volume, card: ModelCard, settings
             sc.BurnedInAnnotation = "YES"
             sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "LSPINE")
             sc.ImageComments = f"{caption}. {BANNER}. Model {card.name}."
-            sc.DerivationDescription = f"{view.value} slice through the {d.level} disc, resampled from the CT"
+            sc.DerivationDescription = (
+                f"{view.value} slice through the {d.level} disc, resampled from the CT"
+            )
             out.append(sc)
     return out

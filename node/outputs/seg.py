@@ -24,12 +24,16 @@ SERIES_DESCRIPTION = "IDAICS disc findings SEG (AI, unverified)"
 
 def algorithm(card: ModelCard) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
-        name=card.name, family=codes.ALGORITHM_FAMILY, version=card.version,
+        name=card.name,
+        family=codes.ALGORITHM_FAMILY,
+        version=card.version,
         source=card.raw.get("format", "YOLOv8-seg"),
     )
 
 
-def segment_description(seg: Segment, card: ModelCard, tracking_uid: str) -> hd.seg.SegmentDescription:
+def segment_description(
+    seg: Segment, card: ModelCard, tracking_uid: str
+) -> hd.seg.SegmentDescription:
     category, kind = codes.segment_property(seg.cls, seg.level, seg.plain)
     return hd.seg.SegmentDescription(
         segment_number=seg.number,
@@ -41,12 +45,18 @@ def segment_description(seg: Segment, card: ModelCard, tracking_uid: str) -> hd.
         tracking_uid=tracking_uid,
         tracking_id=seg.label,
         anatomic_regions=[codes.disc_code(seg.level)],
-        display_color=hd.color.CIELabColor.from_rgb(*(DISC_COLOUR if seg.plain else CLASS_COLOURS[seg.cls])),
+        display_color=hd.color.CIELabColor.from_rgb(
+            *(DISC_COLOUR if seg.plain else CLASS_COLOURS[seg.cls])
+        ),
     )
 
 
 def build_seg(
-    segments: list[Segment], vol: Volume, card: ModelCard, settings: OutputSettings, tracking_uids: list[str]
+    segments: list[Segment],
+    vol: Volume,
+    card: ModelCard,
+    settings: OutputSettings,
+    tracking_uids: list[str],
 ) -> Dataset:
     """The SEG for ``segments`` (at least one) of a volume loaded from DICOM."""
     if not segments:
@@ -68,14 +78,18 @@ def build_seg(
         used = [i for i, k in enumerate(vol.slice_index) if labels[k].any()]
         pixels = labels[[vol.slice_index[i] for i in used]]
         positions = [
-            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, vol.headers[i].ImagePositionPatient)
+            hd.PlanePositionSequence(
+                hd.CoordinateSystemNames.PATIENT, vol.headers[i].ImagePositionPatient
+            )
             for i in used
         ]
     return hd.seg.Segmentation(
         source_images=list(vol.instances),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment_description(s, card, u) for s, u in zip(segments, tracking_uids)],
+        segment_descriptions=[
+            segment_description(s, card, u) for s, u in zip(segments, tracking_uids)
+        ],
         series_instance_uid=hd.UID(),
         series_number=settings.seg_series_number,
         sop_instance_uid=hd.UID(),
@@ -87,15 +101,18 @@ def build_seg(
         content_description="Intervertebral disc findings",
         content_label="DISCS",
         content_creator_name=None,
-        pixel_measures=None if positions is None else hd.PixelMeasuresSequence(
+        pixel_measures=None
+        if positions is None
+        else hd.PixelMeasuresSequence(
             pixel_spacing=[float(x) for x in first.PixelSpacing],
             slice_thickness=float(first.get("SliceThickness") or vol.grid.spacing[0]),
         ),
-        plane_orientation=None if positions is None else hd.PlaneOrientationSequence(
+        plane_orientation=None
+        if positions is None
+        else hd.PlaneOrientationSequence(
             hd.CoordinateSystemNames.PATIENT, [float(x) for x in first.ImageOrientationPatient]
         ),
         plane_positions=positions,
         series_description=SERIES_DESCRIPTION,
         institution_name=settings.institution_name,
     )
-

@@ -32,7 +32,7 @@ from node.analysis.study import DiscResult, MaskOnPlane, StudyResult
 from node.classes import DiscClass
 from node.geometry import Grid, Plane, plane_mask_voxels
 from node.inference.interface import View
-from node.masks import fill_holes, largest_component, opening
+from node.masks import disk, fill_holes, largest_component, opening
 
 #: Voxels brighter than this are bone, never disc.
 BONE_HU = 250.0
@@ -70,22 +70,18 @@ class Segment:
         return f"{where} disc" if self.plain else f"{where} {self.cls.display}"
 
 
-def _disk(radius_px: float) -> np.ndarray:
-    r = max(1, int(np.ceil(radius_px)))
-    y, x = np.mgrid[-r : r + 1, -r : r + 1]
-    return x * x + y * y <= radius_px * radius_px
-
-
 def clean_mask(mask: np.ndarray, pixel_mm: float) -> np.ndarray:
     """One smooth region: the largest piece, holes filled, spikes opened away."""
     if not mask.any():
         return mask.astype(bool)
     m = fill_holes(largest_component(mask))
-    opened = opening(m, _disk(SMOOTH_MM / pixel_mm))
+    opened = opening(m, disk(SMOOTH_MM / pixel_mm))
     return largest_component(opened) if opened.any() else m
 
 
-def _slab_voxels(mask: np.ndarray, plane: Plane, grid: Grid, hu: np.ndarray, half_mm: float) -> np.ndarray:
+def _slab_voxels(
+    mask: np.ndarray, plane: Plane, grid: Grid, hu: np.ndarray, half_mm: float
+) -> np.ndarray:
     """Voxels under ``mask`` whose centre lies within ``half_mm`` of the plane, not bone, in
     one piece."""
     vox = plane_mask_voxels(mask, plane, half_mm, grid)
@@ -113,8 +109,14 @@ def _one_piece(vox: np.ndarray) -> np.ndarray:
 
 
 def _mid_axial(disc: DiscResult) -> MaskOnPlane | None:
-    return next((m for m in disc.masks if m.cls is not DiscClass.SCHMORL and m.view is View.AXIAL
-                 and m.offset_mm == 0.0), None)
+    return next(
+        (
+            m
+            for m in disc.masks
+            if m.cls is not DiscClass.SCHMORL and m.view is View.AXIAL and m.offset_mm == 0.0
+        ),
+        None,
+    )
 
 
 def disc_parts(disc: DiscResult, grid: Grid, hu: np.ndarray) -> dict[Part, np.ndarray]:
@@ -126,7 +128,9 @@ def disc_parts(disc: DiscResult, grid: Grid, hu: np.ndarray) -> dict[Part, np.nd
     if any(f.cls is DiscClass.SCHMORL for f in disc.findings) and node:
         parts = []
         for m in node:
-            vox = plane_mask_voxels(clean_mask(m.mask, m.plane.pixel_mm), m.plane, m.half_thickness_mm, grid)
+            vox = plane_mask_voxels(
+                clean_mask(m.mask, m.plane.pixel_mm), m.plane, m.half_thickness_mm, grid
+            )
             if not len(vox):
                 continue
             # distance beyond the disc plane, towards the body the node was seen in (the
@@ -134,7 +138,9 @@ def disc_parts(disc: DiscResult, grid: Grid, hu: np.ndarray) -> dict[Part, np.nd
             d = (grid.to_patient(vox) - disc.site.centre) @ disc.site.frame[:, 2]
             d = d * np.sign(m.offset_mm) if m.view is View.AXIAL and m.offset_mm else np.abs(d)
             parts.append(vox[(d >= half) & (d <= half + NODE_DEPTH_MM)])
-        vox = np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 3), dtype=np.int64)
+        vox = (
+            np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 3), dtype=np.int64)
+        )
         vox = _one_piece(vox)
         if len(vox):
             out[Part.NODE] = vox
@@ -144,10 +150,12 @@ def disc_parts(disc: DiscResult, grid: Grid, hu: np.ndarray) -> dict[Part, np.nd
     shape = clean_mask(mid.mask, mid.plane.pixel_mm)
     disc_vox = _slab_voxels(shape, mid.plane, grid, hu, half)
     if _shape_class(disc) not in (None, DiscClass.NORMAL) and disc.vertebral_edge is not None:
-        grown = ndimage.binary_dilation(disc.vertebral_edge, structure=_disk(EXTENDS_MM / mid.plane.pixel_mm))
+        grown = ndimage.binary_dilation(
+            disc.vertebral_edge, structure=disk(EXTENDS_MM / mid.plane.pixel_mm)
+        )
         beyond = shape & ~grown
         if beyond.sum() * mid.plane.pixel_mm**2 >= MIN_EXTENSION_MM2:
-            beyond = largest_component(opening(beyond, _disk(0.5 / mid.plane.pixel_mm)))
+            beyond = largest_component(opening(beyond, disk(0.5 / mid.plane.pixel_mm)))
         if beyond.sum() * mid.plane.pixel_mm**2 >= MIN_EXTENSION_MM2:
             ext = _slab_voxels(beyond, mid.plane, grid, hu, half)
             if len(ext):
@@ -181,12 +189,15 @@ def build_segments(result: StudyResult, grid: Grid, hu: np.ndarray) -> list[Segm
             cls = DiscClass.SCHMORL if part is Part.NODE else morph
             # the disc is plain anatomy beside its finding's own segment, or at a level whose
             # only finding is a node; where nothing lies beyond the edge it shows the finding
-            plain = part is Part.DISC and (shape is None or (shape is not DiscClass.NORMAL
-                                                             and Part.EXTENSION in made))
+            plain = part is Part.DISC and (
+                shape is None or (shape is not DiscClass.NORMAL and Part.EXTENSION in made)
+            )
             made.add(part)
             found.append((i, cls, part, conf.get(cls, disc.confidence), vox, plain))
-    return [Segment(n, i, result.discs[i].level, cls, part, conf, vox, plain)
-            for n, (i, cls, part, conf, vox, plain) in enumerate(found, start=1)]
+    return [
+        Segment(n, i, result.discs[i].level, cls, part, conf, vox, plain)
+        for n, (i, cls, part, conf, vox, plain) in enumerate(found, start=1)
+    ]
 
 
 def label_volume(segments: list[Segment], shape: tuple[int, int, int]) -> np.ndarray:

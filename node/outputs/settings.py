@@ -31,6 +31,10 @@ class OutputSettings:
     def __post_init__(self) -> None:
         unknown = [o for o in self.objects if o not in OBJECTS]
         if unknown:
-            raise ValueError(f"unknown output object(s) {', '.join(unknown)}; choose from {', '.join(OBJECTS)}")
+            raise ValueError(
+                f"unknown output object(s) {', '.join(unknown)}; choose from {', '.join(OBJECTS)}"
+            )
         if "sr_volumetric" in self.objects and "seg" not in self.objects:
-            raise ValueError("the volumetric SR (sr_volumetric) refers to the SEG's segments: add seg to the objects")
+            raise ValueError(
+                "the volumetric SR (sr_volumetric) refers to the SEG's segments: add seg to the objects"
+            )

@@ -49,30 +49,44 @@ def level_identifier(disc: DiscResult) -> str:
     return f"{disc.level} {names}"
 
 
-def _measurements(disc: DiscResult, part: Part | None, confidence: tuple[DiscClass, float] | None
-                  ) -> list[hd.sr.Measurement]:
+def _measurements(
+    disc: DiscResult, part: Part | None, confidence: tuple[DiscClass, float] | None
+) -> list[hd.sr.Measurement]:
     m = disc.measurements
     values: list[tuple[hd.sr.CodedConcept | Code, float | None, Code]] = []
     if part in (Part.DISC, None):
         values += [(codes.HEIGHT, m.height_mm, codes.MM), (codes.AREA, m.disc_area_mm2, codes.MM2)]
     if part in (Part.DISC, Part.EXTENSION, None):
         share = None if m.extension_share is None else 100 * m.extension_share
-        values += [(codes.EXTENSION, m.extension_mm, codes.MM), (codes.EXTENSION_SHARE, share, codes.PERCENT)]
+        values += [
+            (codes.EXTENSION, m.extension_mm, codes.MM),
+            (codes.EXTENSION_SHARE, share, codes.PERCENT),
+        ]
     if confidence is not None:
         values.append((codes.CONFIDENCE[confidence[0]], 100 * confidence[1], codes.PERCENT))
-    return [hd.sr.Measurement(name=n, value=round(float(v), 3), unit=u) for n, v, u in values if v is not None]
+    return [
+        hd.sr.Measurement(name=n, value=round(float(v), 3), unit=u)
+        for n, v, u in values
+        if v is not None
+    ]
 
 
 def _context(settings: OutputSettings, model_name: str) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=[settings.manufacturer, settings.model_name, settings.device_serial_number]),
-        name=settings.model_name, manufacturer_name=settings.manufacturer, model_name=model_name,
+        uid=generate_uid(
+            entropy_srcs=[settings.manufacturer, settings.model_name, settings.device_serial_number]
+        ),
+        name=settings.model_name,
+        manufacturer_name=settings.manufacturer,
+        model_name=model_name,
         serial_number=settings.device_serial_number,
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER),
-            observer_identifying_attributes=device))
+            observer_identifying_attributes=device,
+        )
+    )
 
 
 def _nearest_slice(vol: Volume, k: float) -> int:
@@ -83,7 +97,9 @@ def _nearest_slice(vol: Volume, k: float) -> int:
 def _source(vol: Volume, i: int) -> hd.sr.SourceImageForRegion:
     if vol.multi_frame:
         ref = vol.instances[0]
-        return hd.sr.SourceImageForRegion(ref.SOPClassUID, ref.SOPInstanceUID, [int(vol.frames[i]) + 1])
+        return hd.sr.SourceImageForRegion(
+            ref.SOPClassUID, ref.SOPInstanceUID, [int(vol.frames[i]) + 1]
+        )
     h = vol.headers[i]
     return hd.sr.SourceImageForRegion(h.SOPClassUID, h.SOPInstanceUID)
 
@@ -111,15 +127,21 @@ def _circle(disc: DiscResult, vol: Volume) -> hd.sr.ImageRegion:
     k, r, c = vol.grid.to_index(disc.site.centre)
     rs, cs = vol.grid.spacing[1:]
     a = np.linspace(0, 2 * np.pi, 17)
-    pts = np.stack([c + 0.5 + UNSEEN_RADIUS_MM / cs * np.cos(a), r + 0.5 + UNSEEN_RADIUS_MM / rs * np.sin(a)], 1)
+    pts = np.stack(
+        [c + 0.5 + UNSEEN_RADIUS_MM / cs * np.cos(a), r + 0.5 + UNSEEN_RADIUS_MM / rs * np.sin(a)],
+        1,
+    )
     pts[-1] = pts[0]
     return _polyline(vol, pts, float(k))
 
 
 def _polyline(vol: Volume, pts: np.ndarray, k: float) -> hd.sr.ImageRegion:
     """A closed polyline (column, row) on the acquired slice nearest slice index ``k``."""
-    return hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=pts,
-                             source_image=_source(vol, _nearest_slice(vol, k)))
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=pts,
+        source_image=_source(vol, _nearest_slice(vol, k)),
+    )
 
 
 def _finding(seg: Segment | None) -> tuple[Code | None, Code | None]:
@@ -130,7 +152,9 @@ def _finding(seg: Segment | None) -> tuple[Code | None, Code | None]:
     return (kind if seg.plain else codes.FINDING_CODES[seg.cls]), category
 
 
-def _common(disc: DiscResult, seg: Segment | None, identifier: str, uid: str, card: ModelCard) -> dict:
+def _common(
+    disc: DiscResult, seg: Segment | None, identifier: str, uid: str, card: ModelCard
+) -> dict:
     finding, category = _finding(seg)
     confidence = None if seg is None or seg.plain else (seg.cls, seg.confidence)
     return {
@@ -143,39 +167,64 @@ def _common(disc: DiscResult, seg: Segment | None, identifier: str, uid: str, ca
     }
 
 
-def planar_groups(result: StudyResult, vol: Volume, card: ModelCard, segments: Sequence[Segment],
-                  tracking_uids: Mapping[int, str]) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+def planar_groups(
+    result: StudyResult,
+    vol: Volume,
+    card: ModelCard,
+    segments: Sequence[Segment],
+    tracking_uids: Mapping[int, str],
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     groups = []
     for i, disc in enumerate(result.discs):
         mine = [s for s in segments if s.disc == i]
         for s in mine:
             region = outline(s.voxels, vol)
             if region is not None:
-                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    referenced_region=region, **_common(disc, s, s.label, tracking_uids[s.number], card)))
+                groups.append(
+                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                        referenced_region=region,
+                        **_common(disc, s, s.label, tracking_uids[s.number], card),
+                    )
+                )
         if not mine:
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                referenced_region=_circle(disc, vol),
-                **_common(disc, None, level_identifier(disc), hd.UID(), card)))
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    referenced_region=_circle(disc, vol),
+                    **_common(disc, None, level_identifier(disc), hd.UID(), card),
+                )
+            )
     return groups
 
 
-def volumetric_groups(result: StudyResult, vol: Volume, card: ModelCard, segments: Sequence[Segment],
-                      seg: Dataset, tracking_uids: Mapping[int, str]
-                      ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+def volumetric_groups(
+    result: StudyResult,
+    vol: Volume,
+    card: ModelCard,
+    segments: Sequence[Segment],
+    seg: Dataset,
+    tracking_uids: Mapping[int, str],
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     groups = []
     for s in segments:
         disc = result.discs[s.disc]
         ref = hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=s.number,
-            source_series=hd.sr.SourceSeriesForSegmentation(vol.series_uid))
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            referenced_segment=ref, **_common(disc, s, s.label, tracking_uids[s.number], card)))
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=s.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(vol.series_uid),
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=ref, **_common(disc, s, s.label, tracking_uids[s.number], card)
+            )
+        )
     return groups
 
 
 def _comments(result: StudyResult) -> list[str]:
-    lines = [] if result.discs else [f"No disc found: {'; '.join(result.warnings) or NO_DISC_REASON}."]
+    lines = (
+        [] if result.discs else [f"No disc found: {'; '.join(result.warnings) or NO_DISC_REASON}."]
+    )
     lines += [f"Warning: {w}" for w in result.warnings] if result.discs else []
     lines += [f"{d.level}: {w}" for d in result.discs for w in d.warnings]
     return lines
@@ -197,8 +246,16 @@ def library_images(result: StudyResult, vol: Volume) -> list[Dataset]:
 
 #: Patient and study attributes a report copies from its first evidence (type 2: present,
 #: possibly empty); a modality that leaves one out still gets its report.
-PATIENT_STUDY_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                       "StudyDate", "StudyTime")
+PATIENT_STUDY_TYPE2 = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
 
 
 def _evidence(evidence: Sequence[Dataset]) -> list[Dataset]:
@@ -215,9 +272,17 @@ def _evidence(evidence: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
-def _document(groups: Sequence, comments: Sequence[str], evidence: Sequence[Dataset], settings: OutputSettings,
-              model_name: str, series_number: int, description: str,
-              library: Sequence[Dataset] | None = None, previous: Sequence[Dataset] = ()) -> Dataset:
+def _document(
+    groups: Sequence,
+    comments: Sequence[str],
+    evidence: Sequence[Dataset],
+    settings: OutputSettings,
+    model_name: str,
+    series_number: int,
+    description: str,
+    library: Sequence[Dataset] | None = None,
+    previous: Sequence[Dataset] = (),
+) -> Dataset:
     report = hd.sr.MeasurementReport(
         observation_context=_context(settings, model_name),
         procedure_reported=codes.PROCEDURE_CT,
@@ -225,22 +290,38 @@ def _document(groups: Sequence, comments: Sequence[str], evidence: Sequence[Data
         referenced_images=list(library) if library else None,
     )
     if comments:
-        report[0].ContentSequence.append(_texts(codes.QUALITATIVE_EVALUATIONS, codes.COMMENT, comments))
+        report[0].ContentSequence.append(
+            _texts(codes.QUALITATIVE_EVALUATIONS, codes.COMMENT, comments)
+        )
     return _sr_object(report[0], evidence, settings, series_number, description, previous)
 
 
 def _texts(section: Code, name: Code, lines: Sequence[str]) -> hd.sr.ContainerContentItem:
     """A container ``section`` holding each line as a TEXT item ``name``."""
-    box = hd.sr.ContainerContentItem(name=section, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    box.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(name=name, value=line[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        for line in lines
-    ])
+    box = hd.sr.ContainerContentItem(
+        name=section, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    box.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=name,
+                value=line[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for line in lines
+        ]
+    )
     return box
 
 
-def _sr_object(content: Dataset, evidence: Sequence[Dataset], settings: OutputSettings, series_number: int,
-               description: str, previous: Sequence[Dataset] = ()) -> Dataset:
+def _sr_object(
+    content: Dataset,
+    evidence: Sequence[Dataset],
+    settings: OutputSettings,
+    series_number: int,
+    description: str,
+    previous: Sequence[Dataset] = (),
+) -> Dataset:
     """The Comprehensive 3D SR instance around ``content``: complete, preliminary, unverified;
     ``previous`` are the reports it replaces (Predecessor Documents)."""
     return hd.sr.Comprehensive3DSR(
@@ -260,44 +341,87 @@ def _sr_object(content: Dataset, evidence: Sequence[Dataset], settings: OutputSe
     )
 
 
-def build_sr(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
-             segments: Sequence[Segment], seg: Dataset | None, tracking_uids: Mapping[int, str],
-             previous: Sequence[Dataset] = ()) -> Dataset:
+def build_sr(
+    result: StudyResult,
+    vol: Volume,
+    card: ModelCard,
+    settings: OutputSettings,
+    segments: Sequence[Segment],
+    seg: Dataset | None,
+    tracking_uids: Mapping[int, str],
+    previous: Sequence[Dataset] = (),
+) -> Dataset:
     """The planar report; ``tracking_uids`` maps segment numbers to the Tracking UIDs in the SEG.
     Without any disc, the report says so and why, as text."""
     evidence = list(vol.instances) + ([seg] if seg is not None else [])
     if not result.discs:
-        return _text_report(_comments(result), evidence, settings, card.name, SERIES_DESCRIPTION, previous)
-    return _document(planar_groups(result, vol, card, segments, tracking_uids), _comments(result), evidence,
-                     settings, card.name, settings.sr_series_number, SERIES_DESCRIPTION,
-                     library_images(result, vol), previous)
+        return _text_report(
+            _comments(result), evidence, settings, card.name, SERIES_DESCRIPTION, previous
+        )
+    return _document(
+        planar_groups(result, vol, card, segments, tracking_uids),
+        _comments(result),
+        evidence,
+        settings,
+        card.name,
+        settings.sr_series_number,
+        SERIES_DESCRIPTION,
+        library_images(result, vol),
+        previous,
+    )
 
 
-def build_volumetric_sr(result: StudyResult, vol: Volume, card: ModelCard, settings: OutputSettings,
-                        segments: Sequence[Segment], seg: Dataset, tracking_uids: Mapping[int, str]) -> Dataset:
+def build_volumetric_sr(
+    result: StudyResult,
+    vol: Volume,
+    card: ModelCard,
+    settings: OutputSettings,
+    segments: Sequence[Segment],
+    seg: Dataset,
+    tracking_uids: Mapping[int, str],
+) -> Dataset:
     """The volumetric report (TID 1411 groups referencing the SEG's segments)."""
-    return _document(volumetric_groups(result, vol, card, segments, seg, tracking_uids), _comments(result),
-                     list(vol.instances) + [seg], settings, card.name, settings.volumetric_sr_series_number,
-                     VOLUMETRIC_SERIES_DESCRIPTION)
+    return _document(
+        volumetric_groups(result, vol, card, segments, seg, tracking_uids),
+        _comments(result),
+        list(vol.instances) + [seg],
+        settings,
+        card.name,
+        settings.volumetric_sr_series_number,
+        VOLUMETRIC_SERIES_DESCRIPTION,
+    )
 
 
-def _text_report(lines: Sequence[str], evidence: Sequence[Dataset], settings: OutputSettings, model_name: str,
-                 description: str, previous: Sequence[Dataset] = ()) -> Dataset:
+def _text_report(
+    lines: Sequence[str],
+    evidence: Sequence[Dataset],
+    settings: OutputSettings,
+    model_name: str,
+    description: str,
+    previous: Sequence[Dataset] = (),
+) -> Dataset:
     """A Basic Diagnostic Imaging Report (TID 2000 form): the observer, the procedure, and
     the lines as findings. TID 1500 needs at least one measurement group, and a group without
     image geometry is what OHIF refuses, so a report with nothing to measure takes this form."""
     root = hd.sr.ContainerContentItem(name=codes.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
     items: list = list(_context(settings, model_name))
-    items.append(hd.sr.CodeContentItem(name=codes.PROCEDURE_REPORTED, value=codes.PROCEDURE_CT,
-                                       relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD))
+    items.append(
+        hd.sr.CodeContentItem(
+            name=codes.PROCEDURE_REPORTED,
+            value=codes.PROCEDURE_CT,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
     items.append(_texts(codes.FINDINGS, codes.FINDING, lines))
     root.ContentSequence = hd.sr.ContentSequence(items)
     return _sr_object(root, evidence, settings, settings.sr_series_number, description, previous)
 
 
-def build_not_analysed_sr(headers: Sequence[Dataset], reason: str, settings: OutputSettings,
-                          model_name: str) -> Dataset:
+def build_not_analysed_sr(
+    headers: Sequence[Dataset], reason: str, settings: OutputSettings, model_name: str
+) -> Dataset:
     """A report for a series the node received but could not analyse, saying why, so that
     PACS shows an answer rather than a series still waiting."""
-    return _text_report([f"Series not analysed: {reason}"], headers, settings, model_name,
-                        NOT_ANALYSED_DESCRIPTION)
+    return _text_report(
+        [f"Series not analysed: {reason}"], headers, settings, model_name, NOT_ANALYSED_DESCRIPTION
+    )

@@ -47,9 +47,13 @@ def _ellipse_radius(theta: np.ndarray, a: float, b: float) -> np.ndarray:
     return 1.0 / np.sqrt((np.cos(theta) / a) ** 2 + (np.sin(theta) / b) ** 2)
 
 
-def _box(grid: Grid, centre: np.ndarray, frame: np.ndarray, lo: tuple, hi: tuple) -> tuple[slice, ...] | None:
+def _box(
+    grid: Grid, centre: np.ndarray, frame: np.ndarray, lo: tuple, hi: tuple
+) -> tuple[slice, ...] | None:
     """Index slices of the axis-aligned box holding a box given in a local frame."""
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    corners = np.array(
+        [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    )
     idx = grid.to_index(corners @ frame.T + centre)
     mn = np.maximum(np.floor(idx.min(axis=0)).astype(int), 0)
     mx = np.minimum(np.ceil(idx.max(axis=0)).astype(int) + 1, np.array(grid.shape))
@@ -60,7 +64,9 @@ def _box(grid: Grid, centre: np.ndarray, frame: np.ndarray, lo: tuple, hi: tuple
 
 def _local(grid: Grid, box: tuple, centre: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """Local coordinates (u, v, w) of every voxel in ``box``: shape (3, nk, nr, nc)."""
-    k, r, c = np.meshgrid(*(np.arange(s.start, s.stop, dtype=np.float32) for s in box), indexing="ij")
+    k, r, c = np.meshgrid(
+        *(np.arange(s.start, s.stop, dtype=np.float32) for s in box), indexing="ij"
+    )
     a = grid.affine.astype(np.float32)
     m = frame.T.astype(np.float32) @ a[:3, :3]
     t = frame.T.astype(np.float32) @ (a[:3, 3] - centre).astype(np.float32)
@@ -121,16 +127,29 @@ def _paint_background(hu: np.ndarray, grid: Grid, plan: StudyPlan) -> None:
         r0, r1 = np.clip([(sy - 75 - ys[0]) / ps, (sy + 110 - ys[0]) / ps], 0, nr).astype(int)
         img = base.copy()
         sub = img[r0:r1, c0:c1]
-        x, y, inwall, invisc = Xr[r0:r1, c0:c1], Yr[r0:r1, c0:c1], wall[r0:r1, c0:c1], visc[r0:r1, c0:c1]
+        x, y, inwall, invisc = (
+            Xr[r0:r1, c0:c1],
+            Yr[r0:r1, c0:c1],
+            wall[r0:r1, c0:c1],
+            visc[r0:r1, c0:c1],
+        )
         su = ca * (sx - body.centre_x) + sa * (sy - body.centre_y)
         sv = -sa * (sx - body.centre_x) + ca * (sy - body.centre_y)
         sub[invisc & (y > sv + 5)] = body.muscle_hu  # viscera stay in front of the spine
         lvl = float(np.interp(z, [verts[-1].centre[2], verts[5].centre[2]], [1.0, 0.2]))
-        sub[(((x - su) / 75.0) ** 2 + ((y - sv - 10) / 45.0) ** 2 <= 1.0) & inwall] = body.fat_hu + 10
+        sub[(((x - su) / 75.0) ** 2 + ((y - sv - 10) / 45.0) ** 2 <= 1.0) & inwall] = (
+            body.fat_hu + 10
+        )
         for side in (-1.0, 1.0):
             pr = (10 + 18 * lvl) * ms  # psoas grows towards the lower lumbar levels
-            sub[((x - su - side * (24 + pr * 0.9)) / pr) ** 2 + ((y - sv + 2) / (pr * 0.8)) ** 2 <= 1.0] = body.muscle_hu
-            sub[((x - su - side * 36 * ms) / (26 * ms)) ** 2 + ((y - sv - 52 * ms) / (24 * ms)) ** 2 <= 1.0] = body.muscle_hu + 3
+            sub[
+                ((x - su - side * (24 + pr * 0.9)) / pr) ** 2 + ((y - sv + 2) / (pr * 0.8)) ** 2
+                <= 1.0
+            ] = body.muscle_hu
+            sub[
+                ((x - su - side * 36 * ms) / (26 * ms)) ** 2 + ((y - sv - 52 * ms) / (24 * ms)) ** 2
+                <= 1.0
+            ] = body.muscle_hu + 3
         if lvl < 0.75:  # aorta (left) and inferior vena cava (right) above the bifurcation
             sub[(x - su - 14) ** 2 + (y - sv + 34) ** 2 <= 100.0] = vessel_hu
             sub[((x - su + 20) / 11.0) ** 2 + ((y - sv + 32) / 8.0) ** 2 <= 1.0] = vessel_hu - 2.0
@@ -188,8 +207,13 @@ def _paint_disc(p: Painted, grid: Grid, plan: StudyPlan, disc: Disc, level_code:
     reach = max(disc.bulge_mm, disc.protrusion_mm) + 3
     h = g.height_mm
     canal_b = max(up.canal_half_depth, lo.canal_half_depth)
-    box = _box(grid, centre, frame, (-a - reach - 14, -b - reach - 4, -h - 6),
-               (a + reach + 14, b + 2 * canal_b + 8, h + 6))
+    box = _box(
+        grid,
+        centre,
+        frame,
+        (-a - reach - 14, -b - reach - 4, -h - 6),
+        (a + reach + 14, b + 2 * canal_b + 8, h + 6),
+    )
     if box is None:
         return
     u, v, w = _local(grid, box, centre, frame)
@@ -216,25 +240,46 @@ def _paint_disc(p: Painted, grid: Grid, plan: StudyPlan, disc: Disc, level_code:
     hu[nucleus] = disc.nucleus_hu
     if disc.vacuum is not None:
         vu, vv, vr, vh = disc.vacuum
-        gas = inside & (((u - vu) / vr) ** 2 + ((v - vv) / (0.5 * vr)) ** 2 + ((d_lo - d_up) / (2 * vh)) ** 2 <= 1.0)
+        gas = inside & (
+            ((u - vu) / vr) ** 2 + ((v - vv) / (0.5 * vr)) ** 2 + ((d_lo - d_up) / (2 * vh)) ** 2
+            <= 1.0
+        )
         hu[gas] = -850.0
     if plan.skeleton is not None and disc.level in plan.skeleton.bridging:
         side = -40.0 if level_code % 2 else -140.0  # anterolateral, left or right
         d_ang = np.abs((np.degrees(theta) - side + 180.0) % 360.0 - 180.0)
-        bridge = (d_ang < 22.0) & (r > r_edge + ext) & (r <= r_edge + ext + 4.0) & (d_up > -2.0) & (d_lo > -2.0)
+        bridge = (
+            (d_ang < 22.0)
+            & (r > r_edge + ext)
+            & (r <= r_edge + ext + 4.0)
+            & (d_up > -2.0)
+            & (d_lo > -2.0)
+        )
         hu[bridge] = 650.0
     p.disc_class[box][inside] = disc.morphology.class_id + 1
     p.disc_level[box][inside] = level_code
 
 
-def _paint_vertebra(p: Painted, grid: Grid, v_: Vertebra, code: int, rng: np.random.Generator,
-                    sclerotic: bool = False) -> None:
+def _paint_vertebra(
+    p: Painted,
+    grid: Grid,
+    v_: Vertebra,
+    code: int,
+    rng: np.random.Generator,
+    sclerotic: bool = False,
+) -> None:
     a, b, h = v_.half_width, v_.half_depth, v_.height
     ca, cb = v_.canal_half_width, v_.canal_half_depth
     vc = b + 1.5 + cb
     sac = v_.is_sacrum
     reach_u = a + (20.0 if sac else 30.0)
-    box = _box(grid, v_.centre, v_.frame, (-reach_u, -b - 8, -h / 2 - 14), (reach_u, vc + cb + 40, h / 2 + 6))
+    box = _box(
+        grid,
+        v_.centre,
+        v_.frame,
+        (-reach_u, -b - 8, -h / 2 - 14),
+        (reach_u, vc + cb + 40, h / 2 + 6),
+    )
     if box is None:
         return
     u, v, w = _local(grid, box, v_.centre, v_.frame)
@@ -260,15 +305,34 @@ def _paint_vertebra(p: Painted, grid: Grid, v_: Vertebra, code: int, rng: np.ran
     ring = ((u / (ca + 6.5)) ** 2 + ((v - vc) / (cb + 6.0)) ** 2 <= 1.0) & ~canal & (v > b * 0.55)
     if sac:
         arch = ring & (np.abs(w) <= h / 2) & ~body
-        wings = (np.abs(u) > a * 0.6) & (np.abs(u) < a + 18) & (v > -b * 0.6) & (v < b + 6) & (np.abs(w) <= h / 2) & ~body
+        wings = (
+            (np.abs(u) > a * 0.6)
+            & (np.abs(u) < a + 18)
+            & (v > -b * 0.6)
+            & (v < b + 6)
+            & (np.abs(w) <= h / 2)
+            & ~body
+        )
         post = arch | wings
     else:
         arch = ring & (w > -h * 0.2) & (w < h * 0.45) & ~body
         depth = v - (vc + cb)
         slant = -0.35 * np.clip(depth, 0, None)
-        spinous = (np.abs(u) < 3.5) & (depth > 0) & (depth < 32) & (w < h * 0.25 + slant) & (w > -h * 0.45 + slant)
+        spinous = (
+            (np.abs(u) < 3.5)
+            & (depth > 0)
+            & (depth < 32)
+            & (w < h * 0.25 + slant)
+            & (w > -h * 0.45 + slant)
+        )
         tp_len = 24.0 if v_.name.startswith("L") else 12.0
-        transverse = (np.abs(u) > ca) & (np.abs(u) < ca + tp_len + 6) & (np.abs(v - vc * 0.75) < 4.5) & (w > -h * 0.05) & (w < h * 0.38)
+        transverse = (
+            (np.abs(u) > ca)
+            & (np.abs(u) < ca + tp_len + 6)
+            & (np.abs(v - vc * 0.75) < 4.5)
+            & (w > -h * 0.05)
+            & (w < h * 0.38)
+        )
         post = arch | spinous | transverse
     hu[post] = POSTERIOR_ELEMENT_HU + 60.0 * rng.standard_normal(int(post.sum())).astype(np.float32)
     lab[post] = code + POSTERIOR_ELEMENT_OFFSET
@@ -285,7 +349,12 @@ def _paint_schmorl(p: Painted, grid: Grid, plan: StudyPlan, disc: Disc, level_co
     vert = plan.vertebrae[disc.upper if node.into_upper else disc.lower]
     e = vert.frame[:, 2]
     sign = -1.0 if node.into_upper else 1.0  # endplate at w = sign * h/2
-    plate = vert.centre + sign * e * vert.height / 2 + vert.frame[:, 0] * node.offset_u + vert.frame[:, 1] * node.offset_v
+    plate = (
+        vert.centre
+        + sign * e * vert.height / 2
+        + vert.frame[:, 0] * node.offset_u
+        + vert.frame[:, 1] * node.offset_v
+    )
     rr = node.radius + node.rim_mm + 1
     dd = node.depth + node.rim_mm + 1
     box = _box(grid, plate, vert.frame, (-rr, -rr, -dd), (rr, rr, dd))
@@ -293,9 +362,13 @@ def _paint_schmorl(p: Painted, grid: Grid, plan: StudyPlan, disc: Disc, level_co
         return
     u, v, w = _local(grid, box, plate, vert.frame)
     into = -sign * w  # depth into the vertebral body
-    inside_v = (into > 0)
+    inside_v = into > 0
     q = (u / node.radius) ** 2 + (v / node.radius) ** 2 + (into / node.depth) ** 2
-    q_rim = (u / (node.radius + node.rim_mm)) ** 2 + (v / (node.radius + node.rim_mm)) ** 2 + (into / (node.depth + node.rim_mm)) ** 2
+    q_rim = (
+        (u / (node.radius + node.rim_mm)) ** 2
+        + (v / (node.radius + node.rim_mm)) ** 2
+        + (into / (node.depth + node.rim_mm)) ** 2
+    )
     core = inside_v & (q <= 1.0)
     rim = inside_v & (q_rim <= 1.0) & ~core & (p.vertebra[box] > 0)
     hu = p.hu[box]
@@ -330,7 +403,9 @@ def paint(plan: StudyPlan, grid: Grid) -> Painted:
     return p
 
 
-def _stamp_tube(p: Painted, grid: Grid, pts: np.ndarray, radius: float, hu: tuple[float, float]) -> None:
+def _stamp_tube(
+    p: Painted, grid: Grid, pts: np.ndarray, radius: float, hu: tuple[float, float]
+) -> None:
     """A bony tube (cortex ``hu[0]``, marrow ``hu[1]``) along ``pts`` (LPS, about 1 mm apart).
 
     Balls stamped along the path, each in the small box it needs; the cortex goes first
@@ -340,7 +415,9 @@ def _stamp_tube(p: Painted, grid: Grid, pts: np.ndarray, radius: float, hu: tupl
     half = np.ceil(radius / spacing).astype(int) + 1
     centres = np.rint(grid.to_index(pts)).astype(int)
     frac = grid.to_index(pts) - centres
-    offs = np.stack(np.meshgrid(*(np.arange(-h, h + 1) for h in half), indexing="ij"), axis=-1).reshape(-1, 3)
+    offs = np.stack(
+        np.meshgrid(*(np.arange(-h, h + 1) for h in half), indexing="ij"), axis=-1
+    ).reshape(-1, 3)
     shape = np.array(grid.shape)
     for layer, r in ((0, radius), (1, radius - 1.2)):
         for c, f in zip(centres, frac):
@@ -372,19 +449,37 @@ def _paint_ribs(p: Painted, grid: Grid, plan: StudyPlan) -> None:
             continue
         f, c = v_.frame, v_.centre
         for s in (-1.0, 1.0):
-            head = c + f @ np.array([s * v_.half_width * 0.8, v_.half_depth * 0.6, v_.height * 0.15])
-            tub = c + f @ np.array([s * (v_.canal_half_width + 26.0), v_.half_depth + 8.0, v_.height * 0.05])
+            head = c + f @ np.array(
+                [s * v_.half_width * 0.8, v_.half_depth * 0.6, v_.height * 0.15]
+            )
+            tub = c + f @ np.array(
+                [s * (v_.canal_half_width + 26.0), v_.half_depth + 8.0, v_.height * 0.05]
+            )
             thetas = np.radians(np.arange(25.0, _RIB_END_DEG.get(v_.name, 120.0), 1.0))
-            wall = np.stack([body.centre_x + s * ax * np.sin(thetas), body.centre_y + by * np.cos(thetas),
-                             np.zeros_like(thetas)], axis=1)
+            wall = np.stack(
+                [
+                    body.centre_x + s * ax * np.sin(thetas),
+                    body.centre_y + by * np.cos(thetas),
+                    np.zeros_like(thetas),
+                ],
+                axis=1,
+            )
             wall = wall[np.abs(wall[:, 0] - c[0]) > abs(tub[0] - c[0]) + 5.0]
-            path = np.concatenate([head[None], tub[None], wall]) if len(wall) else np.stack([head, tub])
+            path = (
+                np.concatenate([head[None], tub[None], wall])
+                if len(wall)
+                else np.stack([head, tub])
+            )
             # about 1 mm apart, sloping down by 0.3 mm per mm once past the tubercle
             seg = np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1)
             s_at = np.concatenate([[0.0], np.cumsum(seg)])
             fine_s = np.arange(0.0, s_at[-1], 1.0)
             pts = np.stack([np.interp(fine_s, s_at, path[:, k]) for k in range(2)], axis=1)
-            z = head[2] + np.interp(fine_s, s_at[:2], [0.0, tub[2] - head[2]]) - 0.3 * np.clip(fine_s - s_at[1], 0, None)
+            z = (
+                head[2]
+                + np.interp(fine_s, s_at[:2], [0.0, tub[2] - head[2]])
+                - 0.3 * np.clip(fine_s - s_at[1], 0, None)
+            )
             r = skel.rib_radius_mm * (0.8 if v_.name in ("T12", "L1") else 1.0)
             _stamp_tube(p, grid, np.column_stack([pts, z]), r, skel.rib_hu)
 
@@ -402,11 +497,17 @@ def _paint_pelvis(p: Painted, grid: Grid, plan: StudyPlan) -> None:
     # the wings' cross-section is the same on every slice of the axial stack; only how much
     # of it shows grows below the crest
     r_idx, c_idx = np.arange(grid.shape[1]), np.arange(grid.shape[2])
-    yy = grid.to_patient(np.stack([np.zeros_like(r_idx), r_idx, np.zeros_like(r_idx)], axis=1))[:, 1]
-    xx = grid.to_patient(np.stack([np.zeros_like(c_idx), np.zeros_like(c_idx), c_idx], axis=1))[:, 0]
+    yy = grid.to_patient(np.stack([np.zeros_like(r_idx), r_idx, np.zeros_like(r_idx)], axis=1))[
+        :, 1
+    ]
+    xx = grid.to_patient(np.stack([np.zeros_like(c_idx), np.zeros_like(c_idx), c_idx], axis=1))[
+        :, 0
+    ]
     X, Y = np.meshgrid(xx - cx, yy - cy)
     ang = np.degrees(np.arctan2(np.abs(X), Y))  # 0 behind, 90 beside
-    plate = np.abs(np.hypot(X / 95.0, Y / 62.0) - 1.0) * 70.0  # about the distance from the mid-surface, mm
+    plate = (
+        np.abs(np.hypot(X / 95.0, Y / 62.0) - 1.0) * 70.0
+    )  # about the distance from the mid-surface, mm
     for k in range(grid.shape[0]):
         z = float(grid.to_patient(np.array([k, 0, 0]))[2])
         below = z_crest - z
@@ -434,11 +535,22 @@ def _paint_sacral_segments(p: Painted, grid: Grid, plan: StudyPlan, code: int) -
     for scale, back in ((0.75, 4.0), (0.55, 9.0)):
         h = s1.height * scale
         centre = top - e * (gap + h / 2) + s1.frame[:, 1] * back
-        segs.append((centre, h, s1.half_width * (0.5 + 0.4 * scale), s1.half_depth * (0.6 + 0.3 * scale), gap, top))
+        segs.append(
+            (
+                centre,
+                h,
+                s1.half_width * (0.5 + 0.4 * scale),
+                s1.half_depth * (0.6 + 0.3 * scale),
+                gap,
+                top,
+            )
+        )
         top = centre - e * h / 2
         gap = 1.0
-    for i, (centre, h, a, b, gap, above) in enumerate(segs):
-        box = _box(grid, centre, s1.frame, (-a - 2, -b - 2, -h / 2 - 1), (a + 2, b + 2, h / 2 + gap + 1))
+    for i, (centre, h, a, b, gap, _above) in enumerate(segs):
+        box = _box(
+            grid, centre, s1.frame, (-a - 2, -b - 2, -h / 2 - 1), (a + 2, b + 2, h / 2 + gap + 1)
+        )
         if box is None:
             continue
         u, v, w = _local(grid, box, centre, s1.frame)

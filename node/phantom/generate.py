@@ -70,7 +70,9 @@ def measure_against_vertebrae(
     return disc_extension(disc, edge, MEASURE_PIXEL_MM)
 
 
-def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int, measure: bool = True) -> dict | None:
+def _disc_truth(
+    plan: StudyPlan, grid: Grid, painted: Painted, index: int, measure: bool = True
+) -> dict | None:
     disc = plan.discs[index]
     code = index + 1
     g = disc_geometry(plan, disc)
@@ -79,16 +81,27 @@ def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int, measu
     if not (margin <= idx[0] <= grid.shape[0] - 1 - margin):
         return None  # disc not (fully) inside the scanned range
     if not measure:
-        return {"level": disc.level, "centre_lps": [round(float(x), 2) for x in g.centre],
-                "normal_lps": [round(float(x), 4) for x in g.frame[:, 2]]}
+        return {
+            "level": disc.level,
+            "centre_lps": [round(float(x), 2) for x in g.centre],
+            "normal_lps": [round(float(x), 4) for x in g.frame[:, 2]],
+        }
     ext = measure_against_vertebrae(
-        painted.disc_level == code, painted.vertebra, grid,
-        centre=g.centre, frame=g.frame, up_mm=g.up_mm, down_mm=g.down_mm,
-        upper_code=disc.upper + 1, lower_code=disc.lower + 1,
+        painted.disc_level == code,
+        painted.vertebra,
+        grid,
+        centre=g.centre,
+        frame=g.frame,
+        up_mm=g.up_mm,
+        down_mm=g.down_mm,
+        upper_code=disc.upper + 1,
+        lower_code=disc.lower + 1,
     )
     entry: dict = {
         "level": disc.level,
-        "classes": [c.value for c in disc.classes] if disc.classes != (DiscClass.NORMAL,) else ["normal"],
+        "classes": [c.value for c in disc.classes]
+        if disc.classes != (DiscClass.NORMAL,)
+        else ["normal"],
         "morphology": disc.morphology.value,
         "centre_lps": [round(float(x), 2) for x in g.centre],
         "normal_lps": [round(float(x), 4) for x in g.frame[:, 2]],
@@ -107,7 +120,13 @@ def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int, measu
             for name, on in (
                 ("height_loss", disc.height_loss),
                 ("vacuum", disc.vacuum is not None),
-                ("osteophytes", bool(plan.vertebrae[disc.upper].osteophytes or plan.vertebrae[disc.lower].osteophytes)),
+                (
+                    "osteophytes",
+                    bool(
+                        plan.vertebrae[disc.upper].osteophytes
+                        or plan.vertebrae[disc.lower].osteophytes
+                    ),
+                ),
             )
             if on
         ],
@@ -117,14 +136,24 @@ def _disc_truth(plan: StudyPlan, grid: Grid, painted: Painted, index: int, measu
         vert = plan.vertebrae[disc.upper if node.into_upper else disc.lower]
         sign = -1.0 if node.into_upper else 1.0
         e = vert.frame[:, 2]
-        tip = (vert.centre + sign * e * vert.height / 2 + vert.frame[:, 0] * node.offset_u
-               + vert.frame[:, 1] * node.offset_v - sign * e * node.depth / 2)
+        tip = (
+            vert.centre
+            + sign * e * vert.height / 2
+            + vert.frame[:, 0] * node.offset_u
+            + vert.frame[:, 1] * node.offset_v
+            - sign * e * node.depth / 2
+        )
         entry["schmorl"] = {
             "vertebra": vert.name,
             "centre_lps": [round(float(x), 2) for x in tip],
             "radius_mm": round(node.radius, 2),
             "depth_mm": round(node.depth, 2),
-            "voxels": int(((painted.disc_level == code) & (painted.disc_class == DiscClass.SCHMORL.class_id + 1)).sum()),
+            "voxels": int(
+                (
+                    (painted.disc_level == code)
+                    & (painted.disc_class == DiscClass.SCHMORL.class_id + 1)
+                ).sum()
+            ),
         }
     return entry
 
@@ -152,31 +181,55 @@ def _skeleton_truth(plan: StudyPlan, grid: Grid) -> dict:
     }
 
 
-def phantom_volume(seed: int, index: int, *, slices: int | None = None, **plan_kw: Any) -> tuple[Volume, dict]:
+def phantom_volume(
+    seed: int, index: int, *, slices: int | None = None, **plan_kw: Any
+) -> tuple[Volume, dict]:
     """The HU volume a study's series holds (rounded as its stored integers are), without
     writing or reading the series, with the truth the spine finder is judged on: each
     level's centre and normal, the skeleton and the scanner's slice spacing."""
     plan = plan_study(seed, index, slices=slices, **plan_kw)
     grid = study_grid(plan)
     painted = paint(plan, grid)
-    levels = [t for i, d in enumerate(plan.discs)
-              if d.reported and (t := _disc_truth(plan, grid, painted, i, measure=False))]
-    icpt = plan.scanner.rescale_intercept  # stored as the series stores it: integers after the intercept
-    stored = np.clip(np.rint(acquire(painted.hu, grid, plan) - icpt), -32768, 32767).astype(np.int16)
+    levels = [
+        t
+        for i, d in enumerate(plan.discs)
+        if d.reported and (t := _disc_truth(plan, grid, painted, i, measure=False))
+    ]
+    icpt = (
+        plan.scanner.rescale_intercept
+    )  # stored as the series stores it: integers after the intercept
+    stored = np.clip(np.rint(acquire(painted.hu, grid, plan) - icpt), -32768, 32767).astype(
+        np.int16
+    )
     hu = stored.astype(np.float32) * np.float32(1.0) + np.float32(icpt)
-    vol = Volume(hu=hu, grid=grid, study_uid=phantom_uid(plan, "study"), series_uid=phantom_uid(plan, "series"),
-                 frame_of_reference_uid=phantom_uid(plan, "frame-of-reference"), sop_instance_uids=())
-    truth = {"levels": levels, "skeleton": _skeleton_truth(plan, grid),
-             "scanner": {"slice_spacing_mm": plan.scanner.slice_spacing}}
+    vol = Volume(
+        hu=hu,
+        grid=grid,
+        study_uid=phantom_uid(plan, "study"),
+        series_uid=phantom_uid(plan, "series"),
+        frame_of_reference_uid=phantom_uid(plan, "frame-of-reference"),
+        sop_instance_uids=(),
+    )
+    truth = {
+        "levels": levels,
+        "skeleton": _skeleton_truth(plan, grid),
+        "scanner": {"slice_spacing_mm": plan.scanner.slice_spacing},
+    }
     return vol, truth
 
 
-def generate_study(out: Path, seed: int, index: int, *, slices: int | None = None, **plan_kw: Any) -> GeneratedStudy:
+def generate_study(
+    out: Path, seed: int, index: int, *, slices: int | None = None, **plan_kw: Any
+) -> GeneratedStudy:
     """Generate one study into ``out/study-SEED-INDEX``."""
     plan = plan_study(seed, index, slices=slices, **plan_kw)
     grid = study_grid(plan)
     painted = paint(plan, grid)
-    levels = [t for i, d in enumerate(plan.discs) if d.reported and (t := _disc_truth(plan, grid, painted, i))]
+    levels = [
+        t
+        for i, d in enumerate(plan.discs)
+        if d.reported and (t := _disc_truth(plan, grid, painted, i))
+    ]
     folder = out / f"study-{seed}-{index:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     hu = acquire(painted.hu, grid, plan)
@@ -193,9 +246,14 @@ def generate_study(out: Path, seed: int, index: int, *, slices: int | None = Non
         "frame_of_reference_uid": phantom_uid(plan, "frame-of-reference"),
         "grid": {"shape": list(grid.shape), "affine_kji_to_lps": np.round(grid.affine, 6).tolist()},
         "scanner": {
-            "model": sc.model, "kernel": sc.kernel, "pixel_spacing_mm": sc.pixel_spacing,
-            "slice_thickness_mm": sc.slice_thickness, "slice_spacing_mm": sc.slice_spacing,
-            "slices": sc.slices, "noise_sd_hu": round(sc.noise_sd, 2), "kvp": sc.kvp,
+            "model": sc.model,
+            "kernel": sc.kernel,
+            "pixel_spacing_mm": sc.pixel_spacing,
+            "slice_thickness_mm": sc.slice_thickness,
+            "slice_spacing_mm": sc.slice_spacing,
+            "slices": sc.slices,
+            "noise_sd_hu": round(sc.noise_sd, 2),
+            "kvp": sc.kvp,
         },
         "anatomy": {k: round(float(v), 2) for k, v in plan.extras.items()}
         | {"patient_rotation_deg": round(plan.body.rotation_deg, 2)},
@@ -206,7 +264,10 @@ def generate_study(out: Path, seed: int, index: int, *, slices: int | None = Non
             "disc_class": {str(c.class_id + 1): c.value for c in DiscClass},
             "disc_level": {str(i + 1): d.level for i, d in enumerate(plan.discs)},
             "vertebra": {str(i + 1): v.name for i, v in enumerate(plan.vertebrae)}
-            | {f"{i + 1 + POSTERIOR_ELEMENT_OFFSET}": f"{v.name} posterior elements" for i, v in enumerate(plan.vertebrae)},
+            | {
+                f"{i + 1 + POSTERIOR_ELEMENT_OFFSET}": f"{v.name} posterior elements"
+                for i, v in enumerate(plan.vertebrae)
+            },
         },
     }
     tmp = folder / (TRUTH_FILE + ".tmp")
@@ -218,12 +279,18 @@ def generate_study(out: Path, seed: int, index: int, *, slices: int | None = Non
 
 def save_labels(path: Path, painted: Painted, grid: Grid) -> None:
     """Store a phantom's label volumes (see `save_label_volumes`)."""
-    save_label_volumes(path, grid, disc_class=painted.disc_class, disc_level=painted.disc_level,
-                       vertebra=painted.vertebra)
+    save_label_volumes(
+        path,
+        grid,
+        disc_class=painted.disc_class,
+        disc_level=painted.disc_level,
+        vertebra=painted.vertebra,
+    )
 
 
-def save_label_volumes(path: Path, grid: Grid, *, disc_class: np.ndarray, disc_level: np.ndarray,
-                       vertebra: np.ndarray) -> None:
+def save_label_volumes(
+    path: Path, grid: Grid, *, disc_class: np.ndarray, disc_level: np.ndarray, vertebra: np.ndarray
+) -> None:
     """Store label volumes cropped to their bounding box (most of a CT is no spine)."""
     any_label = (vertebra > 0) | (disc_level > 0)
     box = []
@@ -274,8 +341,9 @@ def _one(args: tuple) -> Path:
     return generate_study(out, seed, index, **kw).folder
 
 
-def generate_studies(out: Path, studies: int, seed: int, *, workers: int = 1, progress: bool = True,
-                     **kw: Any) -> list[Path]:
+def generate_studies(
+    out: Path, studies: int, seed: int, *, workers: int = 1, progress: bool = True, **kw: Any
+) -> list[Path]:
     """Generate ``studies`` studies from ``seed`` into ``out`` (one folder each)."""
     from tqdm import tqdm
 
@@ -284,4 +352,12 @@ def generate_studies(out: Path, studies: int, seed: int, *, workers: int = 1, pr
     if workers <= 1:
         return [_one(j) for j in tqdm(jobs, desc="phantoms", unit="study", disable=not progress)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(_one, jobs), total=len(jobs), desc="phantoms", unit="study", disable=not progress))
+        return list(
+            tqdm(
+                pool.map(_one, jobs),
+                total=len(jobs),
+                desc="phantoms",
+                unit="study",
+                disable=not progress,
+            )
+        )

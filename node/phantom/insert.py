@@ -37,13 +37,24 @@ from node.phantom.plan import Disc
 from node.phantom.series import write_volume_series
 
 #: Vertebra names by label id, for the two label schemes in common use.
-TOTALSEGMENTATOR = {26: "S1", 27: "L5", 28: "L4", 29: "L3", 30: "L2", 31: "L1"} | {
-    32 + i: f"T{12 - i}" for i in range(12)
-} | {44: "C7", 45: "C6", 46: "C5", 47: "C4", 48: "C3", 49: "C2", 50: "C1"}
-VERSE = {i: f"C{i}" for i in range(1, 8)} | {7 + i: f"T{i}" for i in range(1, 13)} | {
-    19 + i: f"L{i}" for i in range(1, 7)} | {26: "S1", 28: "T13"}
+TOTALSEGMENTATOR = (
+    {26: "S1", 27: "L5", 28: "L4", 29: "L3", 30: "L2", 31: "L1"}
+    | {32 + i: f"T{12 - i}" for i in range(12)}
+    | {44: "C7", 45: "C6", 46: "C5", 47: "C4", 48: "C3", 49: "C2", 50: "C1"}
+)
+VERSE = (
+    {i: f"C{i}" for i in range(1, 8)}
+    | {7 + i: f"T{i}" for i in range(1, 13)}
+    | {19 + i: f"L{i}" for i in range(1, 7)}
+    | {26: "S1", 28: "T13"}
+)
 SCHEMES = {"totalsegmentator": TOTALSEGMENTATOR, "verse": VERSE}
-SPINE_ORDER = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 14)] + [f"L{i}" for i in range(1, 7)] + ["S1"]
+SPINE_ORDER = (
+    [f"C{i}" for i in range(1, 8)]
+    + [f"T{i}" for i in range(1, 14)]
+    + [f"L{i}" for i in range(1, 7)]
+    + ["S1"]
+)
 
 RAYS = 360
 #: Upper body's outline this far above the disc gives the vertebral edge.
@@ -71,8 +82,14 @@ class BaseCT:
 
     def volume(self) -> Volume:
         """The CT as scanned, as the analysis reads a volume."""
-        return Volume(hu=self.hu, grid=self.grid, study_uid="", series_uid="", frame_of_reference_uid="",
-                      sop_instance_uids=())
+        return Volume(
+            hu=self.hu,
+            grid=self.grid,
+            study_uid="",
+            series_uid="",
+            frame_of_reference_uid="",
+            sop_instance_uids=(),
+        )
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,9 @@ class LevelAnatomy:
     lower: str
     centre: np.ndarray  # LPS, mid disc
     frame: np.ndarray  # columns left (u), posterior (v), cranial (w)
-    edge_mm: np.ndarray  # (RAYS,) vertebral edge (or the disc's margin) per angle (0 = left, 90 = posterior)
+    edge_mm: (
+        np.ndarray
+    )  # (RAYS,) vertebral edge (or the disc's margin) per angle (0 = left, 90 = posterior)
     top_mm: np.ndarray  # (RAYS,) lowest point of the upper body at 0.8 edge, along w
     bottom_mm: np.ndarray  # (RAYS,) highest point of the lower body
     height_mm: float  # at the centre
@@ -145,7 +164,9 @@ def load_base(ct: Path, labels: Path, scheme: str, name: str | None = None) -> B
     for label_id, vname in table.items():
         if vname in present:
             vertebra[ids == label_id] = present.index(vname) + 1
-    return BaseCT(name or ct.name.split(".")[0], hu, Grid(hu.shape, aff), vertebra, tuple(present), str(ct))
+    return BaseCT(
+        name or ct.name.split(".")[0], hu, Grid(hu.shape, aff), vertebra, tuple(present), str(ct)
+    )
 
 
 def _body_points(base: BaseCT, code: int) -> np.ndarray:
@@ -187,7 +208,9 @@ def _plane_fit(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c, n if n[2] > 0 else -n
 
 
-def _endplates(base: BaseCT, cu: int, cl: int, guess: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def _endplates(
+    base: BaseCT, cu: int, cl: int, guess: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Centre, normal (cranial) and central height of the disc between labels ``cu`` and ``cl``.
 
     Per voxel column near the bodies' centre, the lowest voxel of the upper vertebra and the
@@ -198,12 +221,12 @@ def _endplates(base: BaseCT, cu: int, cl: int, guess: np.ndarray) -> tuple[np.nd
     half = np.ceil(np.array([40.0, 30.0, 30.0]) / sp).astype(int)
     lo = np.maximum(np.floor(g).astype(int) - half, 0)
     hi = np.minimum(np.floor(g).astype(int) + half + 1, np.array(base.grid.shape))
-    v = base.vertebra[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    v = base.vertebra[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     ks = np.arange(lo[0], hi[0])[:, None, None]
-    big = 10 ** 6
+    big = 10**6
     u_min = np.where(v == cu, ks, big).min(axis=0)
     l_max = np.where(v == cl, ks, -big).max(axis=0)
-    rr, cc = np.mgrid[lo[1]:hi[1], lo[2]:hi[2]]
+    rr, cc = np.mgrid[lo[1] : hi[1], lo[2] : hi[2]]
     xy = np.hypot((rr - g[1]) * sp[1], (cc - g[2]) * sp[2])
     gap = (u_min - l_max) * sp[0]
     ok = (u_min < big) & (l_max > -big) & (gap > 0) & (gap < 20.0) & (xy < 18.0)
@@ -239,7 +262,13 @@ def measure_level(base: BaseCT, upper: str, lower: str) -> LevelAnatomy:
         raise BaseError(f"{upper}-{lower}: disc height {height:.1f} mm is implausible")
     frame = frame_from_normal(up)
     for _ in range(2):  # centre on the upper body's own outline
-        plane = Plane(centre + up * (height / 2 + EDGE_PLANE_MM), frame[:, 0], frame[:, 1], MEASURE_PX, MEASURE_MM)
+        plane = Plane(
+            centre + up * (height / 2 + EDGE_PLANE_MM),
+            frame[:, 0],
+            frame[:, 1],
+            MEASURE_PX,
+            MEASURE_MM,
+        )
         body = sample_plane((base.vertebra == cu).view(np.uint8), base.grid, plane, order=0) > 0
         body = ndimage.binary_fill_holes(ndimage.binary_opening(body, iterations=4))
         lab, n = ndimage.label(body)
@@ -250,8 +279,10 @@ def measure_level(base: BaseCT, upper: str, lower: str) -> LevelAnatomy:
         keep = at if at else 1 + int(np.argmax(ndimage.sum(body, lab, range(1, n + 1))))
         body = lab == keep
         rr, cc = np.nonzero(body)
-        shift = plane.pixel_to_patient(np.array([[rr.mean(), cc.mean()]]))[0] - plane.pixel_to_patient(
-            np.array([[mid, mid]]))[0]
+        shift = (
+            plane.pixel_to_patient(np.array([[rr.mean(), cc.mean()]]))[0]
+            - plane.pixel_to_patient(np.array([[mid, mid]]))[0]
+        )
         centre = centre + shift
     edge = _circular_smooth(_first_exit(body, (rr.mean(), cc.mean()), MEASURE_MM), 15)
     # endplate heights per angle, near the rim (0.6-0.9 of the edge)
@@ -268,7 +299,7 @@ def measure_level(base: BaseCT, upper: str, lower: str) -> LevelAnatomy:
         for b in range(0, RAYS, 10):
             sel = near & (a >= b) & (a < b + 10)
             if sel.sum() > 5:
-                out[b:b + 10] = np.percentile(w[sel], 3 if upper_body else 97)
+                out[b : b + 10] = np.percentile(w[sel], 3 if upper_body else 97)
         return _circular_smooth(out, 31)
 
     top, bottom = rim_heights(au, True), rim_heights(al, False)
@@ -288,7 +319,9 @@ def measure_level(base: BaseCT, upper: str, lower: str) -> LevelAnatomy:
     margin = _first_exit(tissue, (MEASURE_PX / 2 - 0.5, MEASURE_PX / 2 - 0.5), MEASURE_MM)
     margin = np.where(np.isnan(margin), edge, margin)
     edge = np.clip(_circular_smooth(margin, 15), edge, edge + MARGIN_MM)
-    return LevelAnatomy(f"{upper}-{lower}", upper, lower, centre, frame, edge, top, bottom, height, disc_hu)
+    return LevelAnatomy(
+        f"{upper}-{lower}", upper, lower, centre, frame, edge, top, bottom, height, disc_hu
+    )
 
 
 #: The highest disc that takes lesions: thoracic discs above it, thin and on few slices, gave no trustworthy outline.
@@ -301,7 +334,7 @@ def base_levels(base: BaseCT) -> list[LevelAnatomy]:
     for upper, lower in zip(base.names, base.names[1:]):
         if SPINE_ORDER.index(upper) < SPINE_ORDER.index(FIRST_LEVEL.split("-")[0]):
             continue
-        between = SPINE_ORDER[SPINE_ORDER.index(upper) + 1:SPINE_ORDER.index(lower)]
+        between = SPINE_ORDER[SPINE_ORDER.index(upper) + 1 : SPINE_ORDER.index(lower)]
         if any(name not in ("T13", "L6") for name in between):
             continue  # a vertebra between them is not labelled
         try:
@@ -317,8 +350,9 @@ def base_levels(base: BaseCT) -> list[LevelAnatomy]:
     return out
 
 
-def _local(base: BaseCT, lv: LevelAnatomy, reach_mm: float) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray,
-                                                                   np.ndarray, np.ndarray, np.ndarray]:
+def _local(
+    base: BaseCT, lv: LevelAnatomy, reach_mm: float
+) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Voxel box around a disc and each voxel's (u, v, w, angle index, radius) in its frame."""
     c = base.grid.to_index(lv.centre[None])[0]
     sp = np.array(base.grid.spacing)
@@ -335,14 +369,18 @@ def _local(base: BaseCT, lv: LevelAnatomy, reach_mm: float) -> tuple[tuple[slice
 
 def _blur(m: np.ndarray, grid: Grid) -> np.ndarray:
     sp = grid.spacing
-    return ndimage.gaussian_filter(m, sigma=(max(0.3, 0.35 / sp[0]), PSF_MM / sp[1], PSF_MM / sp[2]))
+    return ndimage.gaussian_filter(
+        m, sigma=(max(0.3, 0.35 / sp[0]), PSF_MM / sp[1], PSF_MM / sp[2])
+    )
 
 
 def _noise(base: BaseCT, box: tuple, lv: LevelAnatomy, a: np.ndarray) -> np.ndarray:
     """The image's own noise, taken from the disc interior and moved out by whole voxels."""
     sp = base.grid.spacing
     hu = base.hu
-    res = hu[box] - ndimage.gaussian_filter(hu[box], sigma=(0.6, NOISE_SIGMA_MM / sp[1], NOISE_SIGMA_MM / sp[2]))
+    res = hu[box] - ndimage.gaussian_filter(
+        hu[box], sigma=(0.6, NOISE_SIGMA_MM / sp[1], NOISE_SIGMA_MM / sp[2])
+    )
     inner = res[np.abs(res) < 200]
     sd = 1.4826 * float(np.median(np.abs(inner - np.median(inner)))) if inner.size else 20.0
     res = np.clip(res, -2.5 * sd, 2.5 * sd)  # noise, not the edges of bright structures
@@ -380,7 +418,7 @@ def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Dr
     edge = lv.edge_mm[a]
     theta = a.astype(float)
     ext = lesion.disc.extension_mm(theta)
-    prof = np.sqrt(np.clip(1.0 - t ** 2, 0.0, 1.0))
+    prof = np.sqrt(np.clip(1.0 - t**2, 0.0, 1.0))
     outer = edge + ext * prof
     inside = (r < edge) & (np.abs(t) < 1.0) & ~bone & (base.hu[box] < 300)
     src = hu[box]
@@ -390,7 +428,9 @@ def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Dr
     noise = _noise(base, box, lv, a) if drawn else np.zeros_like(src)
     disc = inside.copy()
     if extends:
-        soft = np.clip((outer - r) / RAMP_MM + 0.5, 0.0, 1.0) * np.clip((r - (edge - 3.0)) / RAMP_MM, 0.0, 1.0)
+        soft = np.clip((outer - r) / RAMP_MM + 0.5, 0.0, 1.0) * np.clip(
+            (r - (edge - 3.0)) / RAMP_MM, 0.0, 1.0
+        )
         soft *= (np.abs(t) < 1.0) * (ext > 0.3) * ~bone
         m = _blur(soft.astype(np.float32), base.grid)
         src[...] = (1 - m) * src + m * (lv.disc_hu + noise)
@@ -400,15 +440,22 @@ def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Dr
         sign = 1.0 if lesion.node_into_upper else -1.0
         plate = sign * lv.height_mm / 2  # the endplate near the centre, where nodes lie
         depth_in = sign * (w - plate)  # mm into the body
-        q = ((u - lesion.node_u) ** 2 + (v - lesion.node_v) ** 2) / lesion.node_radius ** 2 \
-            + (np.maximum(depth_in, 0.0) / lesion.node_depth) ** 2
+        q = ((u - lesion.node_u) ** 2 + (v - lesion.node_v) ** 2) / lesion.node_radius**2 + (
+            np.maximum(depth_in, 0.0) / lesion.node_depth
+        ) ** 2
         body_side = depth_in > -1.5
         ell = np.sqrt(q)
         cavity = np.clip((1.0 - ell) * lesion.node_radius / RAMP_MM + 0.5, 0, 1) * body_side
         rim_out = 1.0 + lesion.rim_mm / lesion.node_radius
-        rim = np.clip((rim_out - ell) * lesion.node_radius / RAMP_MM + 0.5, 0, 1) * (depth_in > 0) - cavity
+        rim = (
+            np.clip((rim_out - ell) * lesion.node_radius / RAMP_MM + 0.5, 0, 1) * (depth_in > 0)
+            - cavity
+        )
         rim = np.clip(rim, 0, 1)
-        mr, mc = _blur(rim.astype(np.float32), base.grid), _blur(cavity.astype(np.float32), base.grid)
+        mr, mc = (
+            _blur(rim.astype(np.float32), base.grid),
+            _blur(cavity.astype(np.float32), base.grid),
+        )
         src[...] = (1 - mr) * src + mr * np.maximum(src, lesion.rim_hu + noise)
         src[...] = (1 - mc) * src + mc * (lv.disc_hu + noise)
         node = (cavity > 0.5) & (depth_in > 0)
@@ -419,11 +466,18 @@ def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Dr
 # -- planning and writing studies -------------------------------------------------------------
 
 #: Share of inserted levels per condition (the rest of each variant's levels stay untouched).
-MIX: tuple[tuple[str, float], ...] = (("bulge", 0.30), ("protrusion", 0.35), ("schmorl", 0.20), ("bulge+schmorl", 0.075),
-       ("protrusion+schmorl", 0.075))
+MIX: tuple[tuple[str, float], ...] = (
+    ("bulge", 0.30),
+    ("protrusion", 0.35),
+    ("schmorl", 0.20),
+    ("bulge+schmorl", 0.075),
+    ("protrusion+schmorl", 0.075),
+)
 
 
-def plan_lesions(levels: list[LevelAnatomy], rng: np.random.Generator, *, untouched: float = 0.2) -> list[Lesion]:
+def plan_lesions(
+    levels: list[LevelAnatomy], rng: np.random.Generator, *, untouched: float = 0.2
+) -> list[Lesion]:
     """Random lesions by the paper's definitions at most of ``levels``."""
     out = []
     names = [k for k, _ in MIX]
@@ -434,22 +488,32 @@ def plan_lesions(levels: list[LevelAnatomy], rng: np.random.Generator, *, untouc
         kind = str(rng.choice(names, p=p / p.sum()))
         kw: dict = {}
         if "bulge" in kind:
-            kw = dict(bulge_mm=float(rng.uniform(2.5, 5.0)), bulge_half_arc_deg=float(rng.uniform(70, 180)),
-                      bulge_dir_deg=float(90 + rng.uniform(-40, 40)))
+            kw = dict(
+                bulge_mm=float(rng.uniform(2.5, 5.0)),
+                bulge_half_arc_deg=float(rng.uniform(70, 180)),
+                bulge_dir_deg=float(90 + rng.uniform(-40, 40)),
+            )
         elif "protrusion" in kind:
-            kw = dict(protrusion_mm=float(rng.uniform(3.0, 7.0)),
-                      protrusion_half_width_deg=float(rng.uniform(14, 32)),
-                      protrusion_dir_deg=float(90 + rng.choice([-1, 1]) * rng.uniform(0, 45)))
+            kw = dict(
+                protrusion_mm=float(rng.uniform(3.0, 7.0)),
+                protrusion_half_width_deg=float(rng.uniform(14, 32)),
+                protrusion_dir_deg=float(90 + rng.choice([-1, 1]) * rng.uniform(0, 45)),
+            )
         classes = tuple(DiscClass(c) for c in kind.split("+"))
         disc = Disc(level=lv.level, reported=True, upper=0, lower=1, classes=classes, **kw)
         node: dict = {}
         if "schmorl" in kind:
             rad = 0.45 * float(np.median(lv.edge_mm)) * math.sqrt(rng.random())
             ang = rng.uniform(0, 2 * math.pi)
-            node = dict(node_into_upper=bool(rng.random() < 0.6), node_u=rad * math.cos(ang),
-                        node_v=rad * math.sin(ang), node_radius=float(rng.uniform(2.0, 4.5)),
-                        node_depth=float(rng.uniform(3.0, 7.0)), rim_mm=float(rng.uniform(0.8, 1.6)),
-                        rim_hu=float(rng.uniform(450, 800)))
+            node = dict(
+                node_into_upper=bool(rng.random() < 0.6),
+                node_u=rad * math.cos(ang),
+                node_v=rad * math.sin(ang),
+                node_radius=float(rng.uniform(2.0, 4.5)),
+                node_depth=float(rng.uniform(3.0, 7.0)),
+                rim_mm=float(rng.uniform(0.8, 1.6)),
+                rim_hu=float(rng.uniform(450, 800)),
+            )
         out.append(Lesion(lv.level, disc, **node))
     return out
 
@@ -464,8 +528,9 @@ def _measure(base: BaseCT, lv: LevelAnatomy, disc_level: np.ndarray, code: int) 
     return disc_extension(disc, rr < lv.edge_mm[aa], MEASURE_MM)
 
 
-def synth_from_base(base: BaseCT, out: Path, variants: int, seed: int, *,
-                    levels: list[LevelAnatomy] | None = None) -> list[Path]:
+def synth_from_base(
+    base: BaseCT, out: Path, variants: int, seed: int, *, levels: list[LevelAnatomy] | None = None
+) -> list[Path]:
     """Write ``variants`` studies of ``base`` with lesions: CT series, truth.json, labels."""
     levels = base_levels(base) if levels is None else levels
     if not levels:
@@ -477,8 +542,14 @@ def synth_from_base(base: BaseCT, out: Path, variants: int, seed: int, *,
     return folders
 
 
-def _one_variant(base: BaseCT, levels: list[LevelAnatomy], out: Path, seed: int, index: int,
-                 rng: np.random.Generator) -> Path:
+def _one_variant(
+    base: BaseCT,
+    levels: list[LevelAnatomy],
+    out: Path,
+    seed: int,
+    index: int,
+    rng: np.random.Generator,
+) -> Path:
     from pydicom.uid import generate_uid
 
     hu = base.hu.copy()
@@ -487,7 +558,9 @@ def _one_variant(base: BaseCT, levels: list[LevelAnatomy], out: Path, seed: int,
     lesions = {les.level: les for les in plan_lesions(levels, rng)}
     entries = []
     for code, lv in enumerate(levels, start=1):
-        les = lesions.get(lv.level) or Lesion(lv.level, Disc(lv.level, True, 0, 1, (DiscClass.NORMAL,)))
+        les = lesions.get(lv.level) or Lesion(
+            lv.level, Disc(lv.level, True, 0, 1, (DiscClass.NORMAL,))
+        )
         m = insert(base, hu, lv, les)
         box = m.box
         morph = les.disc.morphology
@@ -499,15 +572,23 @@ def _one_variant(base: BaseCT, levels: list[LevelAnatomy], out: Path, seed: int,
         ext = _measure(base, lv, disc_level, code)
         inserted = lv.level in lesions
         if inserted and morph is DiscClass.BULGE and ext.share <= BULGE_SHARE:
-            raise BaseError(f"{lv.level}: inserted bulge measures {ext.share:.2f} of the circumference")
+            raise BaseError(
+                f"{lv.level}: inserted bulge measures {ext.share:.2f} of the circumference"
+            )
         if inserted and morph is DiscClass.PROTRUSION and ext.share >= BULGE_SHARE:
-            raise BaseError(f"{lv.level}: inserted protrusion measures {ext.share:.2f} of the circumference")
+            raise BaseError(
+                f"{lv.level}: inserted protrusion measures {ext.share:.2f} of the circumference"
+            )
         classes = [c.value for c in les.disc.classes if c is not DiscClass.NORMAL]
         entry: dict = {
             "level": lv.level,
             "classes": classes if inserted else ["unknown"],
-            "morphology": morph.value if (inserted and morph is not DiscClass.NORMAL) else "unknown",
-            "assumed_for_training": None if (inserted and morph is not DiscClass.NORMAL) else "normal",
+            "morphology": morph.value
+            if (inserted and morph is not DiscClass.NORMAL)
+            else "unknown",
+            "assumed_for_training": None
+            if (inserted and morph is not DiscClass.NORMAL)
+            else "normal",
             "centre_lps": [round(float(x), 2) for x in lv.centre],
             "normal_lps": [round(float(x), 4) for x in lv.frame[:, 2]],
             "left_lps": [round(float(x), 4) for x in lv.frame[:, 0]],
@@ -524,29 +605,45 @@ def _one_variant(base: BaseCT, levels: list[LevelAnatomy], out: Path, seed: int,
             sign = 1.0 if les.node_into_upper else -1.0
             w = sign * (lv.height_mm / 2 + les.node_depth / 2)
             c = lv.centre + lv.frame @ np.array([les.node_u, les.node_v, w])
-            entry["schmorl"] = {"vertebra": lv.upper if les.node_into_upper else lv.lower,
-                                "centre_lps": [round(float(x), 2) for x in c],
-                                "radius_mm": round(les.node_radius, 2), "depth_mm": round(les.node_depth, 2),
-                                "voxels": int(m.node.sum())}
+            entry["schmorl"] = {
+                "vertebra": lv.upper if les.node_into_upper else lv.lower,
+                "centre_lps": [round(float(x), 2) for x in c],
+                "radius_mm": round(les.node_radius, 2),
+                "depth_mm": round(les.node_depth, 2),
+                "voxels": int(m.node.sum()),
+            }
         entries.append(entry)
     folder = out / f"{base.name}-{seed}-{index:04d}"
     folder.mkdir(parents=True, exist_ok=True)
 
     def uid(what: str) -> str:
-        return str(generate_uid(entropy_srcs=["idaics-inserted", base.name, str(seed), str(index), what]))
+        return str(
+            generate_uid(entropy_srcs=["idaics-inserted", base.name, str(seed), str(index), what])
+        )
 
-    write_volume_series(hu, base.grid, folder / SERIES_DIR, uid=uid, patient=f"{base.name}-{seed}-{index}",
-                        description=f"{base.name} with inserted disc lesions")
+    write_volume_series(
+        hu,
+        base.grid,
+        folder / SERIES_DIR,
+        uid=uid,
+        patient=f"{base.name}-{seed}-{index}",
+        description=f"{base.name} with inserted disc lesions",
+    )
     truth = {
         "generator": "idaics synth --base",
-        "note": ("A real CT with disc lesions drawn into it at known levels; the lesions are synthetic, "
-                 "levels marked unknown were left as scanned."),
+        "note": (
+            "A real CT with disc lesions drawn into it at known levels; the lesions are synthetic, "
+            "levels marked unknown were left as scanned."
+        ),
         "base": {"name": base.name, "source": base.source, "vertebrae": list(base.names)},
         "seed": seed,
         "index": index,
         "study_instance_uid": uid("study"),
         "series_instance_uid": uid("series"),
-        "grid": {"shape": list(base.grid.shape), "affine_kji_to_lps": np.round(base.grid.affine, 6).tolist()},
+        "grid": {
+            "shape": list(base.grid.shape),
+            "affine_kji_to_lps": np.round(base.grid.affine, 6).tolist(),
+        },
         "levels": entries,
         "vertebrae": list(base.names),
         "label_legend": {
@@ -558,8 +655,13 @@ def _one_variant(base: BaseCT, levels: list[LevelAnatomy], out: Path, seed: int,
     tmp = folder / (TRUTH_FILE + ".tmp")
     tmp.write_text(json.dumps(truth, indent=1))
     os.replace(tmp, folder / TRUTH_FILE)
-    save_label_volumes(folder / LABELS_FILE, base.grid, disc_class=disc_class, disc_level=disc_level,
-                       vertebra=base.vertebra)
+    save_label_volumes(
+        folder / LABELS_FILE,
+        base.grid,
+        disc_class=disc_class,
+        disc_level=disc_level,
+        vertebra=base.vertebra,
+    )
     return folder
 
 
@@ -567,14 +669,23 @@ def _inserted(les: Lesion) -> dict:
     d = les.disc
     out: dict = {}
     if d.bulge_mm:
-        out["bulge"] = {"mm": round(d.bulge_mm, 2), "half_arc_deg": round(d.bulge_half_arc_deg, 1),
-                        "direction_deg": round(d.bulge_dir_deg, 1)}
+        out["bulge"] = {
+            "mm": round(d.bulge_mm, 2),
+            "half_arc_deg": round(d.bulge_half_arc_deg, 1),
+            "direction_deg": round(d.bulge_dir_deg, 1),
+        }
     if d.protrusion_mm:
-        out["protrusion"] = {"mm": round(d.protrusion_mm, 2),
-                             "half_width_deg": round(d.protrusion_half_width_deg, 1),
-                             "direction_deg": round(d.protrusion_dir_deg, 1)}
+        out["protrusion"] = {
+            "mm": round(d.protrusion_mm, 2),
+            "half_width_deg": round(d.protrusion_half_width_deg, 1),
+            "direction_deg": round(d.protrusion_dir_deg, 1),
+        }
     if les.node_into_upper is not None:
-        out["schmorl"] = {"into": "upper" if les.node_into_upper else "lower", "radius_mm": round(les.node_radius, 2),
-                          "depth_mm": round(les.node_depth, 2), "rim_mm": round(les.rim_mm, 2),
-                          "rim_hu": round(les.rim_hu, 1)}
+        out["schmorl"] = {
+            "into": "upper" if les.node_into_upper else "lower",
+            "radius_mm": round(les.node_radius, 2),
+            "depth_mm": round(les.node_depth, 2),
+            "rim_mm": round(les.rim_mm, 2),
+            "rim_hu": round(les.rim_hu, 1),
+        }
     return out

@@ -32,15 +32,30 @@ KERNELS = {
 
 # Nominal sizes per vertebra (body height, half width, half depth) in mm.
 _BODY_MM = {
-    "T8": (19.0, 15.0, 12.0), "T9": (20.0, 16.0, 12.5), "T10": (21.0, 17.0, 13.0),
-    "T11": (22.0, 18.5, 13.5), "T12": (23.5, 20.0, 14.0), "L1": (25.0, 21.0, 15.0),
-    "L2": (26.0, 22.0, 15.5), "L3": (26.5, 23.0, 16.0), "L4": (26.5, 24.0, 16.5),
-    "L5": (25.5, 25.0, 16.5), "S1": (24.0, 25.0, 15.5),
+    "T8": (19.0, 15.0, 12.0),
+    "T9": (20.0, 16.0, 12.5),
+    "T10": (21.0, 17.0, 13.0),
+    "T11": (22.0, 18.5, 13.5),
+    "T12": (23.5, 20.0, 14.0),
+    "L1": (25.0, 21.0, 15.0),
+    "L2": (26.0, 22.0, 15.5),
+    "L3": (26.5, 23.0, 16.0),
+    "L4": (26.5, 24.0, 16.5),
+    "L5": (25.5, 25.0, 16.5),
+    "S1": (24.0, 25.0, 15.5),
 }
 # Nominal disc heights in mm, by the vertebra above.
 _DISC_MM = {
-    "T8": 5.0, "T9": 5.0, "T10": 5.5, "T11": 6.0, "T12": 7.0,
-    "L1": 8.0, "L2": 9.0, "L3": 10.0, "L4": 11.0, "L5": 10.0,
+    "T8": 5.0,
+    "T9": 5.0,
+    "T10": 5.5,
+    "T11": 6.0,
+    "T12": 7.0,
+    "L1": 8.0,
+    "L2": 9.0,
+    "L3": 10.0,
+    "L4": 11.0,
+    "L5": 10.0,
 }
 
 
@@ -203,7 +218,9 @@ def _rot_z(a: float) -> np.ndarray:
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
 
 
-def _draw_classes(rng: np.random.Generator, mix: dict[DiscClass, float], co_rate: float) -> tuple[DiscClass, ...]:
+def _draw_classes(
+    rng: np.random.Generator, mix: dict[DiscClass, float], co_rate: float
+) -> tuple[DiscClass, ...]:
     names = list(mix)
     p = np.array([mix[c] for c in names], dtype=float)
     primary = names[int(rng.choice(len(names), p=p / p.sum()))]
@@ -236,7 +253,9 @@ def plan_study(
     blur, noise = KERNELS[kernel]
     dose = float(rng.uniform(0.6, 1.6))
     spacing_choices = [0.625, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0]
-    slice_spacing = float(rng.choice(spacing_choices, p=[0.15, 0.15, 0.25, 0.15, 0.1, 0.1, 0.05, 0.05]))
+    slice_spacing = float(
+        rng.choice(spacing_choices, p=[0.15, 0.15, 0.25, 0.15, 0.1, 0.1, 0.05, 0.05])
+    )
     thickness = slice_spacing if rng.random() < 0.8 else min(3.0, slice_spacing * 1.25)
     coverage = float(rng.uniform(205.0, 290.0))
     n_slices = slices or int(np.clip(round(coverage / slice_spacing), 150, 500))
@@ -274,7 +293,9 @@ def plan_study(
     lordosis = float(rng.uniform(30, 65))
     phi_l1 = -lordosis * float(rng.uniform(0.2, 0.35))
     weights = np.array([0.1, 0.15, 0.2, 0.25, 0.3])
-    phis = {name: phi_l1 - 1.5 * (VERTEBRAE.index("L1") - i) for i, name in enumerate(VERTEBRAE[:5])}
+    phis = {
+        name: phi_l1 - 1.5 * (VERTEBRAE.index("L1") - i) for i, name in enumerate(VERTEBRAE[:5])
+    }
     phis["L1"] = phi_l1
     acc = phi_l1
     for name, w in zip(VERTEBRAE[6:], weights):
@@ -286,7 +307,10 @@ def plan_study(
     heights = {n: _BODY_MM[n][0] * scale * float(rng.uniform(0.96, 1.04)) for n in VERTEBRAE}
     height_loss = {n: bool(rng.random() < lookalike_rate * 0.6) for n in VERTEBRAE[:-1]}
     disc_h = {
-        n: _DISC_MM[n] * scale * float(rng.uniform(0.85, 1.15)) * (float(rng.uniform(0.45, 0.65)) if height_loss[n] else 1.0)
+        n: _DISC_MM[n]
+        * scale
+        * float(rng.uniform(0.85, 1.15))
+        * (float(rng.uniform(0.45, 0.65)) if height_loss[n] else 1.0)
         for n in VERTEBRAE[:-1]
     }
     frames = {}
@@ -303,12 +327,16 @@ def plan_study(
         up, lo = VERTEBRAE[i - 1], VERTEBRAE[i]
         e_up, e_lo = frames[up][:, 2], frames[lo][:, 2]
         d_disc = (e_up + e_lo) / np.linalg.norm(e_up + e_lo)
-        centres[lo] = centres[up] - e_up * heights[up] / 2 - d_disc * disc_h[up] - e_lo * heights[lo] / 2
+        centres[lo] = (
+            centres[up] - e_up * heights[up] / 2 - d_disc * disc_h[up] - e_lo * heights[lo] / 2
+        )
     for i in range(i3 - 1, -1, -1):
         up, lo = VERTEBRAE[i], VERTEBRAE[i + 1]
         e_up, e_lo = frames[up][:, 2], frames[lo][:, 2]
         d_disc = (e_up + e_lo) / np.linalg.norm(e_up + e_lo)
-        centres[up] = centres[lo] + e_lo * heights[lo] / 2 + d_disc * disc_h[up] + e_up * heights[up] / 2
+        centres[up] = (
+            centres[lo] + e_lo * heights[lo] / 2 + d_disc * disc_h[up] + e_up * heights[up] / 2
+        )
 
     # Patient rotation about the body's centre, applied to the whole spine.
     rz = _rot_z(math.radians(body.rotation_deg))
@@ -320,17 +348,26 @@ def plan_study(
         osteo: list[tuple[float, float, float]] = []
         if n != "S1" and rng.random() < lookalike_rate:
             for _ in range(int(rng.integers(1, 3))):
-                osteo.append((float(rng.choice([-90.0, -50.0, -130.0, 0.0, 180.0]) + rng.normal(0, 10)),
-                              float(rng.choice([-1.0, 1.0])), float(rng.uniform(2.0, 5.0))))
+                osteo.append(
+                    (
+                        float(rng.choice([-90.0, -50.0, -130.0, 0.0, 180.0]) + rng.normal(0, 10)),
+                        float(rng.choice([-1.0, 1.0])),
+                        float(rng.uniform(2.0, 5.0)),
+                    )
+                )
         vertebrae.append(
             Vertebra(
                 name=n,
                 centre=rz @ (centres[n] - pivot) + pivot,
                 frame=rz @ frames[n],
                 height=heights[n],
-                half_width=a * scale * float(rng.uniform(0.96, 1.04)) * (1.12 if n == "S1" else 1.0),
+                half_width=a
+                * scale
+                * float(rng.uniform(0.96, 1.04))
+                * (1.12 if n == "S1" else 1.0),
                 half_depth=b * scale * float(rng.uniform(0.96, 1.04)),
-                canal_half_width=float(rng.uniform(9.5, 12.5)) * (0.85 if n.startswith("T") else 1.0),
+                canal_half_width=float(rng.uniform(9.5, 12.5))
+                * (0.85 if n.startswith("T") else 1.0),
                 canal_half_depth=float(rng.uniform(6.5, 9.0)),
                 cancellous_hu=float(rng.uniform(130, 290)),
                 cortical_hu=float(rng.uniform(750, 1250)),
@@ -371,8 +408,12 @@ def plan_study(
             )
         vac = None
         if rng.random() < lookalike_rate * 0.5:
-            vac = (float(rng.uniform(-6, 6)), float(rng.uniform(-6, 4)), float(rng.uniform(3, 7)),
-                   float(rng.uniform(0.7, 1.5)))
+            vac = (
+                float(rng.uniform(-6, 6)),
+                float(rng.uniform(-6, 4)),
+                float(rng.uniform(3, 7)),
+                float(rng.uniform(0.7, 1.5)),
+            )
         discs.append(
             Disc(
                 level=level,
@@ -392,16 +433,26 @@ def plan_study(
     # sacrum is always seen; how far up it reaches (T12-L1 or beyond) varies with coverage.
     length = (scanner.slices - 1) * scanner.slice_spacing
     s1 = vertebrae[-1]
-    s1_bottom = s1.centre[2] - 0.5 * (s1.height * abs(s1.frame[2, 2]) + 2 * s1.half_depth * abs(s1.frame[2, 1]))
+    s1_bottom = s1.centre[2] - 0.5 * (
+        s1.height * abs(s1.frame[2, 2]) + 2 * s1.half_depth * abs(s1.frame[2, 1])
+    )
     z_bottom = s1_bottom - 8.0 + float(rng.uniform(-15, 15)) * 0.5
     half_fov = fov / 2
-    first = (round(-half_fov + float(rng.uniform(-3, 3)), 3), round(-half_fov + 20.0 + float(rng.uniform(-3, 3)), 3),
-             round(z_bottom + length, 3))
+    first = (
+        round(-half_fov + float(rng.uniform(-3, 3)), 3),
+        round(-half_fov + 20.0 + float(rng.uniform(-3, 3)), 3),
+        round(z_bottom + length, 3),
+    )
     skel = None
     if surroundings:  # a stream of its own: the draws above stay the same either way
         skel, scanner, vertebrae_t, first = _draw_skeleton(
-            np.random.default_rng([seed, index, 21]), scanner, tuple(vertebrae), first,
-            forced_slices=slices is not None, coverage=coverage)
+            np.random.default_rng([seed, index, 21]),
+            scanner,
+            tuple(vertebrae),
+            first,
+            forced_slices=slices is not None,
+            coverage=coverage,
+        )
         vertebrae = list(vertebrae_t)
     day = int(rng.integers(0, 3650))
     date = np.datetime64("2015-01-01") + np.timedelta64(day, "D")
@@ -430,9 +481,15 @@ OSTEOPOROSIS_RATE = 0.2
 CONTRAST_RATE = 0.4
 
 
-def _draw_skeleton(rng: np.random.Generator, scanner: Scanner, vertebrae: tuple[Vertebra, ...],
-                   first: tuple[float, float, float], *, forced_slices: bool, coverage: float
-                   ) -> tuple[Skeleton, Scanner, tuple[Vertebra, ...], tuple[float, float, float]]:
+def _draw_skeleton(
+    rng: np.random.Generator,
+    scanner: Scanner,
+    vertebrae: tuple[Vertebra, ...],
+    first: tuple[float, float, float],
+    *,
+    forced_slices: bool,
+    coverage: float,
+) -> tuple[Skeleton, Scanner, tuple[Vertebra, ...], tuple[float, float, float]]:
     """Ribs, pelvis, sacral segments, vessels and bone quality; 5 mm slices (where the slice
     count is not forced) and fields of view that cut the sacrum."""
     u = rng.random()
@@ -441,8 +498,11 @@ def _draw_skeleton(rng: np.random.Generator, scanner: Scanner, vertebrae: tuple[
     rib_bearing = tuple(names[: names.index(last) + 1])
     osteoporotic = rng.random() < OSTEOPOROSIS_RATE
     verts = tuple(
-        replace(v, cancellous_hu=float(rng.uniform(60, 120))) if osteoporotic and not v.is_sacrum else v
-        for v in vertebrae)
+        replace(v, cancellous_hu=float(rng.uniform(60, 120)))
+        if osteoporotic and not v.is_sacrum
+        else v
+        for v in vertebrae
+    )
     lumbar_discs = [f"{a}-{b}" for a, b in zip(names[4:-1], names[5:])]
     skel = Skeleton(
         rib_bearing=rib_bearing,
@@ -459,8 +519,13 @@ def _draw_skeleton(rng: np.random.Generator, scanner: Scanner, vertebrae: tuple[
     if thick and not forced_slices:
         z_bottom = first[2] - (scanner.slices - 1) * scanner.slice_spacing
         n = int(np.clip(round(coverage / 5.0), 40, 500))
-        scanner = replace(scanner, slice_spacing=5.0, slice_thickness=5.0, slices=n,
-                          noise_sd=scanner.noise_sd * math.sqrt(max(scanner.slice_thickness, 0.625) / 5.0))
+        scanner = replace(
+            scanner,
+            slice_spacing=5.0,
+            slice_thickness=5.0,
+            slices=n,
+            noise_sd=scanner.noise_sd * math.sqrt(max(scanner.slice_thickness, 0.625) / 5.0),
+        )
         first = (first[0], first[1], round(z_bottom + (n - 1) * 5.0, 3))
     if cut:
         # the scan starts in L5 or L4: no sacrum in view, the levels must come from the ribs

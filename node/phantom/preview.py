@@ -17,7 +17,9 @@ from node.inference.interface import View, ViewSpec, Windowing
 from node.phantom.generate import SERIES_DIR, TRUTH_FILE, Labels, load_labels
 
 
-def _tile(vol: Volume, labels: Labels, plane: Plane, window: Windowing, caption: str) -> Image.Image:
+def _tile(
+    vol: Volume, labels: Labels, plane: Plane, window: Windowing, caption: str
+) -> Image.Image:
     grey = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
     cls = sample_plane(labels.disc_class, labels.grid, plane, order=0)
     return outlined_tile(grey, [(cls == c.class_id + 1, c) for c in DiscClass], caption, TILE)
@@ -50,8 +52,13 @@ def render_study(folder: Path, out: Path, window: Windowing | None = None) -> Pa
         tiles.append(_tile(vol, labels, over, Windowing(300, 1500), "mid-sagittal, bone window"))
         k = int(round(vol.grid.to_index(np.array(lv[len(lv) // 2]["centre_lps"])[None])[0][0]))
         fov = vol.grid.spacing[2] * vol.grid.shape[2]
-        ax = Plane(vol.grid.to_patient(np.array([k, 255.5, 255.5])), np.array([1.0, 0, 0]),
-                   np.array([0, 1.0, 0]), 384, fov / 384)
+        ax = Plane(
+            vol.grid.to_patient(np.array([k, 255.5, 255.5])),
+            np.array([1.0, 0, 0]),
+            np.array([0, 1.0, 0]),
+            384,
+            fov / 384,
+        )
         tiles.append(_tile(vol, labels, ax, Windowing(40, 400), f"scanner axial {k + 1}"))
     for entry in lv:
         centre = np.array(entry["centre_lps"])
@@ -61,12 +68,18 @@ def render_study(folder: Path, out: Path, window: Windowing | None = None) -> Pa
         name = f"{entry['level']} {'+'.join(entry['classes'])}"
         for view in (View.AXIAL, View.SAGITTAL):
             plane = disc_plane(view, centre, frame, spec)
-            extra = f" {entry['extension_mm']:.1f}mm {entry['extension_share'] * 100:.0f}%" if view is View.AXIAL else ""
+            extra = (
+                f" {entry['extension_mm']:.1f}mm {entry['extension_share'] * 100:.0f}%"
+                if view is View.AXIAL
+                else ""
+            )
             tiles.append(_tile(vol, labels, plane, window, f"{name} {view.value}{extra}"))
     return _save_sheet(tiles, 4, out / f"{folder.name}.png")
 
 
-def render_inserted(folder: Path, original: Volume, out: Path, window: Windowing | None = None) -> Path:
+def render_inserted(
+    folder: Path, original: Volume, out: Path, window: Windowing | None = None
+) -> Path:
     """Write ``out/<study>-inserted.png``: per inserted level, the untouched real slice, the same
     slice with the lesion, and the lesion's truth outline; axial then sagittal."""
     window = window or Windowing(40, 400)
@@ -89,8 +102,12 @@ def render_inserted(folder: Path, original: Volume, out: Path, window: Windowing
                 d = np.array(node["centre_lps"]) - centre
                 off = float(d @ (up if view is View.AXIAL else left))
             plane = disc_plane(view, centre, frame, spec, offset_mm=off)
-            before = window.apply(sample_plane(original.hu, original.grid, plane, order=1, fill=-1000.0))
-            tiles.append(outlined_tile(before, [], f"{entry['level']} {view.value} as scanned", TILE))
+            before = window.apply(
+                sample_plane(original.hu, original.grid, plane, order=1, fill=-1000.0)
+            )
+            tiles.append(
+                outlined_tile(before, [], f"{entry['level']} {view.value} as scanned", TILE)
+            )
             after = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
             tiles.append(outlined_tile(after, [], f"{name} inserted", TILE))
             tiles.append(_tile(vol, labels, plane, window, f"{name} truth"))

@@ -83,12 +83,21 @@ def _base_dataset(plan: StudyPlan, grid: Grid) -> Dataset:
 def write_series(hu: np.ndarray, grid: Grid, plan: StudyPlan, folder: Path) -> list[Path]:
     """Write one file per slice into ``folder``; returns the paths in slice order."""
     ds = _base_dataset(plan, grid)
-    return _write_slices(hu, grid, ds, lambda what: phantom_uid(plan, what), plan.scanner.rescale_intercept, folder)
+    return _write_slices(
+        hu, grid, ds, lambda what: phantom_uid(plan, what), plan.scanner.rescale_intercept, folder
+    )
 
 
-def write_volume_series(hu: np.ndarray, grid: Grid, folder: Path, *, uid: Callable[[str], str], patient: str,
-                        description: str,
-                        rescale_intercept: float = -1024.0) -> list[Path]:
+def write_volume_series(
+    hu: np.ndarray,
+    grid: Grid,
+    folder: Path,
+    *,
+    uid: Callable[[str], str],
+    patient: str,
+    description: str,
+    rescale_intercept: float = -1024.0,
+) -> list[Path]:
     """Write any HU volume on an axial-ish grid as a CT series (a real CT with inserted lesions).
 
     ``uid(what)`` gives the study, series, frame-of-reference and slice UIDs.
@@ -127,8 +136,14 @@ def write_volume_series(hu: np.ndarray, grid: Grid, folder: Path, *, uid: Callab
     return _write_slices(hu, grid, ds, uid, rescale_intercept, folder)
 
 
-def _write_slices(hu: np.ndarray, grid: Grid, ds: Dataset, uid: Callable[[str], str], rescale_intercept: float,
-                  folder: Path) -> list[Path]:
+def _write_slices(
+    hu: np.ndarray,
+    grid: Grid,
+    ds: Dataset,
+    uid: Callable[[str], str],
+    rescale_intercept: float,
+    folder: Path,
+) -> list[Path]:
     """The geometry, the image pixel module and the rescale of ``ds`` from ``grid``, then one
     file per slice."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,9 @@ def fit_platt(conf: np.ndarray, correct: np.ndarray, iterations: int = 100) -> P
     c = np.clip(np.asarray(conf, dtype=float), EPS, 1 - EPS)
     y = np.asarray(correct, dtype=float)
     if c.size < 5 or y.min() == y.max():
-        raise ValueError(f"calibration needs at least 5 discs with both right and wrong classes ({c.size} given)")
+        raise ValueError(
+            f"calibration needs at least 5 discs with both right and wrong classes ({c.size} given)"
+        )
     x = np.log(c / (1 - c))
     ridge = 1e-2
 
@@ -38,7 +40,9 @@ def fit_platt(conf: np.ndarray, correct: np.ndarray, iterations: int = 100) -> P
         p = 1 / (1 + np.exp(-np.clip(w[0] * x + w[1], -30, 30)))
         g = np.array([np.sum((p - y) * x), np.sum(p - y)]) + ridge * w
         q = p * (1 - p)
-        h = np.array([[np.sum(q * x * x), np.sum(q * x)], [np.sum(q * x), np.sum(q)]]) + ridge * np.eye(2)
+        h = np.array(
+            [[np.sum(q * x * x), np.sum(q * x)], [np.sum(q * x), np.sum(q)]]
+        ) + ridge * np.eye(2)
         step = np.linalg.solve(h, g)
         t, now = 1.0, loss(w)
         while loss(w - t * step) > now and t > 1e-6:  # damped: never uphill
@@ -69,8 +73,9 @@ def split_by_study(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return fit, test
 
 
-def reliability_diagram(conf: np.ndarray, calibrated: np.ndarray, correct: np.ndarray, path: Path,
-                        title: str) -> None:
+def reliability_diagram(
+    conf: np.ndarray, calibrated: np.ndarray, correct: np.ndarray, path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +83,10 @@ def reliability_diagram(conf: np.ndarray, calibrated: np.ndarray, correct: np.nd
 
     fig, ax = plt.subplots(figsize=(4.6, 4.6), dpi=110)
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
-    for values, name, colour in ((conf, "fused confidence", "tab:red"), (calibrated, "calibrated", "tab:blue")):
+    for values, name, colour in (
+        (conf, "fused confidence", "tab:red"),
+        (calibrated, "calibrated", "tab:blue"),
+    ):
         idx = np.minimum((np.asarray(values) * BINS).astype(int), BINS - 1)
         xs, ys = [], []
         for b in range(BINS):
@@ -106,8 +114,10 @@ def calibrate_from_rows(rows: list[dict], out_png: Path | None = None, title: st
     fit, test = split_by_study(found)
 
     def arrays(rs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        return (np.array([r["confidence"] for r in rs]),
-                np.array([primary(r["truth"]) == primary(r["predicted"]) for r in rs], dtype=float))
+        return (
+            np.array([r["confidence"] for r in rs]),
+            np.array([primary(r["truth"]) == primary(r["predicted"]) for r in rs], dtype=float),
+        )
 
     cf, yf = arrays(fit)
     ct, yt = arrays(test)
@@ -116,8 +126,10 @@ def calibrate_from_rows(rows: list[dict], out_png: Path | None = None, title: st
     if out_png is not None:
         reliability_diagram(ct, after, yt, out_png, title)
     return platt.to_dict() | {
-        "fitted_on_discs": int(cf.size), "measured_on_discs": int(ct.size),
-        "ece_before": round(ece(ct, yt), 4), "ece_after": round(ece(after, yt), 4),
+        "fitted_on_discs": int(cf.size),
+        "measured_on_discs": int(ct.size),
+        "ece_before": round(ece(ct, yt), 4),
+        "ece_after": round(ece(after, yt), 4),
         "accuracy_of_measured": round(float(yt.mean()), 4) if yt.size else None,
         "mean_confidence_before": round(float(ct.mean()), 4) if ct.size else None,
         "mean_confidence_after": round(float(after.mean()), 4) if after.size else None,

@@ -27,7 +27,11 @@ class DataSpec:
 
     def images(self, split: str) -> list[Path]:
         folder = self.train if split == "train" else self.val
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif"})
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif"}
+        )
 
     def manifest(self) -> dict[str, dict]:
         """Manifest rows by image path relative to the dataset root (empty if none)."""
@@ -61,8 +65,10 @@ def read_data_yaml(path: Path) -> DataSpec:
     if names != CLASS_NAMES:
         unknown = [n for n in names if n not in CLASS_NAMES]
         why = f"unknown class names {unknown}" if unknown else f"class order {list(names)}"
-        raise DataError(f"{path}: {why}; the four classes must be, in this order: "
-                        f"{', '.join(CLASS_NAMES)} (rebuild the dataset with a label mapping)")
+        raise DataError(
+            f"{path}: {why}; the four classes must be, in this order: "
+            f"{', '.join(CLASS_NAMES)} (rebuild the dataset with a label mapping)"
+        )
     root = Path(doc.get("path") or path.parent)
     if not root.is_absolute():
         root = (path.parent / root).resolve()
@@ -72,6 +78,12 @@ def read_data_yaml(path: Path) -> DataSpec:
         if not folder.is_dir():
             raise DataError(f"{path}: {split} folder {folder} does not exist")
         spec[split] = folder
-    ds = DataSpec(path=path, root=root, train=spec["train"], val=spec["val"], names=names,
-                  idaics=dict(doc.get("idaics") or {}))
+    ds = DataSpec(
+        path=path,
+        root=root,
+        train=spec["train"],
+        val=spec["val"],
+        names=names,
+        idaics=dict(doc.get("idaics") or {}),
+    )
     return ds

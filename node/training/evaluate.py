@@ -40,7 +40,11 @@ class ImageResult:
 def _label_classes(label_file: Path) -> set[DiscClass]:
     if not label_file.is_file():
         return set()
-    return {DiscClass(CLASS_NAMES[int(line.split()[0])]) for line in label_file.read_text().splitlines() if line.strip()}
+    return {
+        DiscClass(CLASS_NAMES[int(line.split()[0])])
+        for line in label_file.read_text().splitlines()
+        if line.strip()
+    }
 
 
 def predict_image_class(result: Any, centred: bool, conf: float = CONF) -> tuple[str, float]:
@@ -57,7 +61,9 @@ def predict_image_class(result: Any, centred: bool, conf: float = CONF) -> tuple
         h, w = result.orig_shape
         cy, cx = h / 2, w / 2
         xyxy = boxes.xyxy.cpu().numpy()
-        inside = keep & (xyxy[:, 0] <= cx) & (xyxy[:, 2] >= cx) & (xyxy[:, 1] <= cy) & (xyxy[:, 3] >= cy)
+        inside = (
+            keep & (xyxy[:, 0] <= cx) & (xyxy[:, 2] >= cx) & (xyxy[:, 1] <= cy) & (xyxy[:, 3] >= cy)
+        )
         if result.masks is not None and inside.any():
             m = result.masks.data.cpu().numpy()
             mh, mw = m.shape[1:]
@@ -72,14 +78,29 @@ def predict_image_class(result: Any, centred: bool, conf: float = CONF) -> tuple
     return top.value, float(confs[keep][cls[keep] == top.class_id].max())
 
 
-def evaluate_dataset(model_dir: Path, data_yaml: Path, *, split: str = "val", out: Path | None = None,
-                     device: str | None = None, batch: int = 16) -> tuple[Metrics, list[ImageResult]]:
+def evaluate_dataset(
+    model_dir: Path,
+    data_yaml: Path,
+    *,
+    split: str = "val",
+    out: Path | None = None,
+    device: str | None = None,
+    batch: int = 16,
+) -> tuple[Metrics, list[ImageResult]]:
     from node.inference.model import offline_ultralytics
     from node.training.train import CARD, WEIGHTS, choose_device
 
     data = read_data_yaml(data_yaml)
-    card = yaml.safe_load((Path(model_dir) / CARD).read_text()) if (Path(model_dir) / CARD).is_file() else {}
-    weights = Path(model_dir) / card.get("weights", WEIGHTS) if Path(model_dir).is_dir() else Path(model_dir)
+    card = (
+        yaml.safe_load((Path(model_dir) / CARD).read_text())
+        if (Path(model_dir) / CARD).is_file()
+        else {}
+    )
+    weights = (
+        Path(model_dir) / card.get("weights", WEIGHTS)
+        if Path(model_dir).is_dir()
+        else Path(model_dir)
+    )
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
     offline_ultralytics()
@@ -95,14 +116,21 @@ def evaluate_dataset(model_dir: Path, data_yaml: Path, *, split: str = "val", ou
     dev = choose_device(device)
     for i in range(0, len(images), batch):
         chunk = images[i : i + batch]
-        preds = model.predict([str(p) for p in chunk], imgsz=imgsz, conf=CONF, device=dev, verbose=False,
-                              retina_masks=False)
+        preds = model.predict(
+            [str(p) for p in chunk],
+            imgsz=imgsz,
+            conf=CONF,
+            device=dev,
+            verbose=False,
+            retina_masks=False,
+        )
         for path, res in zip(chunk, preds):
             rel = str(path.relative_to(data.root))
             row = manifest.get(rel, {})
             label_file = data.root / "labels" / split / (path.stem + ".txt")
-            truth = row.get("target") or (most_severe(_label_classes(label_file)).value
-                                          if _label_classes(label_file) else "")
+            truth = row.get("target") or (
+                most_severe(_label_classes(label_file)).value if _label_classes(label_file) else ""
+            )
             if not truth:
                 continue  # an image without any labelled disc has no class to count
             pred, c = predict_image_class(res, centred=bool(row.get("target")))
@@ -114,9 +142,14 @@ def evaluate_dataset(model_dir: Path, data_yaml: Path, *, split: str = "val", ou
     metrics = compute(cm, labels)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(
-            {"unit": "image", "split": split, "data": str(data.path), "model": str(model_dir)}
-            | metrics.to_dict() | {"images": [r.__dict__ for r in results]}, indent=1))
+        (out / "metrics.json").write_text(
+            json.dumps(
+                {"unit": "image", "split": split, "data": str(data.path), "model": str(model_dir)}
+                | metrics.to_dict()
+                | {"images": [r.__dict__ for r in results]},
+                indent=1,
+            )
+        )
         plot_confusion(metrics, out / "confusion_matrix.png")
     return metrics, results
 
@@ -128,7 +161,11 @@ def primary(classes: Iterable[str]) -> str:
 
 #: Size bins (mm) for sensitivity by lesion size: extension for bulges and protrusions,
 #: node radius for Schmorl's nodes.
-SIZE_BINS = {"bulge": (0.0, 3.5, 5.0, 99.0), "protrusion": (0.0, 4.0, 5.5, 99.0), "schmorl": (0.0, 3.0, 4.0, 99.0)}
+SIZE_BINS = {
+    "bulge": (0.0, 3.5, 5.0, 99.0),
+    "protrusion": (0.0, 4.0, 5.5, 99.0),
+    "schmorl": (0.0, 3.0, 4.0, 99.0),
+}
 
 
 def _lesion_size(entry: dict) -> dict:
@@ -157,9 +194,16 @@ def _by_size(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate_studies(model_dir: Path, studies: list[Path], *, out: Path | None = None, device: str | None = None,
-                     centre_tolerance_mm: float = 10.0, progress: bool = True,
-                     keep_rows: bool = False) -> tuple[Metrics, dict]:
+def evaluate_studies(
+    model_dir: Path,
+    studies: list[Path],
+    *,
+    out: Path | None = None,
+    device: str | None = None,
+    centre_tolerance_mm: float = 10.0,
+    progress: bool = True,
+    keep_rows: bool = False,
+) -> tuple[Metrics, dict]:
     """Per-disc evaluation against phantom truth, the unit a radiologist reports.
 
     Each truth level counts once: its class is the most specific of its classes; the
@@ -191,15 +235,24 @@ def evaluate_studies(model_dir: Path, studies: list[Path], *, out: Path | None =
             centre = np.array(lv["centre_lps"])
             near = sorted(result.discs, key=lambda x: float(np.linalg.norm(x.site.centre - centre)))
             d = near[0] if near else None
-            ok = d is not None and float(np.linalg.norm(d.site.centre - centre)) <= centre_tolerance_mm
+            ok = (
+                d is not None
+                and float(np.linalg.norm(d.site.centre - centre)) <= centre_tolerance_mm
+            )
             pred = [c.value for c in d.classes] if (ok and d is not None) else []
-            rows.append({
-                "study": folder.name, "level": lv["level"], "truth": lv["classes"], "predicted": pred,
-                "found": ok, "named": bool(ok and d is not None and d.level == lv["level"]),
-                "confidence": round(d.confidence, 3) if (ok and d is not None) else 0.0,
-                "size_mm": _lesion_size(lv),
-                "warnings": list(d.warnings) if (ok and d is not None) else [],
-            })
+            rows.append(
+                {
+                    "study": folder.name,
+                    "level": lv["level"],
+                    "truth": lv["classes"],
+                    "predicted": pred,
+                    "found": ok,
+                    "named": bool(ok and d is not None and d.level == lv["level"]),
+                    "confidence": round(d.confidence, 3) if (ok and d is not None) else 0.0,
+                    "size_mm": _lesion_size(lv),
+                    "warnings": list(d.warnings) if (ok and d is not None) else [],
+                }
+            )
     if not rows:
         raise ValueError("no disc level to evaluate")
     labels = list(CLASS_NAMES) + ([NONE] if any(not r["predicted"] for r in rows) else [])
@@ -223,8 +276,15 @@ def evaluate_studies(model_dir: Path, studies: list[Path], *, out: Path | None =
         extra["discs"] = rows
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics_per_disc.json").write_text(json.dumps(
-            {"unit": "disc level", "model": str(model_dir), "studies": len(studies)} | metrics.to_dict() | extra
-            | {"discs": rows}, indent=1, default=float))
+        (out / "metrics_per_disc.json").write_text(
+            json.dumps(
+                {"unit": "disc level", "model": str(model_dir), "studies": len(studies)}
+                | metrics.to_dict()
+                | extra
+                | {"discs": rows},
+                indent=1,
+                default=float,
+            )
+        )
         plot_confusion(metrics, out / "confusion_matrix_per_disc.png")
     return metrics, extra

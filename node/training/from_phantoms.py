@@ -28,7 +28,9 @@ def disc_frame(entry: dict) -> tuple[np.ndarray, np.ndarray]:
     """Centre and frame (left, posterior, cranial columns) of a truth.json level."""
     up = np.array(entry["normal_lps"], dtype=float)
     left = np.array(entry["left_lps"], dtype=float)
-    return np.array(entry["centre_lps"], dtype=float), np.stack([left, np.cross(up, left), up], axis=1)
+    return np.array(entry["centre_lps"], dtype=float), np.stack(
+        [left, np.cross(up, left), up], axis=1
+    )
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class Randomise:
     blur_px: tuple[float, float] = (0.4, 1.3)
     noise_hu: tuple[float, float] = (5.0, 30.0)
 
-    def apply(self, hu: np.ndarray, window: Windowing, rng: np.random.Generator) -> tuple[np.ndarray, Windowing]:
+    def apply(
+        self, hu: np.ndarray, window: Windowing, rng: np.random.Generator
+    ) -> tuple[np.ndarray, Windowing]:
         if rng.random() >= self.share:
             return hu, window
         if rng.random() < 0.4:
@@ -50,8 +54,10 @@ class Randomise:
         if rng.random() < 0.4:
             noise = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), 1.0)
             hu = hu + noise * (float(rng.uniform(*self.noise_hu)) / max(float(noise.std()), 1e-6))
-        window = Windowing(window.center + float(rng.uniform(-1, 1)) * self.window_shift_hu,
-                           window.width * float(rng.uniform(*self.window_scale)))
+        window = Windowing(
+            window.center + float(rng.uniform(-1, 1)) * self.window_shift_hu,
+            window.width * float(rng.uniform(*self.window_scale)),
+        )
         return hu, window
 
 
@@ -61,8 +67,9 @@ def _target(entry: dict) -> DiscClass:
     return DiscClass(entry.get("assumed_for_training") or entry["morphology"])
 
 
-def study_samples(folder: Path, spec: ViewSpec, window: Windowing,
-                  randomise: Randomise | None = None) -> Iterator[Sample]:
+def study_samples(
+    folder: Path, spec: ViewSpec, window: Windowing, randomise: Randomise | None = None
+) -> Iterator[Sample]:
     """The samples of one study (a phantom, or a real CT with inserted lesions): per disc,
     axial and sagittal slices, and slices through each Schmorl's node."""
     truth = json.loads((folder / TRUTH_FILE).read_text())
@@ -125,14 +132,19 @@ def build_from_phantoms(
         if not (s / TRUTH_FILE).is_file():
             raise ValueError(f"{s}: not a phantom study (no {TRUTH_FILE})")
     splits = split_studies([s.name for s in studies], val_fraction, seed)
-    writer = DatasetWriter(out, extra={
-        "source": "phantoms",
-        "windowing": asdict(window),
-        "randomise": asdict(randomise) if randomise else None,
-        "views": asdict(spec),
-        "studies": {"train": sorted(k for k, v in splits.items() if v == "train"),
-                    "val": sorted(k for k, v in splits.items() if v == "val")},
-    })
+    writer = DatasetWriter(
+        out,
+        extra={
+            "source": "phantoms",
+            "windowing": asdict(window),
+            "randomise": asdict(randomise) if randomise else None,
+            "views": asdict(spec),
+            "studies": {
+                "train": sorted(k for k, v in splits.items() if v == "train"),
+                "val": sorted(k for k, v in splits.items() if v == "val"),
+            },
+        },
+    )
     for folder in tqdm(studies, desc="dataset", unit="study", disable=not progress):
         for sample in study_samples(folder, spec, window, randomise):
             writer.add(sample, splits[folder.name])

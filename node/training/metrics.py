@@ -51,11 +51,18 @@ class Metrics:
         ]
         for lab, row in zip(self.labels, self.confusion):
             lines.append(f"{lab[:11]:<12}" + "".join(f"{v:>11d}" for v in row))
-        lines += ["", f"{'class':<12}{'n':>5}{'sens':>8}{'spec':>8}{'PPV':>8}{'NPV':>8}{'Youden':>8}"]
+        lines += [
+            "",
+            f"{'class':<12}{'n':>5}{'sens':>8}{'spec':>8}{'PPV':>8}{'NPV':>8}{'Youden':>8}",
+        ]
         for c in self.per_class:
-            lines.append(f"{c.label[:11]:<12}{c.support:>5}" + "".join(
-                f"{v:>8.3f}" if not math.isnan(v) else f"{'-':>8}"
-                for v in (c.sensitivity, c.specificity, c.ppv, c.npv, c.youden)))
+            lines.append(
+                f"{c.label[:11]:<12}{c.support:>5}"
+                + "".join(
+                    f"{v:>8.3f}" if not math.isnan(v) else f"{'-':>8}"
+                    for v in (c.sensitivity, c.specificity, c.ppv, c.npv, c.youden)
+                )
+            )
         return "\n".join(lines)
 
 
@@ -84,11 +91,17 @@ def compute(confusion: np.ndarray | list, labels: list[str] | tuple[str, ...]) -
     # Fleiss, Cohen & Everitt (1969) asymptotic variances.
     k = cm.shape[0]
     a = sum(p[i, i] * (1 - (rows[i] + cols[i]) * (1 - kappa)) ** 2 for i in range(k))
-    b = (1 - kappa) ** 2 * sum(p[i, j] * (cols[i] + rows[j]) ** 2 for i in range(k) for j in range(k) if i != j)
+    b = (1 - kappa) ** 2 * sum(
+        p[i, j] * (cols[i] + rows[j]) ** 2 for i in range(k) for j in range(k) if i != j
+    )
     c = (kappa - pe * (1 - kappa)) ** 2
     var = max(a + b - c, 0.0) / (n * (1 - pe) ** 2) if pe < 1 else 0.0
     se = math.sqrt(var)
-    var0 = (pe + pe**2 - float(np.sum(rows * cols * (rows + cols)))) / (n * (1 - pe) ** 2) if pe < 1 else 0.0
+    var0 = (
+        (pe + pe**2 - float(np.sum(rows * cols * (rows + cols)))) / (n * (1 - pe) ** 2)
+        if pe < 1
+        else 0.0
+    )
     se0 = math.sqrt(max(var0, 0.0))
     z = kappa / se0 if se0 > 0 else float("inf")
     pval = math.erfc(abs(z) / math.sqrt(2)) if math.isfinite(z) else 0.0
@@ -99,8 +112,17 @@ def compute(confusion: np.ndarray | list, labels: list[str] | tuple[str, ...]) -
         fp = cm[:, i].sum() - tp
         tn = n - tp - fn - fp
         sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
-        per.append(ClassMetrics(str(lab), int(tp + fn), sens, spec, _ratio(tp, tp + fp), _ratio(tn, tn + fn),
-                                sens + spec - 1))
+        per.append(
+            ClassMetrics(
+                str(lab),
+                int(tp + fn),
+                sens,
+                spec,
+                _ratio(tp, tp + fp),
+                _ratio(tn, tn + fn),
+                sens + spec - 1,
+            )
+        )
     return Metrics(
         labels=tuple(str(x) for x in labels),
         confusion=tuple(tuple(int(v) for v in r) for r in cm),
@@ -140,8 +162,14 @@ def plot_confusion(m: Metrics, path: Path) -> None:
     ax.set_ylabel("true")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     ax.set_title(f"accuracy {m.accuracy:.3f}, kappa {m.kappa:.3f} (n={m.n})")
     fig.tight_layout()
     fig.savefig(path)

@@ -67,7 +67,9 @@ def plot_curves(results_csv: Path, out: Path) -> None:
     keys = [k for k in rows[0] if k.startswith(("train/", "val/")) or k.startswith("metrics/")]
     n = len(keys)
     cols = 4
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 2.6 * ((n + cols - 1) // cols)), dpi=90)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(4 * cols, 2.6 * ((n + cols - 1) // cols)), dpi=90
+    )
     for ax, k in zip(axes.ravel(), keys):
         ax.plot(epochs, [float(r[k]) for r in rows], marker=".")
         ax.set_title(k, fontsize=9)
@@ -78,8 +80,15 @@ def plot_curves(results_csv: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def train(data_yaml: Path, out: Path, *, from_weights: Path | None = None, options: TrainOptions | None = None,
-          description: str = "", command: str = "") -> Path:
+def train(
+    data_yaml: Path,
+    out: Path,
+    *,
+    from_weights: Path | None = None,
+    options: TrainOptions | None = None,
+    description: str = "",
+    command: str = "",
+) -> Path:
     """Train and write ``out/`` (weights, card, curves); returns the card's path."""
     opts = options or TrainOptions()
     data = read_data_yaml(data_yaml)
@@ -95,11 +104,31 @@ def train(data_yaml: Path, out: Path, *, from_weights: Path | None = None, optio
     model = YOLO(str(from_weights)) if from_weights else YOLO(opts.architecture)
     with tempfile.TemporaryDirectory(prefix="idaics-train-") as tmp:
         model.train(
-            data=str(data.path), epochs=opts.epochs, imgsz=opts.imgsz, batch=opts.batch, lr0=opts.lr0,
-            optimizer="AdamW", fliplr=opts.fliplr, flipud=0.0, mosaic=0.0, hsv_h=0.0, hsv_s=0.0,
-            degrees=opts.degrees, seed=opts.seed, deterministic=True, device=device, workers=opts.workers,
-            patience=opts.patience, project=tmp, name="run", exist_ok=True, plots=False, verbose=False,
-            amp=device != "cpu", val=True, fraction=opts.fraction,
+            data=str(data.path),
+            epochs=opts.epochs,
+            imgsz=opts.imgsz,
+            batch=opts.batch,
+            lr0=opts.lr0,
+            optimizer="AdamW",
+            fliplr=opts.fliplr,
+            flipud=0.0,
+            mosaic=0.0,
+            hsv_h=0.0,
+            hsv_s=0.0,
+            degrees=opts.degrees,
+            seed=opts.seed,
+            deterministic=True,
+            device=device,
+            workers=opts.workers,
+            patience=opts.patience,
+            project=tmp,
+            name="run",
+            exist_ok=True,
+            plots=False,
+            verbose=False,
+            amp=device != "cpu",
+            val=True,
+            fraction=opts.fraction,
             # from given weights: start from them (transfer learning, fine-tuning); else from scratch
             pretrained=str(from_weights) if from_weights else False,
         )
@@ -116,20 +145,29 @@ def train(data_yaml: Path, out: Path, *, from_weights: Path | None = None, optio
     card = {
         "name": out.name,
         "format": "ultralytics YOLOv8-seg",
-        "architecture": opts.architecture if not from_weights else f"fine-tuned from {from_weights}",
+        "architecture": opts.architecture
+        if not from_weights
+        else f"fine-tuned from {from_weights}",
         "weights": WEIGHTS,
         "classes": list(CLASS_NAMES),
         "input_size": opts.imgsz,
         "windowing": data.idaics.get("windowing", {"center": 60.0, "width": 600.0}),
         "views": data.idaics.get("views", "native"),
         "training": {
-            "data": description or f"dataset {data.root.name} ({data.idaics.get('source', 'unknown source')})",
+            "data": description
+            or f"dataset {data.root.name} ({data.idaics.get('source', 'unknown source')})",
             "images": data.idaics.get("images", {}),
             "instances": data.idaics.get("instances", {}),
             "studies": {k: len(v) for k, v in data.idaics.get("studies", {}).items()},
-            "epochs": opts.epochs, "batch": opts.batch, "lr0": opts.lr0, "optimizer": "AdamW",
-            "fliplr": opts.fliplr, "seed": opts.seed, "device": device,
-            "seconds": round(elapsed, 1), "command": command or " ".join(sys.argv),
+            "epochs": opts.epochs,
+            "batch": opts.batch,
+            "lr0": opts.lr0,
+            "optimizer": "AdamW",
+            "fliplr": opts.fliplr,
+            "seed": opts.seed,
+            "device": device,
+            "seconds": round(elapsed, 1),
+            "command": command or " ".join(sys.argv),
         },
         "date": dt.date.today().isoformat(),
         "intended_use": "Research and integration testing of the IDAICS node.",
@@ -147,4 +185,3 @@ def update_card(model_dir: Path, **fields: Any) -> None:
     card = yaml.safe_load(path.read_text())
     card.update(fields)
     path.write_text(yaml.safe_dump(card, sort_keys=False))
-

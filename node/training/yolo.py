@@ -52,7 +52,9 @@ class Sample:
 
 def mask_polygons(mask: np.ndarray, min_area: float = MIN_AREA_PX) -> list[np.ndarray]:
     """Outer contours of a binary mask as polygons (x, y), one per connected component."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     out = []
     for c in contours:
         if cv2.contourArea(c) < min_area:
@@ -72,7 +74,9 @@ def class_map_instances(class_map: np.ndarray) -> tuple[Instance, ...]:
     return tuple(inst)
 
 
-def rasterize(instances: tuple[Instance, ...] | list[Instance], shape: tuple[int, int]) -> np.ndarray:
+def rasterize(
+    instances: tuple[Instance, ...] | list[Instance], shape: tuple[int, int]
+) -> np.ndarray:
     """The inverse of `class_map_instances`: ``class_id + 1`` per pixel."""
     out = np.zeros(shape, dtype=np.uint8)
     for inst in instances:
@@ -86,7 +90,9 @@ class DatasetWriter:
 
     root: Path
     extra: dict = field(default_factory=dict)
-    counts: dict[str, Counter] = field(default_factory=lambda: {"train": Counter(), "val": Counter()})
+    counts: dict[str, Counter] = field(
+        default_factory=lambda: {"train": Counter(), "val": Counter()}
+    )
     images: Counter = field(default_factory=Counter)
     _rows: list[dict] = field(default_factory=list)
 
@@ -97,13 +103,17 @@ class DatasetWriter:
 
     def add(self, sample: Sample, split: str) -> None:
         h, w = sample.image.shape
-        Image.fromarray(sample.image).save(self.root / "images" / split / f"{sample.name}.png", optimize=False)
+        Image.fromarray(sample.image).save(
+            self.root / "images" / split / f"{sample.name}.png", optimize=False
+        )
         lines = []
         for inst in sample.instances:
             xy = np.clip(inst.polygon / [w, h], 0.0, 1.0)
             lines.append(f"{inst.cls.class_id} " + " ".join(f"{v:.5f}" for v in xy.ravel()))
             self.counts[split][inst.cls.value] += 1
-        (self.root / "labels" / split / f"{sample.name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        (self.root / "labels" / split / f"{sample.name}.txt").write_text(
+            "\n".join(lines) + ("\n" if lines else "")
+        )
         self.images[split] += 1
         self._rows.append(
             {
@@ -123,7 +133,7 @@ class DatasetWriter:
             "path": str(self.root.resolve()),
             "train": "images/train",
             "val": "images/val",
-            "names": {i: n for i, n in enumerate(CLASS_NAMES)},
+            "names": dict(enumerate(CLASS_NAMES)),
             "idaics": self.extra
             | {
                 "images": dict(self.images),
@@ -145,14 +155,19 @@ class DatasetWriter:
         lines = [f"{'split':<6} {'images':>7} " + " ".join(f"{n:>11}" for n in CLASS_NAMES)]
         for split in ("train", "val"):
             c = self.counts[split]
-            lines.append(f"{split:<6} {self.images[split]:>7} " + " ".join(f"{c[n]:>11}" for n in CLASS_NAMES))
+            lines.append(
+                f"{split:<6} {self.images[split]:>7} "
+                + " ".join(f"{c[n]:>11}" for n in CLASS_NAMES)
+            )
         return "\n".join(lines)
 
 
 def split_studies(studies: list[str], val_fraction: float, seed: int) -> dict[str, str]:
     """Assign whole studies to train or val (never both), reproducibly."""
     if not 0.0 < val_fraction <= 1.0:
-        raise ValueError(f"val fraction must be above 0 and at most 1 (1: all held out), got {val_fraction}")
+        raise ValueError(
+            f"val fraction must be above 0 and at most 1 (1: all held out), got {val_fraction}"
+        )
     order = sorted(studies)
     rng = np.random.default_rng(seed)
     rng.shuffle(order)

@@ -32,27 +32,38 @@ class _Collector:
         with self.view.sessions() as db:
             received = db.execute(select(func.count(Instance.id))).scalar_one()
             counts = counts_by_state(db)
-            stages = db.execute(select(Job.stage_seconds).order_by(Job.id.desc()).limit(RECENT_JOBS)).scalars().all()
+            stages = (
+                db.execute(select(Job.stage_seconds).order_by(Job.id.desc()).limit(RECENT_JOBS))
+                .scalars()
+                .all()
+            )
             histories = db.execute(select(Delivery.history)).scalars().all()
-        c = CounterMetricFamily("idaics_instances_received", "DICOM instances received and recorded")
+        c = CounterMetricFamily(
+            "idaics_instances_received", "DICOM instances received and recorded"
+        )
         c.add_metric([], received)
         yield c
         g = GaugeMetricFamily("idaics_jobs", "Jobs by state", labels=["state"])
         for state, n in counts.items():
             g.add_metric([state], n)
         yield g
-        h = HistogramMetricFamily("idaics_stage_duration_seconds", "Time jobs spent in each state",
-                                  labels=["stage"])
+        h = HistogramMetricFamily(
+            "idaics_stage_duration_seconds", "Time jobs spent in each state", labels=["stage"]
+        )
         per_stage: dict[str, list[float]] = {}
         for st in stages:
             for stage, seconds in (st or {}).items():
                 per_stage.setdefault(stage, []).append(float(seconds))
         for stage, values in sorted(per_stage.items()):
-            buckets = [(str(float(b)), sum(v <= b for v in values)) for b in BUCKETS] + [("+Inf", len(values))]
+            buckets = [(str(float(b)), sum(v <= b for v in values)) for b in BUCKETS] + [
+                ("+Inf", len(values))
+            ]
             h.add_metric([stage], buckets, sum(values))
         yield h
         f = CounterMetricFamily("idaics_send_failures", "Failed C-STORE attempts to destinations")
-        f.add_metric([], sum(1 for hist in histories for a in (hist or []) if "ok" in a and not a["ok"]))
+        f.add_metric(
+            [], sum(1 for hist in histories for a in (hist or []) if "ok" in a and not a["ok"])
+        )
         yield f
         q = GaugeMetricFamily("idaics_queue_depth", "Jobs waiting for a worker")
         q.add_metric([], counts["QUEUED"])

@@ -38,7 +38,9 @@ class WebServer:
         web = view.settings.web
         self.token = node_token(view.settings)
         self.app = create_app(view, self.token)
-        config = uvicorn.Config(self.app, host=web.host, port=web.port, log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            self.app, host=web.host, port=web.port, log_level="warning", access_log=False
+        )
         # run in a thread of its own, uvicorn leaves the signals alone (it takes them only in
         # the main thread): the node handles them
         self.server = uvicorn.Server(config)

@@ -26,10 +26,14 @@ def main() -> None:
         ok = r.stored == r.sent and set(r.jobs_per_series.values()) == {1} and not r.failed_senders
         rates.append(r.per_second)
         peaks.append(r.peak_rss_mb)
-        print(f"run {i + 1}: {r.sent} instances from {r.senders} senders in {r.seconds:.1f} s = "
-              f"{r.per_second:.0f} instances/s; node peak RSS {r.peak_rss_mb:.0f} MB; "
-              f"stored {r.stored}, {r.series} series in {len(r.instances_per_job)} jobs: {'ok' if ok else 'LOST OR SPLIT'}")
-    print(f"instances/s min {min(rates):.0f} max {max(rates):.0f}; peak RSS min {min(peaks):.0f} max {max(peaks):.0f} MB")
+        print(
+            f"run {i + 1}: {r.sent} instances from {r.senders} senders in {r.seconds:.1f} s = "
+            f"{r.per_second:.0f} instances/s; node peak RSS {r.peak_rss_mb:.0f} MB; "
+            f"stored {r.stored}, {r.series} series in {len(r.instances_per_job)} jobs: {'ok' if ok else 'LOST OR SPLIT'}"
+        )
+    print(
+        f"instances/s min {min(rates):.0f} max {max(rates):.0f}; peak RSS min {min(peaks):.0f} max {max(peaks):.0f} MB"
+    )
 
 
 if __name__ == "__main__":

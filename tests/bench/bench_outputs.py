@@ -31,7 +31,9 @@ def main() -> None:
         vol = load_folder(study.folder / SERIES_DIR)
         result = analyze_volume(vol, model)
         print(f"{len(vol.headers)} slices, {len(result.discs)} levels")
-        print(f"{'segments':>9} {'seg':>7} {'sr':>7} {'keys':>7} {'build':>7} {'write':>7}  objects, SEG frames, MB")
+        print(
+            f"{'segments':>9} {'seg':>7} {'sr':>7} {'keys':>7} {'build':>7} {'write':>7}  objects, SEG frames, MB"
+        )
         for i in range(args.repeat):
             t0 = time.perf_counter()
             out = build_outputs(result, vol, model.card, OutputSettings())
@@ -42,8 +44,10 @@ def main() -> None:
             t = out.timings
             mb = sum(p.stat().st_size for p in paths) / 1e6
             frames = int(out.seg.NumberOfFrames) if out.seg is not None else 0
-            print(f"{t['segments']:>9.2f} {t.get('seg', 0):>7.2f} {t['sr']:>7.2f} {t['key_images']:>7.2f} "
-                  f"{build_s:>7.2f} {write_s:>7.2f}  {len(paths)}, {frames}, {mb:.1f}")
+            print(
+                f"{t['segments']:>9.2f} {t.get('seg', 0):>7.2f} {t['sr']:>7.2f} {t['key_images']:>7.2f} "
+                f"{build_s:>7.2f} {write_s:>7.2f}  {len(paths)}, {frames}, {mb:.1f}"
+            )
     print("target: build under 3 s on the CPU")
 
 

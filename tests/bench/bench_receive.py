@@ -6,7 +6,7 @@ workers here (nothing else competes for the CPU) and with its real durability: e
 instance fsync'd and its row committed before Success; `storescp` writes without fsync.
 
 Run: ``python -m tests.bench.bench_receive [--senders N] [--repeat N]``.
-Target: idaics / storescp at least 0.5.
+Target: idaics / storescp at least 0.8 in the same run.
 """
 
 from __future__ import annotations
@@ -25,9 +25,24 @@ from tests.servers import NodeProcess, dcmtk, free_port, node_config
 def send_parallel(files: list[Path], port: int, aec: str, senders: int) -> float:
     chunks = [files[i::senders] for i in range(senders)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "MODALITY", "-aec", aec, "-R", "127.0.0.1", str(port),
-                               *map(str, chunk)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for chunk in chunks]
+    procs = [
+        subprocess.Popen(
+            [
+                dcmtk("storescu"),
+                "-aet",
+                "MODALITY",
+                "-aec",
+                aec,
+                "-R",
+                "127.0.0.1",
+                str(port),
+                *map(str, chunk),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
     errors = [p.communicate()[1] for p in procs]
     seconds = time.perf_counter() - t0
     bad = [e.decode()[-300:] for p, e in zip(procs, errors) if p.returncode != 0]
@@ -66,8 +81,11 @@ def main() -> None:
             out = tmp / f"storescp{r}"
             out.mkdir()
             port = free_port()
-            scp = subprocess.Popen([dcmtk("storescp"), "--fork", "-od", str(out), str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            scp = subprocess.Popen(
+                [dcmtk("storescp"), "--fork", "-od", str(out), str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 wait_port(port)
                 s = send_parallel(files, port, "STORESCP", args.senders)
@@ -77,8 +95,12 @@ def main() -> None:
                 scp.wait()
             shutil.rmtree(out)
             home = tmp / f"node{r}"
-            cfg, values = node_config(home, workers={"count": 0}, series={"quiet_seconds": 3600.0},
-                                      receiver={"allowed_calling_aets": ["MODALITY"], "max_associations": 32})
+            cfg, values = node_config(
+                home,
+                workers={"count": 0},
+                series={"quiet_seconds": 3600.0},
+                receiver={"allowed_calling_aets": ["MODALITY"], "max_associations": 32},
+            )
             node = NodeProcess(cfg, home, values["receiver"]["port"], "IDAICS").start()
             try:
                 s = send_parallel(files, node.port, "IDAICS", args.senders)
@@ -86,10 +108,15 @@ def main() -> None:
             finally:
                 node.stop()
             shutil.rmtree(home)
-            print(f"run {r + 1}: storescp {rates['storescp'][-1]:.1f} MB/s, idaics serve {rates['idaics'][-1]:.1f} MB/s")
+            print(
+                f"run {r + 1}: storescp {rates['storescp'][-1]:.1f} MB/s, idaics serve {rates['idaics'][-1]:.1f} MB/s"
+            )
         best = {k: max(v) for k, v in rates.items()}
-        print(f"best: storescp {best['storescp']:.1f} MB/s, idaics serve {best['idaics']:.1f} MB/s, "
-              f"ratio {best['idaics'] / best['storescp']:.2f} (target at least 0.5)")
+        ratios = [i / s for i, s in zip(rates["idaics"], rates["storescp"])]
+        print(
+            f"best: storescp {best['storescp']:.1f} MB/s, idaics serve {best['idaics']:.1f} MB/s; "
+            f"ratio per run min {min(ratios):.2f} max {max(ratios):.2f} (target at least 0.8)"
+        )
 
 
 if __name__ == "__main__":

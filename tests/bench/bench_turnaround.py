@@ -6,7 +6,7 @@ Real processes on loopback: Orthanc as the PACS, dcmtk `storescu` senders as the
 association is released (the stack is even), so the quiet time does not count.
 
 Run: ``python -m tests.bench.bench_turnaround [--repeat N]``.
-Target: under 30 s on the 2-core CPU.
+Target: at most 10 s on the 2-core CPU, at most 3 s on an H100.
 """
 
 from __future__ import annotations
@@ -24,19 +24,30 @@ from tests.servers import NodeProcess, node_config, orthanc
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--senders", type=int, default=1)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with orthanc(tmp / "orthanc") as pacs:
-            dest = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
-            cfg, values = node_config(tmp / "node", destinations=[dest], default_destinations=["pacs"],
-                                      series={"quiet_seconds": 30.0}, receiver={"allowed_calling_aets": ["MODALITY"]})
+            dest = {
+                "name": "pacs",
+                "ae_title": pacs.aet,
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+            }
+            cfg, values = node_config(
+                tmp / "node",
+                destinations=[dest],
+                default_destinations=["pacs"],
+                series={"quiet_seconds": 30.0},
+                receiver={"allowed_calling_aets": ["MODALITY"]},
+            )
             node = NodeProcess(cfg, tmp / "node", values["receiver"]["port"], "IDAICS").start()
             time.sleep(8)  # the worker loads and warms up the model once per process
             print(f"{'send s':>7} {'to SEG+SR s':>12}  stages in the node (s)")
+            turnaround = []
             try:
                 for r in range(args.repeat):
                     study = generate_study(tmp / f"study{r}", 5000 + r, 0, slices=args.slices)
@@ -47,8 +58,10 @@ def main() -> None:
                     sent = time.perf_counter()
                     while time.perf_counter() - sent < 300:
                         q = {"Level": "Series", "Query": {"StudyInstanceUID": uid}}
-                        found = {pacs.get_json(f"/series/{s}")["MainDicomTags"].get("Modality")
-                                 for s in pacs.post_json("/tools/find", q)}
+                        found = {
+                            pacs.get_json(f"/series/{s}")["MainDicomTags"].get("Modality")
+                            for s in pacs.post_json("/tools/find", q)
+                        }
                         if {"SEG", "SR"} <= found:
                             break
                         time.sleep(0.1)
@@ -58,10 +71,14 @@ def main() -> None:
                         job = s.query(Job).order_by(Job.id.desc()).first()
                         stages = {k: round(v, 1) for k, v in (job.stage_seconds or {}).items()}
                     engine.dispose()
+                    turnaround.append(done - sent)
                     print(f"{sent - t0:>7.1f} {done - sent:>12.1f}  {stages}")
             finally:
                 node.stop()
-    print("target: under 30 s from the last instance sent to SEG and SR in the PACS (2-core CPU)")
+    print(
+        f"last instance sent to SEG and SR in the PACS: min {min(turnaround):.1f} s max "
+        f"{max(turnaround):.1f} s (target at most 10 s on 2 CPU cores, 3 s on an H100)"
+    )
 
 
 if __name__ == "__main__":

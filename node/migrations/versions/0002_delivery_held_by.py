@@ -14,8 +14,13 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-delivery = sa.table("delivery", sa.column("id", sa.Integer), sa.column("state", sa.String),
-                    sa.column("history", sa.JSON), sa.column("held_by", sa.String))
+delivery = sa.table(
+    "delivery",
+    sa.column("id", sa.Integer),
+    sa.column("state", sa.String),
+    sa.column("history", sa.JSON),
+    sa.column("held_by", sa.String),
+)
 
 
 def upgrade() -> None:
@@ -31,14 +36,22 @@ def upgrade() -> None:
         # only the last entry of a PENDING delivery was a hold in progress
         last = history[-1] if history else {}
         held_by = last.get("held_by") if row.state == "PENDING" and isinstance(last, dict) else None
-        conn.execute(sa.update(delivery).where(delivery.c.id == row.id).values(history=kept, held_by=held_by))
+        conn.execute(
+            sa.update(delivery).where(delivery.c.id == row.id).values(history=kept, held_by=held_by)
+        )
 
 
 def downgrade() -> None:
     conn = op.get_bind()
-    for row in conn.execute(sa.select(delivery.c.id, delivery.c.history, delivery.c.held_by)
-                            .where(delivery.c.held_by.is_not(None))).all():
-        conn.execute(sa.update(delivery).where(delivery.c.id == row.id).values(
-            history=[*(row.history or []), {"held_by": row.held_by}]))
+    for row in conn.execute(
+        sa.select(delivery.c.id, delivery.c.history, delivery.c.held_by).where(
+            delivery.c.held_by.is_not(None)
+        )
+    ).all():
+        conn.execute(
+            sa.update(delivery)
+            .where(delivery.c.id == row.id)
+            .values(history=[*(row.history or []), {"held_by": row.held_by}])
+        )
     with op.batch_alter_table("delivery") as batch:
         batch.drop_column("held_by")
