@@ -7,8 +7,6 @@ import datetime as dt
 import threading
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select, text
 
 from node import migrations
@@ -323,17 +321,10 @@ def test_a_silent_worker_is_recognised_by_its_heartbeat(sessions):
 
 
 def test_deliveries_retry_with_backoff_fail_visibly_and_can_be_resent(sessions, tmp_path):
+    from tests.test_sender import result
+
     out = tmp_path / "outbox"
-    (out / "dicom").mkdir(parents=True)
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3.4"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
-        ds.SOPClassUID,
-        "1.2.3.4",
-    )
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(out / "dicom" / "sr.dcm", enforce_file_format=True)
+    result(out)
     closed = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
     settings = Settings(
         destinations=[closed.model_dump()],

@@ -75,6 +75,7 @@ def storescp(folder: Path, aet: str = "GOOD"):
 
 
 def result(outbox: Path) -> None:
+    """A job's outbox holding one small SR, as a worker leaves it."""
     (outbox / "dicom").mkdir(parents=True)
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", generate_uid()

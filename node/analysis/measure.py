@@ -17,7 +17,7 @@ from node.analysis.spine import DiscSite
 from node.analysis.volume import Volume
 from node.classes import DiscClass
 from node.geometry import Plane, sample_plane
-from node.masks import disk
+from node.masks import disk, fill_holes
 
 #: A ray counts as "beyond the vertebral edge" past this many millimetres.
 EXTENDS_MM = 1.0
@@ -130,7 +130,7 @@ def _body_holes(bone: np.ndarray, plane: Plane) -> np.ndarray:
 
     The spinal canal is a hole too (ringed by the arch) but lies behind the disc centre.
     """
-    holes = ndimage.binary_fill_holes(bone) & ~bone
+    holes = fill_holes(bone) & ~bone
     lab, n = ndimage.label(holes)
     if n == 0:
         return holes
@@ -151,48 +151,22 @@ def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> n
     broken where the basivertebral vein leaves the body. The ring above `EDGE_BONE_HU` is
     closed over such gaps, filled (the canal, a hole behind the disc centre, is not), and
     opened with a disk wider than a pedicle so that the arch does not count as body; a
-    vessel bright in the disc's own plane is taken out first. The outline is that of either
+    vessel lying against the body (`_vessels`) is taken out first. The outline is that of either
     body (their union), on ``plane``'s own pixel grid.
     """
     factor = max(1, int(round(EDGE_PIXEL_MM / plane.pixel_mm)))
     coarse = Plane(plane.centre, plane.u, plane.v, plane.size // factor, plane.pixel_mm * factor)
-    # what stays bright right across the disc space (a contrast-filled aorta, a calcified
-    # vessel lying against the body) is no body; a plane that grazes an endplate (thin,
-    # concave or tilted discs) is bright in one of these planes, not in all
     across = np.min(
-        [
-            sample_plane(
-                vol.hu, vol.grid, coarse.shifted(f * (up_mm + down_mm) / 2), order=1, fill=-1000.0
-            )
-            for f in (-0.5, 0.0, 0.5)
-        ],
-        axis=0,
+        _slices(vol, coarse, tuple(f * (up_mm + down_mm) / 2 for f in (-0.5, 0.0, 0.5))), axis=0
     )
-    mid = ndimage.gaussian_filter(across, EDGE_SMOOTH_MM / coarse.pixel_mm) > EDGE_BONE_HU
-    wide = ndimage.binary_opening(mid, structure=disk(VESSEL_MM / coarse.pixel_mm))
-    lab, n = ndimage.label(wide)
-    if n:
-        area = ndimage.sum_labels(wide, lab, range(1, n + 1)) * coarse.pixel_mm**2
-        at = np.array(ndimage.center_of_mass(wide, lab, range(1, n + 1))) - (coarse.size - 1) / 2
-        away = np.hypot(at[:, 0], at[:, 1]) * coarse.pixel_mm
-        ahead = at[:, 0] < 0  # the great vessels lie in front of the column; the arch behind it
-        wide = np.isin(
-            lab, 1 + np.nonzero((area >= VESSEL_AREA_MM2) & (away > VESSEL_AWAY_MM) & ahead)[0]
-        )
-    vessel = ndimage.binary_dilation(wide, structure=disk(1.0 / coarse.pixel_mm))
+    vessel = _vessels(_bright(across, coarse), coarse)
     edge = np.zeros((coarse.size, coarse.size), dtype=bool)
     for d in (up_mm, -down_mm):
         side = np.sign(d) or 1.0
         brightest = np.max(
-            [
-                sample_plane(
-                    vol.hu, vol.grid, coarse.shifted(d + side * off), order=1, fill=-1000.0
-                )
-                for off in EDGE_OFFSETS_MM
-            ],
-            axis=0,
+            _slices(vol, coarse, tuple(d + side * off for off in EDGE_OFFSETS_MM)), axis=0
         )
-        bone = ndimage.gaussian_filter(brightest, EDGE_SMOOTH_MM / coarse.pixel_mm) > EDGE_BONE_HU
+        bone = _bright(brightest, coarse)
         bone = ndimage.binary_closing(bone & ~vessel, structure=disk(RING_GAP_MM / coarse.pixel_mm))
         body = bone | _body_holes(bone, coarse)
         body = ndimage.binary_opening(body, structure=disk(PEDICLE_MM / coarse.pixel_mm))
@@ -215,6 +189,36 @@ def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> n
     out = np.zeros((plane.size, plane.size), dtype=bool)
     out[: full.shape[0], : full.shape[1]] = full[: plane.size, : plane.size]
     return out
+
+
+def _slices(vol: Volume, plane: Plane, offsets: tuple[float, ...]) -> np.ndarray:
+    """HU on ``plane`` shifted by each of ``offsets`` (mm) along its normal, stacked."""
+    return np.stack(
+        [sample_plane(vol.hu, vol.grid, plane.shifted(o), order=1, fill=-1000.0) for o in offsets]
+    )
+
+
+def _bright(hu: np.ndarray, plane: Plane) -> np.ndarray:
+    """Where ``hu``, lightly smoothed, is as bright as cortex (`EDGE_BONE_HU`)."""
+    return ndimage.gaussian_filter(hu, EDGE_SMOOTH_MM / plane.pixel_mm) > EDGE_BONE_HU
+
+
+def _vessels(across: np.ndarray, plane: Plane) -> np.ndarray:
+    """A vessel lying against the body (a contrast-filled aorta), grown by 1 mm: what stays
+    bright right across the disc space (``across``), in parts wider than `VESSEL_MM`, of at
+    least `VESSEL_AREA_MM2`, centred more than `VESSEL_AWAY_MM` from the disc centre and in
+    front of it. A plane that grazes an endplate (thin, concave or tilted discs) is bright in
+    one of the planes across the disc space, not in all; the arch lies behind the disc."""
+    wide = ndimage.binary_opening(across, structure=disk(VESSEL_MM / plane.pixel_mm))
+    lab, n = ndimage.label(wide)
+    if n:
+        area = ndimage.sum_labels(wide, lab, range(1, n + 1)) * plane.pixel_mm**2
+        at = np.array(ndimage.center_of_mass(wide, lab, range(1, n + 1))) - (plane.size - 1) / 2
+        away = np.hypot(at[:, 0], at[:, 1]) * plane.pixel_mm
+        ahead = at[:, 0] < 0
+        keep = (area >= VESSEL_AREA_MM2) & (away > VESSEL_AWAY_MM) & ahead
+        wide = np.isin(lab, 1 + np.nonzero(keep)[0])
+    return ndimage.binary_dilation(wide, structure=disk(1.0 / plane.pixel_mm))
 
 
 def _centre_body(mask: np.ndarray) -> np.ndarray:

@@ -7,8 +7,9 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
@@ -187,15 +188,22 @@ def release_dead_holds(session: Session, dead: Callable[[str], bool], actor: str
     return out
 
 
+def due(*columns: Any) -> Select[Any]:
+    """The PENDING deliveries whose next try is due now, oldest first (``columns`` of them)."""
+    return (
+        select(*columns)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_try_at <= utcnow())
+        .order_by(Delivery.id)
+    )
+
+
 def deliver_due(
     sessions: sessionmaker, settings: Settings, actor: str, job_id: int | None = None
 ) -> int:
     """Try every PENDING delivery that is due (of one job, or all); returns how many were sent."""
     with sessions() as s:
-        q = select(Delivery.id).where(
-            Delivery.state == DeliveryState.PENDING, Delivery.next_try_at <= utcnow()
-        )
+        q = due(Delivery.id)
         if job_id is not None:
             q = q.where(Delivery.job_id == job_id)
-        due = list(s.execute(q.order_by(Delivery.id)).scalars())
-    return sum(attempt(sessions, i, settings, actor) for i in due)
+        ids = list(s.execute(q).scalars())
+    return sum(attempt(sessions, i, settings, actor) for i in ids)

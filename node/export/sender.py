@@ -1,8 +1,8 @@
 """The sender: the one part of the node that delivers results.
 
 Workers write a job's results to the outbox, queue one delivery per destination and go back
-to analysing; the sender finds the deliveries that are due, every `Sending.poll_seconds` or at
-once when told (`poke`), and tries each in a pool of `Sending.threads` threads, at most
+to analysing; the sender finds the deliveries that are due, every `Sending.poll_seconds` and
+whenever a try ends, and tries each in a pool of `Sending.threads` threads, at most
 `Sending.per_destination` at once to one destination: a PACS that stalls holds its own
 threads until its timeout, never a worker, and never the sends to the other destinations.
 Each try is `delivery.attempt` (claimed with a lease, so senders on several hosts never send
@@ -16,14 +16,13 @@ import queue
 import threading
 from collections import Counter
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from node import logs
 from node.config import Settings
-from node.db import Delivery, DeliveryState, utcnow
-from node.export.delivery import attempt
+from node.db import Delivery
+from node.export.delivery import attempt, due
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,6 @@ class Sender:
         for t in self._threads:
             t.start()
 
-    def poke(self) -> None:
-        """Look for due deliveries now (results were just queued)."""
-        self._wake.set()
-
     def stop(self) -> None:
         """Stop taking deliveries; tries in progress are left to finish in their daemon threads
         (their leases stay recorded: a node that exits in the middle frees them at its next start)."""
@@ -74,14 +69,10 @@ class Sender:
         """Hand the due deliveries that may go now to the pool; returns how many."""
         limit = self.settings.sending.per_destination
         with self.sessions() as s:
-            due = s.execute(
-                select(Delivery.id, Delivery.destination, Delivery.job_id)
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_try_at <= utcnow())
-                .order_by(Delivery.id)
-            ).all()
+            rows = s.execute(due(Delivery.id, Delivery.destination, Delivery.job_id)).all()
         handed = 0
         with self._lock:
-            for delivery_id, destination, job_id in due:
+            for delivery_id, destination, job_id in rows:
                 if delivery_id in self._in_flight or self._per_destination[destination] >= limit:
                     continue
                 self._in_flight.add(delivery_id)
@@ -109,10 +100,7 @@ class Sender:
             try:
                 with logs.job(job_id):
                     attempt(self.sessions, delivery_id, self.settings, self.actor)
-            except (
-                SQLAlchemyError,
-                OSError,
-            ):  # attempt records every send error; this is the database
+            except (SQLAlchemyError, OSError):  # attempt records send errors; this is the database
                 log.exception(
                     "sender: delivery %s to %s could not be recorded", delivery_id, destination
                 )

@@ -60,7 +60,7 @@ class MigrationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Upgrade:
-    before: str | None  # None: empty, or made before migrations (``legacy``)
+    before: str | None  # None: empty; a database made before migrations is BASELINE, ``legacy``
     after: str
     legacy: bool = False
     backup: Path | None = None
