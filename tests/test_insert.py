@@ -188,3 +188,54 @@ def test_the_column_is_followed_to_the_edge_of_the_field_of_view(chest_base):
     )
     assert len(offsets) == 3
     assert np.all(np.hypot(*(offsets - np.median(offsets, axis=0)).T) < 6.0), np.round(offsets, 1)
+
+
+def test_the_discs_own_margin_in_real_ct_shows_a_protrusion_and_how_far_a_bulge_reaches(
+    lumbar_base,
+):
+    """The disc's margin read in the CT itself (no model), at both levels of the real crop:
+    a focal posterolateral protrusion drawn in is called a protrusion, and a broad bulge drawn
+    into the same level reaches beyond the vertebral edge over a wider arc of the posterior
+    half than the protrusion does. (A broad bulge is not always read over the full 90 degrees
+    of the rule here: the crop's posterior margin is partly as dark as its fat.)"""
+    from dataclasses import replace
+
+    from node.analysis.measure import (
+        TISSUE_BEYOND_MM,
+        TISSUE_STEP_DEG,
+        tissue_extension,
+        tissue_rule,
+        vertebral_edge,
+    )
+    from node.analysis.spine import find_spine
+    from node.analysis.views import disc_plane
+    from node.classes import DiscClass
+    from node.inference.interface import View
+    from node.phantom.insert import Lesion, insert
+    from node.phantom.plan import Disc
+
+    base = lumbar_base
+    sites = find_spine(base.volume()).discs
+    spec = ViewSpec(size=512, axial_fov_mm=80.0, sagittal_fov_mm=100.0)
+    shapes = {
+        DiscClass.BULGE: dict(bulge_mm=4.0, bulge_half_arc_deg=150.0, bulge_dir_deg=90.0),
+        DiscClass.PROTRUSION: dict(
+            protrusion_mm=5.5, protrusion_half_width_deg=20.0, protrusion_dir_deg=70.0
+        ),
+    }
+    for lv in base_levels(base):
+        site = min(sites, key=lambda s: np.linalg.norm(s.centre - lv.centre))
+        assert np.linalg.norm(site.centre - lv.centre) < 10.0
+        plane = disc_plane(View.AXIAL, site.centre, site.frame, spec)
+        arcs, called = {}, {}
+        for cls, kw in shapes.items():
+            hu = base.hu.copy()
+            disc = Disc(level=lv.level, reported=True, upper=0, lower=1, classes=(cls,), **kw)
+            insert(base, hu, lv, Lesion(lv.level, disc))
+            vol = replace(base, hu=hu).volume()
+            edge = vertebral_edge(vol, plane, site.height_mm / 2, site.height_mm / 2)
+            ext = tissue_extension(vol, plane, edge)
+            arcs[cls] = float(np.sum(ext.extension_mm > TISSUE_BEYOND_MM)) * TISSUE_STEP_DEG
+            called[cls] = tissue_rule(ext)
+        assert called[DiscClass.PROTRUSION] is DiscClass.PROTRUSION, (lv.level, arcs)
+        assert arcs[DiscClass.BULGE] >= arcs[DiscClass.PROTRUSION] + 20.0, (lv.level, arcs)

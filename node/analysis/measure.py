@@ -3,12 +3,14 @@
 Both the truth of the phantoms and the analysis of the model's masks use `disc_extension`,
 so that a phantom's "share of circumference" means the same as the node's. `vertebral_edge`
 finds the bodies' outline in the CT itself, and `measure` takes a disc's measurements and the
-paper's 25% rule from the model's mask against it.
+paper's 25% rule from the model's mask against it. `tissue_extension` finds the disc's own
+margin in the CT, where the disc meets the fat and CSF behind it, so that the rule can also be
+read without the model's mask (`tissue_rule`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -36,6 +38,21 @@ VESSEL_AWAY_MM = 20.0  # ... centred outside the body, not on a tilted endplate 
 CONCAVE_MM = 3.0  # how far the posterior corners of a body reach behind its midline wall
 PEDICLE_MM = 5.0  # opening radius: wider than half a pedicle, far narrower than a body
 CANAL_BEHIND_MM = 10.0  # a hole further behind the disc centre than this is the canal
+#: The disc's own margin in the CT: where the HU (the mean over +-1 mm about the disc's mid
+#: plane, smoothed 0.8 mm) falls this far below the disc's interior (the median inside the
+#: vertebral edge, 4 mm in from it). It is read over the posterior half only, where the disc
+#: meets the canal's and the foramina's fat and CSF; in front and at the sides the psoas and
+#: the vessels are as dense as disc. The 25% of the circumference of the paper's rule is 90
+#: degrees of arc, which the posterior half can show whole.
+TISSUE_DROP_HU = 35.0
+TISSUE_SECTOR_DEG = (20.0, 160.0)
+TISSUE_STEP_DEG = 2.0
+TISSUE_SMOOTH_MM = 0.8
+TISSUE_INNER_MM = 4.0
+TISSUE_REACH_MM = 12.0  # rays are followed this far past the vertebral edge
+TISSUE_BEYOND_MM = 2.0  # a ray counts as beyond the edge past this ...
+TISSUE_BULGE_ARC_DEG = 90.0  # ... and over more of the arc than this, the disc bulges
+TISSUE_FOCAL_MM = 4.5  # a narrower extension at least this far is a protrusion
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,11 @@ class Measurements:
     extension_direction_deg: float | None = None
     disc_area_mm2: float | None = None
     rule_class: DiscClass | None = None  # what the 25% rule says from the masks
+    #: The disc's own margin in the CT (`tissue_extension`): the arc of the posterior half
+    #: beyond the vertebral edge, the largest extension there, and what the rule says of them.
+    tissue_arc_deg: float | None = None
+    tissue_extension_mm: float | None = None
+    tissue_class: DiscClass | None = None
 
 
 def _body_holes(bone: np.ndarray, plane: Plane) -> np.ndarray:
@@ -232,16 +254,64 @@ def _centre_body(mask: np.ndarray) -> np.ndarray:
     return lab == keep
 
 
+def tissue_extension(vol: Volume, plane: Plane, edge: np.ndarray) -> Extension:
+    """Extension of the disc's own margin in the CT beyond ``edge`` (on ``plane``, the disc's
+    mid plane), per ray over the posterior half (`TISSUE_SECTOR_DEG`) from the body's centre.
+
+    Along each ray, from 2 mm inside the edge, the margin is the first point darker than the
+    disc's interior by `TISSUE_DROP_HU`; a ray that finds none within `TISSUE_REACH_MM` counts
+    as reaching that far (a disc filling the canal up to the arch).
+    """
+    px = plane.pixel_mm
+    hu = np.mean(_slices(vol, plane, (-1.0, -0.5, 0.0, 0.5, 1.0)), axis=0)
+    inner = ndimage.binary_erosion(edge, structure=disk(TISSUE_INNER_MM / px))
+    disc_hu = float(np.median(hu[inner if inner.any() else edge]))
+    smooth = ndimage.gaussian_filter(hu, TISSUE_SMOOTH_MM / px)
+    rr, cc = np.nonzero(edge)
+    centre = (float(rr.mean()), float(cc.mean()))
+    deg = np.arange(TISSUE_SECTOR_DEG[0], TISSUE_SECTOR_DEG[1] + 1e-6, TISSUE_STEP_DEG)
+    angles = np.radians(deg)
+    r_edge = outer_radius(edge, centre, angles)
+    steps = np.arange(-2.0, TISSUE_REACH_MM + 1e-6, 0.25) / px
+    rad = np.nan_to_num(r_edge)[:, None] + steps[None, :]
+    rows = centre[0] + np.sin(angles)[:, None] * rad
+    cols = centre[1] + np.cos(angles)[:, None] * rad
+    values = ndimage.map_coordinates(smooth, [rows, cols], order=1, cval=-1000.0)
+    dark = values < disc_hu - TISSUE_DROP_HU
+    first = np.where(dark.any(axis=1), np.argmax(dark, axis=1), steps.size - 1)
+    ext = np.where(np.isfinite(r_edge), steps[first] * px, np.nan)
+    return Extension(deg, ext)
+
+
+def tissue_rule(ext: Extension) -> DiscClass:
+    """The paper's rule on the disc's own margin: beyond the edge over more than a quarter of
+    the circumference is a bulge, a narrower extension of `TISSUE_FOCAL_MM` a protrusion."""
+    arc = float(np.sum(ext.extension_mm > TISSUE_BEYOND_MM)) * TISSUE_STEP_DEG
+    if arc > TISSUE_BULGE_ARC_DEG:
+        return DiscClass.BULGE
+    return DiscClass.PROTRUSION if ext.max_mm >= TISSUE_FOCAL_MM else DiscClass.NORMAL
+
+
 def measure(
     vol: Volume, site: DiscSite, plane: Plane, disc_mask: np.ndarray | None
 ) -> tuple[Measurements, np.ndarray | None]:
-    """The disc's measurements, and the vertebral edge on ``plane`` they were taken against."""
-    if disc_mask is None or not disc_mask.any():
-        return Measurements(height_mm=site.height_mm), None
+    """The disc's measurements on ``plane`` (its mid axial plane), and the vertebral edge they
+    were taken against: the disc's own margin in the CT always, the model's mask where there
+    is one."""
     edge = vertebral_edge(vol, plane, site.height_mm / 2, site.height_mm / 2)
-    area = float(disc_mask.sum()) * plane.pixel_mm**2
     if not edge.any():
-        return Measurements(height_mm=site.height_mm, disc_area_mm2=area), None
+        return Measurements(height_mm=site.height_mm), None
+    tissue = tissue_extension(vol, plane, edge)
+    arc = float(np.sum(tissue.extension_mm > TISSUE_BEYOND_MM)) * TISSUE_STEP_DEG
+    base = Measurements(
+        site.height_mm,
+        tissue_arc_deg=arc,
+        tissue_extension_mm=tissue.max_mm,
+        tissue_class=tissue_rule(tissue),
+    )
+    if disc_mask is None or not disc_mask.any():
+        return base, edge
+    area = float(disc_mask.sum()) * plane.pixel_mm**2
     ext = disc_extension(disc_mask, edge, plane.pixel_mm)
     share, mx = ext.share, ext.max_mm
     rule = (
@@ -251,4 +321,14 @@ def measure(
         if mx > EXTENDS_MM and share > 0
         else DiscClass.NORMAL
     )
-    return Measurements(site.height_mm, mx, share, ext.direction_deg, area, rule), edge
+    return (
+        replace(
+            base,
+            extension_mm=mx,
+            extension_share=share,
+            extension_direction_deg=ext.direction_deg,
+            disc_area_mm2=area,
+            rule_class=rule,
+        ),
+        edge,
+    )

@@ -167,32 +167,39 @@ def _apply_rule(
 ) -> list[Finding]:
     """Where the model's vote on the disc's shape is weak, the paper's 25% rule decides.
 
-    The rule is measured on the model's own mask of the disc against the vertebral edge.
+    The rule is read on the disc's own margin in the CT (`tissue_extension`), or where that
+    could not be measured on the model's own mask of the disc, against the vertebral edge.
     Disagreements are always reported as a warning on the level.
     """
     morph = next((f for f in findings if f.cls is not DiscClass.SCHMORL), None)
     node = [f for f in findings if f.cls is DiscClass.SCHMORL]
     model_says = morph.cls if morph else DiscClass.NORMAL
-    if m.rule_class is None or m.rule_class is model_says:
+    if m.tissue_class is not None:
+        rule = m.tissue_class
+        how = (
+            f"the disc's margin in the CT beyond the vertebral edge over {m.tissue_arc_deg or 0:.0f} "
+            f"degrees of the posterior half, at most {m.tissue_extension_mm or 0:.1f} mm"
+        )
+    elif m.rule_class is not None:
+        rule = m.rule_class
+        how = (
+            f"its mask beyond the vertebral edge over {(m.extension_share or 0) * 100:.0f}% of "
+            f"the circumference, at most {m.extension_mm or 0:.1f} mm"
+        )
+    else:
         return findings
-    how = (
-        f"{(m.extension_share or 0) * 100:.0f}% of the circumference, {m.extension_mm or 0:.1f} mm beyond "
-        "the vertebral edge"
-    )
+    if rule is model_says and findings:
+        return findings
     vote = max(votes.values(), default=0.0)
     if vote >= RULE_BELOW_VOTE:
-        warnings.append(
-            f"model says {model_says.value}, the 25% rule on its mask says {m.rule_class.value} ({how})"
-        )
+        warnings.append(f"model says {model_says.value}, the 25% rule says {rule.value} ({how})")
         return findings
     warnings.append(
         f"model unsure ({model_says.value}, vote {vote:.2f}); the 25% rule decides "
-        f"{m.rule_class.value} ({how})"
+        f"{rule.value} ({how})"
     )
-    shape = [
-        Finding(m.rule_class, votes.get(m.rule_class.value, 0.0), morph.slices if morph else 0)
-    ]
-    if m.rule_class is DiscClass.NORMAL and node:
+    shape = [Finding(rule, votes.get(rule.value, 0.0), morph.slices if morph else 0)]
+    if rule is DiscClass.NORMAL and node:
         shape = []
     return shape + node
 
@@ -215,6 +222,7 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
     t0 = time.perf_counter()
     results = []
     calibration = model.card.calibration
+    spec = model.card.views
     for i, site in enumerate(spine.discs):
         mine = [(v, d) for v, d in zip(views, dets) if v.disc == i]
         sl = [
@@ -259,9 +267,8 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
                             half,
                         )
                     )
-        m, edge = (
-            measure(vol, site, mid[0], mid[1]) if mid else (Measurements(site.height_mm), None)
-        )
+        plane = mid[0] if mid else disc_plane(View.AXIAL, site.centre, site.frame, spec)
+        m, edge = measure(vol, site, plane, mid[1] if mid else None)
         w = []
         if not findings:
             w.append("the model found no disc at this level")
