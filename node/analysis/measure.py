@@ -264,7 +264,9 @@ def tissue_extension(vol: Volume, plane: Plane, edge: np.ndarray) -> Extension:
     """
     px = plane.pixel_mm
     hu = np.mean(_slices(vol, plane, (-1.0, -0.5, 0.0, 0.5, 1.0)), axis=0)
-    inner = ndimage.binary_erosion(edge, structure=disk(TISSUE_INNER_MM / px))
+    # `edge` eroded by a disk of TISSUE_INNER_MM (outside the plane counts as outside): the
+    # same pixels as binary_erosion with `disk`, through the distance map, far faster
+    inner = ndimage.distance_transform_edt(np.pad(edge, 1))[1:-1, 1:-1] > TISSUE_INNER_MM / px
     disc_hu = float(np.median(hu[inner if inner.any() else edge]))
     smooth = ndimage.gaussian_filter(hu, TISSUE_SMOOTH_MM / px)
     rr, cc = np.nonzero(edge)
