@@ -201,8 +201,7 @@ def test_the_discs_own_margin_in_real_ct_shows_a_protrusion_and_how_far_a_bulge_
     from dataclasses import replace
 
     from node.analysis.measure import (
-        TISSUE_BEYOND_MM,
-        TISSUE_STEP_DEG,
+        tissue_arc_deg,
         tissue_extension,
         tissue_rule,
         vertebral_edge,
@@ -235,7 +234,7 @@ def test_the_discs_own_margin_in_real_ct_shows_a_protrusion_and_how_far_a_bulge_
             vol = replace(base, hu=hu).volume()
             edge = vertebral_edge(vol, plane, site.height_mm / 2, site.height_mm / 2)
             ext = tissue_extension(vol, plane, edge)
-            arcs[cls] = float(np.sum(ext.extension_mm > TISSUE_BEYOND_MM)) * TISSUE_STEP_DEG
+            arcs[cls] = tissue_arc_deg(ext)
             called[cls] = tissue_rule(ext)
         assert called[DiscClass.PROTRUSION] is DiscClass.PROTRUSION, (lv.level, arcs)
         assert arcs[DiscClass.BULGE] >= arcs[DiscClass.PROTRUSION] + 20.0, (lv.level, arcs)

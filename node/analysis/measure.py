@@ -285,11 +285,16 @@ def tissue_extension(vol: Volume, plane: Plane, edge: np.ndarray) -> Extension:
     return Extension(deg, ext)
 
 
+def tissue_arc_deg(ext: Extension) -> float:
+    """Degrees of a `tissue_extension`'s arc where the margin lies more than
+    `TISSUE_BEYOND_MM` beyond the vertebral edge."""
+    return float(np.sum(ext.extension_mm > TISSUE_BEYOND_MM)) * TISSUE_STEP_DEG
+
+
 def tissue_rule(ext: Extension) -> DiscClass:
     """The paper's rule on the disc's own margin: beyond the edge over more than a quarter of
     the circumference is a bulge, a narrower extension of `TISSUE_FOCAL_MM` a protrusion."""
-    arc = float(np.sum(ext.extension_mm > TISSUE_BEYOND_MM)) * TISSUE_STEP_DEG
-    if arc > TISSUE_BULGE_ARC_DEG:
+    if tissue_arc_deg(ext) > TISSUE_BULGE_ARC_DEG:
         return DiscClass.BULGE
     return DiscClass.PROTRUSION if ext.max_mm >= TISSUE_FOCAL_MM else DiscClass.NORMAL
 
@@ -304,10 +309,9 @@ def measure(
     if not edge.any():
         return Measurements(height_mm=site.height_mm), None
     tissue = tissue_extension(vol, plane, edge)
-    arc = float(np.sum(tissue.extension_mm > TISSUE_BEYOND_MM)) * TISSUE_STEP_DEG
     base = Measurements(
         site.height_mm,
-        tissue_arc_deg=arc,
+        tissue_arc_deg=tissue_arc_deg(tissue),
         tissue_extension_mm=tissue.max_mm,
         tissue_class=tissue_rule(tissue),
     )

@@ -222,7 +222,6 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
     t0 = time.perf_counter()
     results = []
     calibration = model.card.calibration
-    spec = model.card.views
     for i, site in enumerate(spine.discs):
         mine = [(v, d) for v, d in zip(views, dets) if v.disc == i]
         sl = [
@@ -267,7 +266,12 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
                             half,
                         )
                     )
-        plane = mid[0] if mid else disc_plane(View.AXIAL, site.centre, site.frame, spec)
+        # the disc's mid axial plane, cut for the model whether or not it drew a mask there
+        plane = next(
+            v.plane
+            for v, _ in mine
+            if v.view is View.AXIAL and v.role == "disc" and v.offset_mm == 0.0
+        )
         m, edge = measure(vol, site, plane, mid[1] if mid else None)
         w = []
         if not findings:
