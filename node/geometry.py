@@ -38,6 +38,26 @@ class Grid:
         lps = np.asarray(lps, dtype=float)
         return lps @ inv[:3, :3].T + inv[:3, 3]
 
+    def lattice_index(
+        self, origin: np.ndarray, axes: tuple[tuple[np.ndarray, np.ndarray], ...]
+    ) -> np.ndarray:
+        """Fractional indices ``(3, n0, n1, ...)`` of the points ``origin + sum_k s_k * d_k``
+        for every combination of the steps ``s_k`` (mm) of each axis ``(steps, direction)``.
+
+        The indices are linear in the steps, so they are built by broadcasting, never as
+        an array of LPS points (the cost of cutting a plane or a box out of a volume).
+        """
+        inv = np.linalg.inv(self.affine)
+        m = inv[:3, :3]
+        n = len(axes)
+        idx = (m @ np.asarray(origin, dtype=float) + inv[:3, 3]).reshape((3,) + (1,) * n)
+        for k, (steps, direction) in enumerate(axes):
+            shape = [1] * (n + 1)
+            shape[0], shape[k + 1] = 3, len(steps)
+            step = (m @ direction)[:, None] * np.asarray(steps, dtype=float)[None, :]
+            idx = idx + step.reshape(shape)
+        return idx
+
 
 def axial_grid(
     *,
@@ -136,9 +156,9 @@ def sample_plane(
     volume: np.ndarray, grid: Grid, plane: Plane, *, order: int = 1, fill: float = 0.0
 ) -> np.ndarray:
     """Resample ``volume`` on ``plane``; ``order`` 0 for label volumes, 1 for images."""
-    i, j = np.mgrid[0 : plane.size, 0 : plane.size]
-    lps = plane.pixel_to_patient(np.stack([i, j], axis=-1).reshape(-1, 2))
-    idx = grid.to_index(lps).T
+    half = (plane.size - 1) / 2.0
+    steps = (np.arange(plane.size) - half) * plane.pixel_mm
+    idx = grid.lattice_index(plane.centre, ((steps, plane.v), (steps, plane.u))).reshape(3, -1)
     out = ndimage.map_coordinates(
         volume, idx, order=order, mode="constant", cval=fill, prefilter=False
     )

@@ -199,7 +199,7 @@ def _chest_ct(shared_data):
 
 
 #: TotalSegmentator label ids of the vertebrae in the real chest CT (labels.csv).
-CHEST_LABELS = {"T10": 34, "T11": 33, "T12": 32, "L1": 31, "L2": 30}
+CHEST_LABELS = {"T10": 34, "T11": 33, "T12": 32, "L1": 31, "L2": 30, "L3": 29}
 
 
 def _labelled_disc_centre(vol, labels, upper: str, lower: str) -> np.ndarray:
@@ -222,14 +222,15 @@ def test_real_contrast_chest_ct_levels_are_named_from_the_ribs(shared_data):
     assert not spine.sacrum_found and spine.rib_anchor
     assert any("named from the lowest ribs" in w for w in spine.warnings)
     named = {d.level: d for d in spine.named}
-    for upper, lower in (("T11", "T12"), ("T12", "L1"), ("L1", "L2")):
+    for upper, lower in (("T11", "T12"), ("T12", "L1"), ("L1", "L2"), ("L2", "L3")):
         level = f"{upper}-{lower}"
         assert level in named, f"{level} not found: {sorted(named)}"
         miss = np.linalg.norm(
             named[level].centre - _labelled_disc_centre(vol, labels, upper, lower)
         )
         assert miss < 10.0, f"{level} is {miss:.1f} mm from the labelled disc"
-    assert [d.level for d in spine.discs] == ["T12-L1", "L1-L2"]  # the levels the node reports
+    # the levels the node reports (L2-L3, 16 mm above the last slice, found on its endplates)
+    assert [d.level for d in spine.discs] == ["T12-L1", "L1-L2", "L2-L3"]
 
 
 def test_a_series_with_ribs_down_to_its_lowest_vertebra_names_no_lumbar_level(shared_data):

@@ -38,17 +38,11 @@ def _sample(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     us = np.arange(-REACH_MM, REACH_MM + 1e-6, STEP_MM)
     ws = np.arange(-reach_w, reach_w + 1e-6, W_STEP_MM)
-    w, u, v = np.meshgrid(ws, us, us, indexing="ij")
-    pts = (
-        centre
-        + u[..., None] * frame[:, 0]
-        + v[..., None] * frame[:, 1]
-        + w[..., None] * frame[:, 2]
-    )
+    idx = grid.lattice_index(centre, ((ws, frame[:, 2]), (us, frame[:, 0]), (us, frame[:, 1])))
     vals = ndimage.map_coordinates(
-        hu, grid.to_index(pts.reshape(-1, 3)).T, order=1, mode="constant", cval=-1000.0
-    )
-    return us, ws, ndimage.gaussian_filter(vals.reshape(w.shape), (1.0, 0.6, 0.6))
+        hu, idx.reshape(3, -1), order=1, mode="constant", cval=-1000.0
+    ).reshape(idx.shape[1:])
+    return us, ws, ndimage.gaussian_filter(vals, (1.0, 0.6, 0.6))
 
 
 def _first_peak(seg: np.ndarray) -> np.ndarray:

@@ -50,6 +50,9 @@ MIN_SPANNED_BODY_MM = 22.0  # a spacing taken to span two bodies holds two of at
 SHOULDER_MM = 12.0
 BEYOND_MM = 4.0
 EDGE_BODY_MM = 12.0
+BEYOND_IN_VIEW_MM = 8.0  # a disc looked for past the last one found lies this far in view
+BEYOND_SHIFT_MM = 8.0
+BEYOND_MAX_HEIGHT_MM = 15.0
 EDGE_DEPTH_RATIO = 0.7
 BEYOND_DROP_HU = 30.0
 SACRUM_WIDTH_RATIO = 1.35
@@ -647,6 +650,11 @@ def disc_spans(
     return sorted(kept)
 
 
+#: A disc site before naming: centre, frame, height, index on the centre line, and whether
+#: it was already measured on its endplates.
+_Site = tuple[np.ndarray, np.ndarray, float, int, bool]
+
+
 def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray) -> float:
     """Lateral extent of bone in front of the canal in the plane through ``centre``."""
     u = np.arange(-80.0, 80.0 + 1e-6, 1.0)
@@ -667,10 +675,10 @@ def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
     return float(xs.max() - xs.min())
 
 
-def _lumbosacral(mask: np.ndarray, grid: Grid, sites: list) -> int | None:
+def _lumbosacral(mask: np.ndarray, grid: Grid, sites: list[_Site]) -> int | None:
     """Index of the L5-S1 disc among the lowest two sites, or None without a sacrum."""
     for j in reversed(range(max(0, len(sites) - 1 - SACRAL_REMNANTS), len(sites))):
-        centre, frame, height, _ = sites[j]
+        centre, frame, height = sites[j][:3]
         below = centre - frame[:, 2] * (height / 2 + 10.0)
         above = centre + frame[:, 2] * (height / 2 + 10.0)
         w_below, w_above = (
@@ -744,6 +752,33 @@ def _level_offset(a: str, b: str) -> int:
     return abs(pos(a) - pos(b))
 
 
+def _disc_beyond(
+    vol: Volume, line: np.ndarray, tang: np.ndarray, sites: list[_Site], *, bottom: bool
+) -> _Site | None:
+    """The disc one spacing (the last one's) below the lowest site found, or above the
+    highest, where the centre line goes on `BEYOND_IN_VIEW_MM` past it: kept only where its
+    endplates are found there (`refine_site`), no further than `BEYOND_SHIFT_MM` from the line
+    and no higher than `BEYOND_MAX_HEIGHT_MM` (inside a body, the nearest cortices are
+    its own endplates, a body's height apart).
+
+    Near the edge of the field of view the endplates' footprint is cut short on the side the
+    disc tilts away to, so the site keeps the line's place in the disc's plane and takes only
+    the plane (normal and height) from the endplates.
+    """
+    if len(sites) < 2:
+        return None
+    near, next_ = (sites[-1], sites[-2]) if bottom else (sites[0], sites[1])
+    at = near[3] + (near[3] - next_[3])
+    margin = int(BEYOND_IN_VIEW_MM / STEP_MM)
+    if not margin <= at < len(line) - margin:
+        return None
+    c, f, h, ok = refine_site(vol.hu, vol.grid, line[at], frame_from_normal(tang[at]), near[2])
+    if not ok or h > BEYOND_MAX_HEIGHT_MM or float(np.linalg.norm(c - line[at])) > BEYOND_SHIFT_MM:
+        return None
+    n = f[:, 2]
+    return (line[at] + float((c - line[at]) @ n) * n, f, h, at, True)
+
+
 def find_spine(vol: Volume) -> Spine:
     """Disc sites of a CT volume, with their levels named from the sacrum and the ribs.
 
@@ -769,10 +804,10 @@ def find_spine(vol: Volume) -> Spine:
             return Spine((), False, warnings=("no vertebral column found",))
         spans = disc_spans(mean_profile(vol, line), regular=False, prominence=MEAN_PROMINENCE_HU)
     tang = _tangents(line)
-    sites = []
+    sites: list[_Site] = []
     for a, b in spans:
         f = frame_from_normal(tang[(a + b) // 2])
-        sites.append(((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2))
+        sites.append(((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2, False))
     warnings: list[str] = []
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))
@@ -783,6 +818,14 @@ def find_spine(vol: Volume) -> Spine:
     sacrum = lumbosacral is not None
     if lumbosacral is not None and lumbosacral < len(sites) - 1:
         sites = sites[: lumbosacral + 1]
+    # a disc near the edge of the field of view may show too faint a valley in the profile
+    # (its endplates tilted out of the plane across the line): one spacing beyond the first
+    # and the last disc found, where the column goes on that far, its endplates decide
+    # (below the sacrum's, none)
+    for bottom in (False,) if sacrum else (False, True):
+        extra = _disc_beyond(vol, line, tang, sites, bottom=bottom)
+        if extra is not None:
+            sites = sites + [extra] if bottom else [extra] + sites
     by_sacrum = _names_from(len(sites) - 1, "L5-S1", len(sites)) if sacrum else None
     by_ribs = None
     if rib_z is not None:
@@ -836,10 +879,9 @@ def find_spine(vol: Volume) -> Spine:
                 f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed"
             )
     discs = []
-    for i, ((c_, f_, h_, _), n) in enumerate(zip(sites, names)):
-        c_, f_, h_, _refined = refine_site(
-            vol.hu, vol.grid, c_, f_, h_
-        )  # on the disc's own endplates
+    for i, ((c_, f_, h_, _, done), n) in enumerate(zip(sites, names)):
+        if not done:  # on the disc's own endplates
+            c_, f_, h_, _refined = refine_site(vol.hu, vol.grid, c_, f_, h_)
         discs.append(DiscSite(i, n, c_, f_, h_))
     named = tuple(d for d in discs if d.level)
     if named:
