@@ -39,6 +39,9 @@ class Finding:
     cls: DiscClass
     confidence: float
     slices: int  # how many slices support it
+    #: the class was decided by the paper's 25% rule on the disc's margin, not by the model's
+    #: vote (which stays the confidence until it is calibrated)
+    by_rule: bool = False
 
 
 def centre_detection(

@@ -126,6 +126,7 @@ class StudyResult:
                             "class": f.cls.value,
                             "confidence": round(f.confidence, 3),
                             "slices": f.slices,
+                            "decided_by": "rule" if f.by_rule else "model",
                         }
                         for f in d.findings
                     ],
@@ -198,7 +199,7 @@ def _apply_rule(
         f"model unsure ({model_says.value}, vote {vote:.2f}); the 25% rule decides "
         f"{rule.value} ({how})"
     )
-    shape = [Finding(rule, votes.get(rule.value, 0.0), morph.slices if morph else 0)]
+    shape = [Finding(rule, votes.get(rule.value, 0.0), morph.slices if morph else 0, by_rule=True)]
     if rule is DiscClass.NORMAL and node:
         shape = []
     return shape + node
@@ -278,7 +279,10 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
             w.append("the model found no disc at this level")
         findings = _apply_rule(findings, votes, m, w)
         if calibration is not None:  # the chance the class is right, as measured on held-out discs
-            findings = [replace(f, confidence=calibration(f.confidence)) for f in findings]
+            findings = [
+                replace(f, confidence=calibration(f.confidence, by_rule=f.by_rule))
+                for f in findings
+            ]
         results.append(DiscResult(site, tuple(findings), votes, m, tuple(w), tuple(masks), edge))
     t["fusion+measure"] = time.perf_counter() - t0
     return StudyResult(

@@ -16,7 +16,7 @@ from typing import Any, cast
 import numpy as np
 import yaml
 
-from node.calibration import Platt
+from node.calibration import Calibration
 from node.classes import CLASS_NAMES
 from node.inference.interface import Detection, ViewSpec, Windowing
 
@@ -41,9 +41,9 @@ class ModelCard:
     raw: dict
 
     @property
-    def calibration(self) -> Platt | None:
+    def calibration(self) -> Calibration | None:
         """The card's confidence calibration, or None."""
-        return Platt.from_card(self.raw.get("calibration"))
+        return Calibration.from_card(self.raw.get("calibration"))
 
     @property
     def version(self) -> str:

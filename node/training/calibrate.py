@@ -3,7 +3,8 @@
 The fused confidence of a disc's class (the mean detection confidence of its slices) is not a
 probability: a model trained on phantoms is sure of itself on scans it has never seen. A
 two-parameter logistic map ``p = 1 / (1 + exp(-(a * logit(c) + b)))`` fitted on discs the
-model did not train on turns it into the observed chance that the class is right. The fit
+model did not train on turns it into the observed chance that the class is right; the
+classes the 25% rule decided where the model's vote was weak get a map of their own. The fit
 uses half of the evaluation studies; the expected calibration error (ECE) before and after
 is measured on the other half, and the reliability diagram shows both.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.calibration import EPS, Platt
+from node.calibration import EPS, Calibration, Platt
 
 BINS = 10
 
@@ -106,28 +107,51 @@ def reliability_diagram(
     plt.close(fig)
 
 
+#: Fewest discs of one source (the model's vote, the rule) on each half for a map of its own.
+MIN_DISCS_PER_SOURCE = 10
+
+
 def calibrate_from_rows(rows: list[dict], out_png: Path | None = None, title: str = "") -> dict:
-    """Fit on half the studies' discs, measure on the other half; the card's entry."""
+    """Fit on half the studies' discs, measure on the other half; the card's entry.
+
+    The classes the model's vote decided and those the 25% rule decided (``by_rule``) get
+    a map each, where each half holds at least `MIN_DISCS_PER_SOURCE` of both and the rule's
+    include right and wrong ones (the rule's map is the share of its classes that was right,
+    whatever the model's vote); otherwise one map serves both."""
     from node.training.evaluate import primary
 
     found = [r for r in rows if r["found"] and r["predicted"]]
     fit, test = split_by_study(found)
 
-    def arrays(rs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(rs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (
             np.array([r["confidence"] for r in rs]),
             np.array([primary(r["truth"]) == primary(r["predicted"]) for r in rs], dtype=float),
+            np.array([bool(r.get("by_rule")) for r in rs]),
         )
 
-    cf, yf = arrays(fit)
-    ct, yt = arrays(test)
-    platt = fit_platt(cf, yf)
-    after = np.array([platt(c) for c in ct])
+    cf, yf, rf = arrays(fit)
+    ct, yt, rt = arrays(test)
+    rule: Platt | None = None
+    split = min(rf.sum(), (~rf).sum(), rt.sum(), (~rt).sum()) >= MIN_DISCS_PER_SOURCE
+    if split and 0 < yf[rf].mean() < 1:
+        # the rule's classes: the share of them that was right (the model's small vote for
+        # the class the rule chose tells little; fitted on so few discs, a slope overfits)
+        share = float(np.clip(yf[rf].mean(), EPS, 1 - EPS))
+        model, rule = fit_platt(cf[~rf], yf[~rf]), Platt(0.0, float(np.log(share / (1 - share))))
+    else:
+        model = fit_platt(cf, yf)
+    cal = Calibration(model, rule)
+    after = np.array([cal(c, by_rule=bool(r)) for c, r in zip(ct, rt)])
     if out_png is not None:
         reliability_diagram(ct, after, yt, out_png, title)
-    return platt.to_dict() | {
+    entry = model.to_dict()
+    if rule is not None:
+        entry["rule"] = {"a": round(rule.a, 5), "b": round(rule.b, 5)}
+    return entry | {
         "fitted_on_discs": int(cf.size),
         "measured_on_discs": int(ct.size),
+        "measured_decided_by_rule": int(rt.sum()),
         "ece_before": round(ece(ct, yt), 4),
         "ece_after": round(ece(after, yt), 4),
         "accuracy_of_measured": round(float(yt.mean()), 4) if yt.size else None,

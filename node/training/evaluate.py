@@ -249,6 +249,7 @@ def evaluate_studies(
                     "found": ok,
                     "named": bool(ok and d is not None and d.level == lv["level"]),
                     "confidence": round(d.confidence, 3) if (ok and d is not None) else 0.0,
+                    "by_rule": bool(ok and d is not None and d.findings and d.findings[0].by_rule),
                     "size_mm": _lesion_size(lv),
                     "warnings": list(d.warnings) if (ok and d is not None) else [],
                 }
