@@ -155,9 +155,11 @@ class Node:
         self.stopped.set()
         log.info("stopping")
         self.receiver.stop()
+        log.info("stopping: receiver closed")
         if self.web is not None:
             self.web.stop()
         self.scheduler.shutdown(wait=True)
+        log.info("stopping: scheduler done")
         self.sender.stop()
         for p in self.workers:
             p.terminate()
@@ -165,7 +167,9 @@ class Node:
             p.join(30)
             if p.is_alive():
                 p.kill()
+        log.info("stopping: workers done")
         self.engine.dispose()
+        log.info("stopped")
 
     def serve_forever(self) -> None:
         """Start, and run until SIGTERM or SIGINT."""

@@ -153,7 +153,8 @@ def test_a_stalled_destination_holds_only_its_own_share_of_the_sender(tmp_path):
 
 def test_a_stalled_pacs_does_not_hold_the_worker_back(phantoms, tmp_path):
     """With one worker, the second series is analysed while the first one's results still wait
-    for a PACS that never answers: workers queue deliveries, the sender sends them."""
+    for a PACS that never answers: workers queue deliveries, the sender sends them. The node
+    then stops at once, its sends aborted, and keeps both deliveries to try again."""
     with stalled_pacs() as hung:
         home = tmp_path / "node"
         path, cfg = node_config(
@@ -176,3 +177,10 @@ def test_a_stalled_pacs_does_not_hold_the_worker_back(phantoms, tmp_path):
             assert "RUNNING" in second.stage_seconds
         finally:
             node.stop()
+        # the node stopped on SIGTERM by itself (its sends to the hung PACS aborted), not
+        # killed when its stop timed out; both deliveries are still to be sent
+        assert node.proc is not None and node.proc.returncode == 0, node.proc.returncode
+        assert [[d.state for d in j.deliveries] for j in jobs(node.home)] == [
+            [DeliveryState.PENDING],
+            [DeliveryState.PENDING],
+        ]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 #: C-STORE statuses that mean the instance was stored (Success and the Warnings).
 STORED = {0x0000, 0xB000, 0xB007, 0xB006}
+
+
+#: The associations this process has requested (from their connection on): `abort_all`
+#: aborts those still open.
+_requested: weakref.WeakSet[Association] = weakref.WeakSet()
 
 
 class SendError(RuntimeError):
@@ -48,9 +54,30 @@ def _tls(tls: TLS | None, host: str) -> tuple[ssl.SSLContext, str] | None:
     return ctx, host
 
 
+def abort_all() -> int:
+    """Abort every association this process has open as a requestor, established or still
+    waiting for its answer, and return how many: a node that stops does not wait for a PACS
+    that never answers (pynetdicom's association threads keep a process alive until their
+    timeouts)."""
+    n = 0
+    for assoc in list(_requested):
+        if not (assoc.is_released or assoc.is_aborted or assoc.is_rejected):
+            assoc.abort()
+            n += 1
+    return n
+
+
+def _opened(event: evt.Event) -> None:
+    _requested.add(event.assoc)
+
+
 def _associate(ae: AE, dest: Destination) -> Association:
     assoc = ae.associate(
-        dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls(dest.tls, dest.host)
+        dest.host,
+        dest.port,
+        ae_title=dest.ae_title,
+        tls_args=_tls(dest.tls, dest.host),
+        evt_handlers=[(evt.EVT_CONN_OPEN, _opened)],
     )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"

@@ -22,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 from node import logs
 from node.config import Settings
 from node.db import Delivery
+from node.export import scu
 from node.export.delivery import attempt, due
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,21 @@ class Sender:
             t.start()
 
     def stop(self) -> None:
-        """Stop taking deliveries; tries in progress are left to finish in their daemon threads
-        (their leases stay recorded: a node that exits in the middle frees them at its next start)."""
+        """Stop taking deliveries and abort the associations of the tries in progress, so
+        that a PACS that never answers does not hold the node's exit for its timeout. A try
+        cut short keeps its lease recorded, or records its failure: either way the delivery
+        is tried again (a lease of a node that is gone is due again at its next start)."""
         self._stop.set()
         self._wake.set()
         for _ in self._threads:
             self._todo.put(None)
+        aborted = scu.abort_all()
+        if aborted:
+            log.warning(
+                "stopping: aborted %d association(s) still sending; their deliveries will be "
+                "tried again",
+                aborted,
+            )
 
     def busy(self) -> dict[str, int]:
         """Tries in progress per destination."""
