@@ -142,16 +142,13 @@ def resample_iso(hu: np.ndarray, grid: Grid, mm: float = WORK_MM) -> tuple[np.nd
     shape = [int(round(n * f)) for n, f in zip(hu.shape, factors)]
     # slices first (the leading axis: no copy), then rows and columns slice by slice, each
     # slice small enough to stay in cache
-    out = hu
-    if shape[0] != out.shape[0] or box[0] > 1:
-        taps = _taps(out.shape[0], shape[0], box[0], out.dtype)
-        out = (taps @ out.reshape(out.shape[0], -1)).reshape((shape[0],) + out.shape[1:])
-    rows, cols = (
-        _taps(out.shape[a], shape[a], box[a], out.dtype)
-        if shape[a] != out.shape[a] or box[a] > 1
-        else None
-        for a in (1, 2)
+    slices, rows, cols = (
+        _taps(n, m, b, hu.dtype) if m != n or b > 1 else None  # None: the axis stays as it is
+        for n, m, b in zip(hu.shape, shape, box)
     )
+    out = hu
+    if slices is not None:
+        out = (slices @ out.reshape(len(out), -1)).reshape((shape[0],) + out.shape[1:])
     if rows is not None or cols is not None:
         done = np.empty((out.shape[0], shape[1], shape[2]), dtype=out.dtype)
         for k in range(out.shape[0]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ STORED = {0x0000, 0xB000, 0xB007, 0xB006}
 #: The associations this process has requested (from their connection on): `abort_all`
 #: aborts those still open.
 _requested: weakref.WeakSet[Association] = weakref.WeakSet()
+_requested_lock = threading.Lock()  # added to from the sending threads' DUL threads
 
 
 class SendError(RuntimeError):
@@ -59,8 +61,10 @@ def abort_all() -> int:
     waiting for its answer, and return how many: a node that stops does not wait for a PACS
     that never answers (pynetdicom's association threads keep a process alive until their
     timeouts)."""
+    with _requested_lock:
+        open_ = list(_requested)
     n = 0
-    for assoc in list(_requested):
+    for assoc in open_:
         if not (assoc.is_released or assoc.is_aborted or assoc.is_rejected):
             assoc.abort()
             n += 1
@@ -68,7 +72,8 @@ def abort_all() -> int:
 
 
 def _opened(event: evt.Event) -> None:
-    _requested.add(event.assoc)
+    with _requested_lock:
+        _requested.add(event.assoc)
 
 
 def _associate(ae: AE, dest: Destination) -> Association:
