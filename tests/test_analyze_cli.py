@@ -21,13 +21,14 @@ def test_bundled_model_loads_once_and_predicts_in_one_batch():
     assert len(out) == 2 and all(isinstance(d, list) for d in out)
 
 
-def test_a_card_without_disc_views_is_refused(tmp_path):
+def test_a_card_with_views_of_no_known_kind_is_refused(tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"")
-    (tmp_path / "model.yaml").write_text(
-        "classes: [normal, schmorl, bulge, protrusion]\nweights: weights.pt\nviews: native\n"
-    )
-    with pytest.raises(ModelError, match="disc-centred views"):
+    card = "classes: [normal, schmorl, bulge, protrusion]\nweights: weights.pt\nviews: {}\n"
+    (tmp_path / "model.yaml").write_text(card.format("whole"))
+    with pytest.raises(ModelError, match="neither 'native'"):
         read_card(tmp_path)
+    (tmp_path / "model.yaml").write_text(card.format("native"))
+    assert read_card(tmp_path).native
 
 
 def test_analyze_prints_every_level_and_writes_json_and_previews(phantom, tmp_path, capsys):

@@ -18,11 +18,11 @@ from node.analysis.fusion import (
 )
 from node.analysis.measure import Measurements, measure
 from node.analysis.spine import DiscSite, find_spine
-from node.analysis.views import disc_plane
+from node.analysis.views import disc_plane, native_plane, onto_view
 from node.analysis.volume import Volume, VolumeError
 from node.classes import DiscClass
 from node.geometry import Plane, sample_plane
-from node.inference.interface import View
+from node.inference.interface import Detection, View
 from node.inference.model import DiscModel
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,11 @@ class ViewSlice:
     view: View
     role: str  # "disc" or "endplate"
     offset_mm: float
-    plane: Plane
+    plane: Plane  # the disc-centred plane the detections are read on
     image: np.ndarray  # uint8, the model's input
+    #: The plane the image was cut on, where it is not ``plane``: the whole slice that holds
+    #: it, for a model trained on native views.
+    source: Plane | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,8 @@ class StudyResult:
 
 
 def cut_views(vol: Volume, sites: tuple[DiscSite, ...], model: DiscModel) -> list[ViewSlice]:
+    """The slices of every disc, cut as the model was trained: disc-centred, or the whole
+    slice (native views) that holds each disc-centred one."""
     spec, window = model.card.views, model.card.windowing
     out = []
     for i, s in enumerate(sites):
@@ -158,8 +163,21 @@ def cut_views(vol: Volume, sites: tuple[DiscSite, ...], model: DiscModel) -> lis
         shots += [(View.AXIAL, "endplate", half), (View.AXIAL, "endplate", -half)]
         for view, role, off in shots:
             plane = disc_plane(view, s.centre, s.frame, spec, offset_mm=off)
-            img = window.apply(sample_plane(vol.hu, vol.grid, plane, order=1, fill=-1000.0))
-            out.append(ViewSlice(i, view, role, off, plane, img))
+            source = native_plane(plane, vol.grid) if model.card.native else None
+            cut = source or plane
+            img = window.apply(sample_plane(vol.hu, vol.grid, cut, order=1, fill=-1000.0))
+            out.append(ViewSlice(i, view, role, off, plane, img, source))
+    return out
+
+
+def on_views(views: list[ViewSlice], dets: list[list[Detection]]) -> list[list[Detection]]:
+    """Each slice's detections on its disc-centred plane (carried there from a whole slice)."""
+    out = []
+    for v, ds in zip(views, dets):
+        if v.source is None:
+            out.append(ds)
+            continue
+        out.append([m for d in ds if (m := onto_view(d, v.source, v.plane)) is not None])
     return out
 
 
@@ -218,7 +236,7 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
     views = cut_views(vol, spine.discs, model)
     t["views"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dets = model.predict([v.image for v in views])
+    dets = on_views(views, model.predict([v.image for v in views]))
     t["inference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = []

@@ -1,6 +1,8 @@
 """A model bundle (weights + card), loaded once per process, and batched prediction.
 
-The card says what the model expects: classes, input size, windowing and views. Inference
+The card says what the model expects: classes, input size, windowing and views (disc-centred
+slices of the sizes it gives, or ``native``: whole slices at the series' own pixel size, as the
+paper annotated them). Inference
 runs on the GPU with half precision where there is one, on the CPU otherwise.
 """
 
@@ -23,6 +25,7 @@ from node.inference.interface import Detection, ViewSpec, Windowing
 log = logging.getLogger(__name__)
 
 CARD = "model.yaml"
+NATIVE = "native"
 
 
 class ModelError(ValueError):
@@ -37,8 +40,12 @@ class ModelCard:
     classes: tuple[str, ...]
     input_size: int
     windowing: Windowing
+    #: The disc-centred views the analysis reads the model's detections on (the model's input,
+    #: unless ``native``).
     views: ViewSpec
     raw: dict
+    #: The model was trained on whole slices at the series' own pixel size (`views: native`).
+    native: bool = False
 
     @property
     def calibration(self) -> Calibration | None:
@@ -63,10 +70,13 @@ def read_card(folder: Path) -> ModelCard:
     if not weights.is_file():
         raise ModelError(f"{path}: weights {weights.name} not found")
     views = raw.get("views")
-    if not isinstance(views, dict):
+    native = views == NATIVE
+    if native:
+        views = {}
+    elif not isinstance(views, dict):
         raise ModelError(
-            f"{path}: the model was trained on '{views}' views; the study analysis needs "
-            "disc-centred views (a card with views: size, axial_fov_mm, sagittal_fov_mm)"
+            f"{path}: views {views!r} are neither '{NATIVE}' (whole slices) nor disc-centred "
+            "(size, axial_fov_mm, sagittal_fov_mm)"
         )
     w = raw.get("windowing") or {}
     return ModelCard(
@@ -82,6 +92,7 @@ def read_card(folder: Path) -> ModelCard:
             float(views.get("sagittal_fov_mm", 100.0)),
         ),
         raw=raw,
+        native=native,
     )
 
 
