@@ -128,6 +128,22 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
             seed=args.seed,
             randomise=Randomise() if args.randomise else None,
         )
+    elif args.source == "cases":
+        from node.training.from_cases import TEST_STUDIES, build_from_cases
+
+        if len(args.input) != 1:
+            raise ValueError("--source cases takes one folder: the node's cases folder")
+        writer = build_from_cases(
+            args.input[0],
+            args.out,
+            views=args.views,
+            test_fraction=args.test_fraction,
+            val_fraction=args.val_fraction,
+        )
+        tests = writer.extra["studies"]["test"]
+        print(
+            f"test split (frozen, not in the dataset): {len(tests)} case(s) in {args.out / TEST_STUDIES}"
+        )
     elif args.source == "labelme":
         writer = importers.build_from_labelme(
             args.input,
@@ -501,12 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dataset", help="training datasets")
     dsub = d.add_subparsers(dest="dataset_command", required=True)
     b = dsub.add_parser("build", help="build a YOLO-seg dataset")
-    b.add_argument("--source", choices=["phantoms", "labelme", "seg"], default="phantoms")
+    b.add_argument("--source", choices=["phantoms", "labelme", "seg", "cases"], default="phantoms")
     b.add_argument(
         "input",
         type=Path,
         nargs="+",
-        help="phantom study folders, LabelMe folders, or DICOM SEG files/folders",
+        help="phantom study folders, LabelMe folders, DICOM SEG files/folders, or the node's "
+        "cases folder (corrections.cases_dir)",
     )
     b.add_argument("--out", type=Path, required=True)
     b.add_argument(
@@ -516,6 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--ct", type=Path, nargs="*", default=[], help="CT series folders for --source seg"
     )
     b.add_argument("--val-fraction", type=float, default=0.15)
+    b.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="cases: share of new patients put in the frozen test split (chosen once)",
+    )
+    b.add_argument(
+        "--views",
+        choices=["disc", "native"],
+        default="disc",
+        help="cases: disc-centred slices (as the bundled model) or whole native slices",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument(
         "--randomise",

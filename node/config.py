@@ -137,6 +137,17 @@ class Retention(BaseModel):
     delete_instances_after_hours: float = 24.0
 
 
+class Corrections(BaseModel):
+    """Radiologists' corrected SEGs, sent back to the node, kept as labelled cases."""
+
+    enabled: bool = True
+    #: Where labelled cases are kept (relative: under ``home``).
+    cases_dir: Path = Path("cases")
+    #: Segment label -> class (normal, schmorl, bulge, protrusion, or ignore), for labels
+    #: other than the node's own; YAML or JSON.
+    mapping: Path | None = None
+
+
 class Web(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -182,6 +193,7 @@ class Settings(BaseSettings):
     workers: Workers = Workers()
     sending: Sending = Sending()
     retention: Retention = Retention()
+    corrections: Corrections = Corrections()
     web: Web = Web()
     outputs: Outputs = Outputs()
     destinations: list[Destination] = []
@@ -205,6 +217,8 @@ class Settings(BaseSettings):
         self.home = self.home.resolve()
         if not self.spool_dir.is_absolute():
             self.spool_dir = self.home / self.spool_dir
+        if not self.corrections.cases_dir.is_absolute():
+            self.corrections.cases_dir = self.home / self.corrections.cases_dir
         if self.database_url.startswith("sqlite:///") and not self.database_url.startswith(
             "sqlite:////"
         ):

@@ -168,6 +168,28 @@ class AuditEvent(Base):
     job: Mapped[Job | None] = relationship(back_populates="events")
 
 
+class LabelledCase(Base):
+    """A radiologist's corrected SEG of an analysed series, kept with its CT as a labelled
+    case (see `node.cases`)."""
+
+    __tablename__ = "labelled_case"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: The job that received the SEG, and the job whose analysis it corrects.
+    seg_job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    analysed_job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    seg_sop_uid: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    folder: Mapped[str] = mapped_column(Text)
+    #: Per level: {"level", "classes", "node_classes", "changed"}.
+    levels: Mapped[list] = mapped_column(JSON, default=list)
+    #: Segments left out, each with its reason.
+    problems: Mapped[list] = mapped_column(JSON, default=list)
+
+
 class WorkerStatus(Base):
     """What each worker process last said about itself (for the health view)."""
 

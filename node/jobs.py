@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from node.config import SeriesRules
 from node.db import AuditEvent, Delivery, DeliveryState, Instance, Job, State, changed, utcnow
-from node.ingest.series import ReceivedInstance, evenly_stacked, skip_reason
+from node.ingest.series import ReceivedInstance, evenly_stacked, is_seg, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,15 @@ def association_released(session: Session, series_uids: list[str]) -> None:
 
 
 def complete_series(
-    session: Session, rules: SeriesRules, actor: str, now: dt.datetime | None = None
+    session: Session,
+    rules: SeriesRules,
+    actor: str,
+    now: dt.datetime | None = None,
+    corrections: bool = True,
 ) -> list[Job]:
     """Move RECEIVING jobs whose series is complete to QUEUED, or SKIPPED with the reason.
+    A series of SEGs is queued as well, when ``corrections`` are taken: a worker reads it as
+    a radiologist's correction (`node.cases`).
 
     A series is complete once no instance of it arrived for ``quiet_seconds``; or earlier,
     when it looks whole: no open association is carrying it, nothing arrived for
@@ -249,7 +255,8 @@ def complete_series(
         )
         if idle < rules.quiet_seconds and not whole:
             continue
-        why = skip_reason(job, instances, rules)
+        seg = corrections and is_seg({i.sop_class_uid for i in instances})
+        why = None if seg else skip_reason(job, instances, rules)
         if why:
             transition(session, job, State.SKIPPED, actor, why, now)
         else:

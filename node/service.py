@@ -51,7 +51,12 @@ class Node:
     # -- scheduled checks ----------------------------------------------------------------
     def check_completion(self) -> None:
         with self.sessions() as s:
-            complete_series(s, self.settings.series, self.actor)
+            complete_series(
+                s,
+                self.settings.series,
+                self.actor,
+                corrections=self.settings.corrections.enabled,
+            )
             s.commit()
 
     def recover(self) -> None:

@@ -28,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from node import logs
+from node import cases, logs
 from node.analysis.report import write_json, write_previews
 from node.analysis.study import analyze_volume
 from node.analysis.volume import VolumeError, load_series
@@ -37,6 +37,7 @@ from node.db import Job, State, WorkerStatus, actor, host_name, make_engine, mak
 from node.export.delivery import queue_deliveries
 from node.inference.model import DiscModel, load_model
 from node.ingest import spool
+from node.ingest.series import is_seg
 from node.jobs import claim, heartbeat, predecessor, transition
 from node.outputs import build_outputs, write_outputs
 from node.outputs.build import DicomOutputs
@@ -128,10 +129,17 @@ def previous_reports(outputs_dir: Path) -> list:
 def process_job(
     settings: Settings, sessions: sessionmaker, model: DiscModel, job_id: int, worker: str
 ) -> None:
-    """Analyse one claimed (RUNNING) job and hand its results to the sender."""
+    """Analyse one claimed (RUNNING) job and hand its results to the sender; a series of SEGs
+    is read as radiologists' corrections instead (`node.cases`)."""
     with sessions() as s:
         job = s.get(Job, job_id)
         paths = [Path(i.path) for i in job.received]
+        correction = is_seg({i.sop_class_uid for i in job.received})
+    if correction and settings.corrections.enabled:
+        cases.take(settings, sessions, job_id, worker)
+        return
+    with sessions() as s:
+        job = s.get(Job, job_id)
         before = predecessor(s, job)
         previous = (
             previous_reports(Path(before.outputs_dir))

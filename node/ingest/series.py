@@ -19,6 +19,7 @@ CT_STORAGE = {
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
 }
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 MAX_OFF_AXIS_DEG = 30.0
 EVEN_SPREAD = 0.05
 
@@ -46,6 +47,11 @@ class ReceivedInstance:
     slice_thickness: float | None = None
     orientation: str | None = None
     frames: int = 1
+
+
+def is_seg(sop_class_uids: set[str]) -> bool:
+    """A series of segmentations only (a radiologist's correction, perhaps: `node.cases`)."""
+    return bool(sop_class_uids) and sop_class_uids <= {SEG_STORAGE}
 
 
 def _normal(orientation: str | None) -> np.ndarray | None:

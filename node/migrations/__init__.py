@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The newest revision in `versions/`; a test checks it is Alembic's head.
-HEAD = "0002"
+HEAD = "0003"
 BASELINE = "0001"
 HERE = Path(__file__).parent
 #: Tables of the baseline, with the columns a pre-migration database must have to be taken as it.

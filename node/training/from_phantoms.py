@@ -73,7 +73,7 @@ def study_samples(
     """The samples of one study (a phantom, or a real CT with inserted lesions): per disc,
     axial and sagittal slices, and slices through each Schmorl's node."""
     truth = json.loads((folder / TRUTH_FILE).read_text())
-    source = "inserted" if "base" in truth else "phantom"
+    source = truth.get("source") or ("inserted" if "base" in truth else "phantom")
     rng = np.random.default_rng(zlib.crc32(folder.name.encode())) if randomise else None
     vol = load_folder(folder / SERIES_DIR)
     labels = load_labels(folder)

@@ -23,7 +23,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import Settings
-from node.db import FINAL_STATES, Delivery, DeliveryState, Job, State, WorkerStatus, utcnow
+from node.db import (
+    FINAL_STATES,
+    Delivery,
+    DeliveryState,
+    Job,
+    LabelledCase,
+    State,
+    WorkerStatus,
+    utcnow,
+)
 from node.ingest import spool
 from node.jobs import counts_by_state, resend, retry
 from node.web.metrics import metrics_text
@@ -98,8 +107,23 @@ def job_summary(job: Job, show_identity: bool) -> dict[str, Any]:
     return out
 
 
-def job_detail(job: Job, show_identity: bool) -> dict[str, Any]:
+def job_detail(
+    job: Job, show_identity: bool, cases: list[LabelledCase] | None = None
+) -> dict[str, Any]:
+    """A job with its findings, objects, deliveries, audit trail, and the labelled cases
+    that came of it (a SEG job's) or that correct it (an analysed job's)."""
     out = job_summary(job, show_identity)
+    out["cases"] = [
+        {
+            "id": c.id,
+            "seg_job": c.seg_job_id,
+            "analysed_job": c.analysed_job_id,
+            "created_at": _iso(c.created_at),
+            "levels": c.levels,
+            "problems": c.problems,
+        }
+        for c in cases or []
+    ]
     result = job.result or {}
     out["levels"] = result.get("levels", [])
     out["warnings"] = result.get("warnings", [])
@@ -351,7 +375,15 @@ def create_app(view: NodeView, token: str | None) -> FastAPI:
     )
     def api_job(job_id: int) -> dict:
         with view.sessions() as db:
-            return job_detail(get_job(db, job_id), settings.web.show_patient_identity)
+            job = get_job(db, job_id)
+            cases = db.execute(
+                select(LabelledCase)
+                .where(
+                    (LabelledCase.seg_job_id == job_id) | (LabelledCase.analysed_job_id == job_id)
+                )
+                .order_by(LabelledCase.id)
+            ).scalars()
+            return job_detail(job, settings.web.show_patient_identity, list(cases))
 
     @app.get(
         "/api/jobs/{job_id}/previews/{level}.png",

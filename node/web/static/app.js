@@ -99,6 +99,11 @@ async function showJob(jobId) {
     el("td", {}, d.destination), el("td", {}, d.address), el("td", {}, d.state),
     el("td", { class: "num" }, String(d.attempts)), el("td", {}, d.last_error ?? ""), el("td", {}, d.sent_at ?? ""),
     el("td", {}, d.history.map((h) => h.held_by ? `${h.at} sending (${h.held_by})` : `${h.at} ${h.ok ? "ok" : "failed: " + h.error} (${h.seconds} s)`).join(" | ")))));
+  document.querySelector("#cases tbody").replaceChildren(...j.cases.flatMap((c) => c.levels.map((lv, i) => el("tr", {},
+    el("td", {}, i ? "" : `#${c.id}`), el("td", {}, i ? "" : String(c.seg_job)), el("td", {}, i ? "" : String(c.analysed_job)),
+    el("td", {}, lv.level), el("td", {}, lv.node_classes.join(" ")),
+    el("td", { class: lv.changed ? "changed" : "" }, lv.classes.join(" ")),
+    el("td", {}, i ? "" : c.problems.join("; "))))));
   document.querySelector("#audit tbody").replaceChildren(...j.audit.map((e) => el("tr", {},
     el("td", {}, e.at), el("td", {}, e.actor), el("td", {}, e.event), el("td", {}, e.detail ?? ""))));
 }
