@@ -189,9 +189,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         description=args.description or "",
         command="idaics " + " ".join(sys.argv[1:]),
     )
-    metrics, _ = evaluate_dataset(args.out, args.data, out=args.out, device=args.device)
-    update_card(args.out, metrics={"per_image_val": _card_metrics(metrics)})
-    print(metrics.table())
+    from node.training.data import read_data_yaml
+
+    if not read_data_yaml(args.data).images("val"):
+        update_card(args.out, metrics={"per_image_val": "not measured: no validation split"})
+        print("no validation split: nothing measured (score the model: idaics models evaluate)")
+    else:
+        metrics, _ = evaluate_dataset(args.out, args.data, out=args.out, device=args.device)
+        update_card(args.out, metrics={"per_image_val": _card_metrics(metrics)})
+        print(metrics.table())
     print(f"model card: {card}")
     return 0
 
@@ -330,6 +336,43 @@ def cmd_db(args: argparse.Namespace) -> int:
         return 2
     finally:
         engine.dispose()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from node.registry import GateError, Registry
+
+    settings = _settings(args)
+    reg = Registry(settings)
+    cases = args.cases or settings.corrections.cases_dir
+    try:
+        if args.action == "list":
+            live = reg.live_name()
+            for name, folder in reg.folders().items():
+                from node.inference.model import read_card
+
+                card = read_card(folder)
+                score = reg.score(name)
+                fig = score.line().split(": ", 1)[1] if score else "not scored on the test split"
+                mark = "*" if name == live else " "
+                views = "native" if card.native else "disc-centred"
+                print(f"{mark} {name:<20} {card.version:<22} {views:<13} {fig}  [{folder}]")
+            print("* live")
+            return 0
+        if args.action == "rollback":
+            print(f"live model: {reg.rollback()}")
+            return 0
+        if not args.name:
+            raise GateError(f"idaics models {args.action} needs a model name")
+        if args.action == "evaluate":
+            print(reg.evaluate(args.name, cases, args.device).line())
+            return 0
+        cand, was, verdict = reg.promote(args.name, cases, force=args.force, device=args.device)
+        print(f"candidate {cand.line()}\nlive was {was.line()}\n{verdict}")
+        print(f"live model: {args.name} {cand.version}" + (" (forced)" if args.force else ""))
+        return 0
+    except GateError as exc:
+        print(f"idaics models {args.action}: {exc}", file=sys.stderr)
+        return 3
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -631,6 +674,18 @@ def build_parser() -> argparse.ArgumentParser:
         "current: say which revision it is at",
     )
     db.set_defaults(func=cmd_db)
+    mo = sub.add_parser(
+        "models",
+        help="the model registry: list, evaluate on the frozen test split, promote, rollback",
+    )
+    mo.add_argument("action", choices=["list", "evaluate", "promote", "rollback"])
+    mo.add_argument("name", nargs="?", help="a model of the registry (evaluate, promote)")
+    mo.add_argument(
+        "--cases", type=Path, default=None, help="labelled cases (default: corrections.cases_dir)"
+    )
+    mo.add_argument("--force", action="store_true", help="promote even when the gate refuses")
+    mo.add_argument("--device", default=None)
+    mo.set_defaults(func=cmd_models)
     sv = sub.add_parser(
         "serve", help="run the node: DICOM listener, scheduler, workers, admin page"
     )

@@ -187,7 +187,10 @@ class Settings(BaseSettings):
     home: Path = Path("var")
     spool_dir: Path = Path("spool")
     database_url: str = "sqlite:///idaics.db"
+    #: The bundled model: the live one until a model of the registry is promoted.
     model: Path = ROOT / "models" / "idaics-v2"
+    #: The model registry (`node.registry`): candidates, the live one, their figures.
+    models_dir: Path = Path("models")
     receiver: Receiver = Receiver()
     series: SeriesRules = SeriesRules()
     workers: Workers = Workers()
@@ -217,6 +220,8 @@ class Settings(BaseSettings):
         self.home = self.home.resolve()
         if not self.spool_dir.is_absolute():
             self.spool_dir = self.home / self.spool_dir
+        if not self.models_dir.is_absolute():
+            self.models_dir = self.home / self.models_dir
         if not self.corrections.cases_dir.is_absolute():
             self.corrections.cases_dir = self.home / self.corrections.cases_dir
         if self.database_url.startswith("sqlite:///") and not self.database_url.startswith(

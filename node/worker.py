@@ -42,6 +42,7 @@ from node.jobs import claim, heartbeat, predecessor, transition
 from node.outputs import build_outputs, write_outputs
 from node.outputs.build import DicomOutputs
 from node.outputs.sr import build_not_analysed_sr
+from node.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,9 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
     stop = stop or threading.Event()
     engine = make_engine(settings.database_url)
     sessions = make_sessions(engine)
-    model = load_model(settings.model, settings.workers.device)
+    registry = Registry(settings)
+    live = registry.live()
+    model = load_model(live, settings.workers.device)
     name = actor()
     log.info("worker %s ready: model %s on %s", name, model.card.name, model.device)
     seen = 0.0
@@ -336,6 +339,10 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
                 stop.wait(max(settings.workers.poll_seconds, 5.0))
                 continue
             full = False
+            now_live = registry.live()
+            if now_live != live:  # promoted or rolled back: the next job runs on it
+                log.info("worker %s: the live model is now %s", name, now_live)
+                live, model = now_live, load_model(now_live, settings.workers.device)
             with sessions() as s:
                 job = claim(s, name)
             if job is None:

@@ -106,6 +106,7 @@ class StudyResult:
     discs: tuple[DiscResult, ...]
     warnings: tuple[str, ...]
     timings: dict[str, float] = field(default_factory=dict)
+    model_version: str = ""
     column: np.ndarray = field(
         default_factory=lambda: np.zeros((0, 3)), repr=False
     )  # centre line, LPS
@@ -116,6 +117,7 @@ class StudyResult:
             "series_instance_uid": self.series_uid,
             "frame_of_reference_uid": self.frame_of_reference_uid,
             "model": self.model,
+            "model_version": self.model_version,
             "device": self.device,
             "warnings": list(self.warnings),
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
@@ -309,6 +311,7 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
         frame_of_reference_uid=vol.frame_of_reference_uid,
         sop_instance_uids=vol.sop_instance_uids,
         model=f"{model.card.name}",
+        model_version=model.card.version,
         device=model.device,
         discs=tuple(results),
         warnings=tuple(warnings),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import logging
 import shutil
 import sys
@@ -103,8 +104,16 @@ def train(
     start = time.time()
     model = YOLO(str(from_weights)) if from_weights else YOLO(opts.architecture)
     with tempfile.TemporaryDirectory(prefix="idaics-train-") as tmp:
+        no_val = not data.images("val")
+        data_path = data.path
+        if no_val:  # ultralytics needs a val folder with images; nothing is measured on it
+            log.warning("%s: no validation images; trained without validation", data.path)
+            doc = yaml.safe_load(data.path.read_text())
+            doc["path"], doc["val"] = str(data.root.resolve()), doc["train"]
+            data_path = Path(tmp) / "data.yaml"
+            data_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         model.train(
-            data=str(data.path),
+            data=str(data_path),
             epochs=opts.epochs,
             imgsz=opts.imgsz,
             batch=opts.batch,
@@ -127,7 +136,7 @@ def train(
             plots=False,
             verbose=False,
             amp=device != "cpu",
-            val=True,
+            val=not no_val,
             fraction=opts.fraction,
             # from given weights: start from them (transfer learning, fine-tuning); else from scratch
             pretrained=str(from_weights) if from_weights else False,
@@ -142,8 +151,11 @@ def train(
             shutil.copyfile(run / "results.csv", out / "results.csv")
             plot_curves(run / "results.csv", out / "training_curves.png")
     elapsed = time.time() - start
+    digest = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()[:8]
     card = {
         "name": out.name,
+        # a version per set of weights: the SR, SEG and job records name it
+        "version": f"{dt.date.today().isoformat()}.{digest}",
         "format": "ultralytics YOLOv8-seg",
         "architecture": opts.architecture
         if not from_weights

@@ -1,0 +1,157 @@
+"""From the hospital's corrections to a promoted model, end to end: the node analyses, a
+radiologist's corrected SEG comes back, a dataset is built from the cases, a candidate is
+fine-tuned, scored on the frozen test split, refused by the gate, promoted by force, and
+the next job runs on it and names it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+
+from node.classes import DiscClass
+from node.cli import DEFAULT_MODEL, main
+from node.config import Settings
+from node.db import State
+from node.inference.model import read_card
+from node.phantom.generate import SERIES_DIR
+from node.registry import REGISTRY_FILE, Registry, wilson
+from node.training.from_cases import SPLITS_FILE, TEST_STUDIES
+from tests.test_cases import corrected, wait_series
+from tests.test_service import in_pacs, orthanc, start_node, storescu
+
+FINAL = (State.DONE, State.FAILED, State.SKIPPED)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    with orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+def _series(study) -> str:
+    return str(pydicom.dcmread(next((study.folder / SERIES_DIR).iterdir())).SeriesInstanceUID)
+
+
+def _texts(ds) -> set[str]:
+    """Every text value of an SR's content tree."""
+    out = set()
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            out.add(str(item.TextValue))
+        out |= _texts(item)
+    return out
+
+
+def _correct(node, job, study_dir: Path, tmp: Path) -> None:
+    own = pydicom.dcmread(Path(job.outputs_dir) / "dicom" / "seg.dcm")
+    said = {lv["level"]: lv["classes"] for lv in job.result["levels"]}
+    pick = [lv for lv, cls in said.items() if "schmorl" not in cls][:2]
+    changes = {
+        lv: DiscClass.BULGE if "protrusion" in said[lv] else DiscClass.PROTRUSION for lv in pick
+    }
+    fixed = corrected(own, changes)
+    folder = tmp / f"corrected-{job.id}"
+    folder.mkdir()
+    fixed.save_as(folder / "seg.dcm", enforce_file_format=True)
+    assert storescu(node, folder).returncode == 0
+    done = wait_series(node.home, fixed.SeriesInstanceUID)
+    assert done.state is State.DONE, done.reason
+
+
+@pytest.mark.slow
+def test_from_corrections_to_a_gated_promotion_and_the_next_job_on_the_new_model(
+    phantoms, pacs, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    node, cfg = start_node(tmp_path / "node", pacs)
+    home = node.home
+    config = home / "node.toml"
+    try:
+        analysed = []
+        for study in phantoms[:2]:
+            assert storescu(node, study.folder / SERIES_DIR).returncode == 0
+            job = wait_series(home, _series(study), 180)
+            assert job.state is State.DONE, job.reason
+            assert job.result["model"] == "idaics-v2" and job.result["model_version"] == "2.0.0"
+            analysed.append(job)
+        # the first patient's case is held out for good; the second one's is for training
+        cases = home / "cases"
+        cases.mkdir(exist_ok=True)
+        (cases / SPLITS_FILE).write_text(
+            json.dumps({"patients": {"PHANTOM-10-0": "test", "PHANTOM-10-1": "train"}})
+        )
+        for job, study in zip(analysed, phantoms):
+            _correct(node, job, study.folder, tmp_path)
+
+        ds = tmp_path / "ds"
+        assert main(["dataset", "build", "--source", "cases", str(cases), "--out", str(ds)]) == 0
+        data = yaml.safe_load((ds / "data.yaml").read_text())
+        assert data["idaics"]["studies"] == {
+            "train": ["case-00002"],
+            "val": [],
+            "test": ["case-00001"],
+        }
+        assert [p.name for p in (ds / TEST_STUDIES).iterdir()] == ["case-00001"]
+
+        # a candidate fine-tuned for one epoch from the bundled model (small: it will be worse)
+        cand = home / "models" / "candidate"
+        train = ["train", "--data", str(ds / "data.yaml"), "--out", str(cand), "--epochs", "1"]
+        train += ["--imgsz", "96", "--batch", "8", "--device", "cpu", "--workers", "0"]
+        assert main([*train, "--from", str(DEFAULT_MODEL / "weights.pt")]) == 0
+        version = read_card(cand).version
+        assert version != "2.0.0"
+        capsys.readouterr()
+
+        models = ["--config", str(config), "models"]
+        assert main([*models, "evaluate", "candidate"]) == 0
+        assert main([*models, "list"]) == 0
+        listing = capsys.readouterr().out
+        assert "* idaics-v2" in listing and f"  candidate            {version}" in listing
+
+        settings = Settings(home=home, receiver={"min_free_mb": 10})
+        reg = Registry(settings)
+        cand_score, live_score = reg.score("candidate"), reg.score("idaics-v2")
+        assert cand_score is not None and live_score is None  # the live one is scored when asked
+        assert cand_score.cases == ("case-00001",) and cand_score.discs >= 5
+
+        rc = main([*models, "promote", "candidate"])
+        err = capsys.readouterr().err
+        live_score = reg.score("idaics-v2")
+        assert live_score is not None and live_score.split == cand_score.split
+        worse = (cand_score.accuracy, cand_score.kappa) < (live_score.accuracy, live_score.kappa)
+        assert worse, (cand_score, live_score)  # one epoch at 96 px from the bundled model
+        assert rc == 3 and "not promoted: worse than the live model" in err, err
+        assert not (reg.root / REGISTRY_FILE).is_file() and reg.live_name() == "idaics-v2"
+
+        assert main([*models, "promote", "candidate", "--force"]) == 0
+        assert "live model: candidate" in capsys.readouterr().out
+        state = reg.state()
+        assert state["live"] == "candidate" and state["history"][-1]["forced"] is True
+
+        # the next job runs on the promoted model and its SR names the version
+        third = phantoms[2]
+        assert storescu(node, third.folder / SERIES_DIR).returncode == 0
+        job = wait_series(home, _series(third), 180)
+        assert job.state is State.DONE, job.reason
+        assert job.result["model"] == "candidate" and job.result["model_version"] == version
+        (sr,) = [
+            s
+            for s in in_pacs(pacs, third.truth["study_instance_uid"], "SR")
+            if s.SeriesDescription != "IDAICS report: series not analysed"
+        ]
+        assert version in _texts(sr)
+    finally:
+        node.stop()
+
+    assert main([*models, "rollback"]) == 0
+    assert reg.live_name() == "idaics-v2" and reg.state()["history"][-1]["action"] == "rollback"
+
+
+def test_the_accuracy_interval_is_wilsons():
+    lo, hi = wilson(45, 50)
+    assert lo == pytest.approx(0.7864, abs=1e-3) and hi == pytest.approx(0.9565, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
