@@ -361,6 +361,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.action == "rollback":
             print(f"live model: {reg.rollback()}")
             return 0
+        if args.action == "shadow":
+            if not (args.off or args.name):
+                raise GateError("idaics models shadow needs a model name, or --off")
+            reg.set_shadow(None if args.off else args.name)
+            print(f"shadow model: {args.name if not args.off else 'none'} (from the next job on)")
+            return 0
+        if args.action == "compare":
+            return _print_compare(settings)
         if not args.name:
             raise GateError(f"idaics models {args.action} needs a model name")
         if args.action == "evaluate":
@@ -373,6 +381,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     except GateError as exc:
         print(f"idaics models {args.action}: {exc}", file=sys.stderr)
         return 3
+
+
+def _print_compare(settings: Settings) -> int:
+    from node.db import make_engine, make_sessions
+    from node.shadow import compare
+
+    found = compare(make_sessions(make_engine(settings.database_url)))
+    if not found:
+        print(
+            "no job has shadow results (idaics models shadow NAME runs one beside the live model)"
+        )
+        return 0
+    for model, o in found.items():
+        share = o["agree"] / o["levels"] if o["levels"] else float("nan")
+        print(
+            f"shadow {model}: {o['jobs']} jobs, {o['levels']} levels, agrees on {o['agree']} ({share:.1%})"
+        )
+        for pair, n in o["table"].items():
+            print(f"  live -> shadow {pair:<28} {n}")
+        if o["corrected_levels"]:
+            n = o["corrected_levels"]
+            print(
+                f"  against the radiologists' corrections ({n} levels): live {o['live_right']}/{n}, "
+                f"shadow {o['shadow_right']}/{n}"
+            )
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -678,8 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
         "models",
         help="the model registry: list, evaluate on the frozen test split, promote, rollback",
     )
-    mo.add_argument("action", choices=["list", "evaluate", "promote", "rollback"])
-    mo.add_argument("name", nargs="?", help="a model of the registry (evaluate, promote)")
+    mo.add_argument(
+        "action", choices=["list", "evaluate", "promote", "rollback", "shadow", "compare"]
+    )
+    mo.add_argument("name", nargs="?", help="a model of the registry (evaluate, promote, shadow)")
+    mo.add_argument("--off", action="store_true", help="shadow: stop the shadow model")
     mo.add_argument(
         "--cases", type=Path, default=None, help="labelled cases (default: corrections.cases_dir)"
     )

@@ -115,6 +115,36 @@ class Registry:
             return self.bundled
         raise ModelError(f"{self.path}: the live model {name!r} is not in {self.root}")
 
+    def shadow(self) -> Path | None:
+        """The folder of the model that runs in the shadow of the live one, if any."""
+        if not self.path.is_file():
+            return None
+        name = self.state().get("shadow")
+        if not name:
+            return None
+        if (self.root / name / "model.yaml").is_file():
+            return self.root / name
+        return self.bundled if name == self.bundled_name else None
+
+    def set_shadow(self, name: str | None) -> None:
+        """Run ``name`` in the shadow of the live model from the next job on (None: stop)."""
+        if name is not None:
+            self.folder(name)
+            if name == self.live_name():
+                raise GateError(f"{name} is the live model; a shadow runs beside it")
+        state = self.state()
+        state["history"] = [
+            *state.get("history", []),
+            {
+                "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "action": "shadow" if name else "shadow off",
+                "live": state["live"],
+                "shadow": name,
+            },
+        ]
+        state["shadow"] = name
+        self._write(state)
+
     def _write(self, state: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
@@ -232,9 +262,10 @@ class Registry:
         """Make the model that was live before the last change live again; its name."""
         state = self.state()
         history = state.get("history", [])
-        if not history:
+        changes = [h for h in history if h.get("action") in ("promote", "rollback")]
+        if not changes:
             raise GateError("nothing to roll back: the live model has never been changed")
-        back = str(history[-1]["previous"])
+        back = str(changes[-1]["previous"])
         self.folder(back)  # still there
         state["history"] = [
             *history,
@@ -246,6 +277,8 @@ class Registry:
             },
         ]
         state["live"] = back
+        if state.get("shadow") == back:
+            state["shadow"] = None  # the live model has no shadow of itself
         self._write(state)
         return back
 

@@ -43,6 +43,7 @@ from node.outputs import build_outputs, write_outputs
 from node.outputs.build import DicomOutputs
 from node.outputs.sr import build_not_analysed_sr
 from node.registry import Registry
+from node.shadow import run_shadow
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,9 @@ def process_job(
             s, job, settings, worker
         )  # the sender delivers them; this worker analyses on
         s.commit()
+    shadow = Registry(settings).shadow()
+    if shadow is not None and shadow.resolve() != model.card.folder.resolve():
+        run_shadow(sessions, job_id, vol, shadow, settings.workers.device)  # never sent
 
 
 def report_not_analysed(

@@ -20,8 +20,9 @@ from node.inference.model import read_card
 from node.phantom.generate import SERIES_DIR
 from node.registry import REGISTRY_FILE, Registry, wilson
 from node.training.from_cases import SPLITS_FILE, TEST_STUDIES
+from node.web.app import job_detail
 from tests.test_cases import corrected, wait_series
-from tests.test_service import in_pacs, orthanc, start_node, storescu
+from tests.test_service import in_pacs, jobs, orthanc, start_node, storescu, wait_job
 
 FINAL = (State.DONE, State.FAILED, State.SKIPPED)
 
@@ -34,6 +35,10 @@ def pacs(tmp_path_factory):
 
 def _series(study) -> str:
     return str(pydicom.dcmread(next((study.folder / SERIES_DIR).iterdir())).SeriesInstanceUID)
+
+
+def _job(home: Path, job_id: int):
+    return next(j for j in jobs(home) if j.id == job_id)
 
 
 def _texts(ds) -> set[str]:
@@ -131,8 +136,13 @@ def test_from_corrections_to_a_gated_promotion_and_the_next_job_on_the_new_model
         assert "live model: candidate" in capsys.readouterr().out
         state = reg.state()
         assert state["live"] == "candidate" and state["history"][-1]["forced"] is True
+        # the model that was live runs in the shadow of the new one
+        assert main([*models, "shadow", "idaics-v2"]) == 0
+        assert main([*models, "shadow", "candidate"]) == 3  # the live one has no shadow of itself
+        assert "is the live model" in capsys.readouterr().err
 
-        # the next job runs on the promoted model and its SR names the version
+        # the next job runs on the promoted model and its SR names the version; the shadow's
+        # results are kept beside it and never sent
         third = phantoms[2]
         assert storescu(node, third.folder / SERIES_DIR).returncode == 0
         job = wait_series(home, _series(third), 180)
@@ -143,12 +153,34 @@ def test_from_corrections_to_a_gated_promotion_and_the_next_job_on_the_new_model
             for s in in_pacs(pacs, third.truth["study_instance_uid"], "SR")
             if s.SeriesDescription != "IDAICS report: series not analysed"
         ]
-        assert version in _texts(sr)
+        assert version in _texts(sr) and "2.0.0" not in _texts(sr)
+        assert len(in_pacs(pacs, third.truth["study_instance_uid"], "SEG")) <= 1
+        # the shadow runs after the live results are handed to the sender: it may finish later
+        wait_job(home, lambda _: "shadow" in (_job(home, job.id).result or {}), 120)
+        job = _job(home, job.id)
+        shadow = job.result["shadow"]
+        assert shadow["model"] == "idaics-v2" and shadow["model_version"] == "2.0.0"
+        live_levels = [lv["level"] for lv in job.result["levels"]]
+        assert [r["level"] for r in shadow["levels"]][: len(live_levels)] == live_levels
+        for r, lv in zip(shadow["levels"], job.result["levels"]):
+            assert r["live"] == lv["classes"] and r["agree"] == (
+                sorted(r["shadow"] or []) == sorted(lv["classes"])
+            )
+        page = job_detail(job, False)
+        assert page["shadow"] == shadow and page["model_version"] == version
+        capsys.readouterr()
+        assert main([*models, "compare"]) == 0
+        printed = capsys.readouterr().out
+        assert (
+            f"shadow idaics-v2 2.0.0: 1 jobs, {len(shadow['levels'])} levels, agrees on {shadow['agree']}"
+            in printed
+        )
     finally:
         node.stop()
 
     assert main([*models, "rollback"]) == 0
     assert reg.live_name() == "idaics-v2" and reg.state()["history"][-1]["action"] == "rollback"
+    assert reg.shadow() is None  # the model rolled back to was the shadow: it is live now
 
 
 def test_the_accuracy_interval_is_wilsons():

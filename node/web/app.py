@@ -128,6 +128,9 @@ def job_detail(
     out["levels"] = result.get("levels", [])
     out["warnings"] = result.get("warnings", [])
     out["model"] = result.get("model")
+    out["model_version"] = result.get("model_version")
+    #: what a shadow model found, level by level beside the live model (never sent)
+    out["shadow"] = result.get("shadow")
     out["worker"] = job.worker
     folder = Path(job.outputs_dir) if job.outputs_dir else None
     found = (

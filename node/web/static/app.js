@@ -73,7 +73,7 @@ async function showJob(jobId) {
     el("div", {}, el("span", { class: `state ${j.state}`, id: "job-state" }, j.state), ` ${j.reason ?? ""}`),
     el("div", {}, `Series: ${j.series_description ?? "-"} · study date ${j.study_date ?? "-"} · ${j.instances} instances from ${j.calling_aet}`),
     el("div", { class: "muted" }, `Study ${j.study_instance_uid} · series ${j.series_instance_uid}`),
-    el("div", {}, `Time per stage: ${stages} · attempts ${j.attempts}${j.model ? " · model " + j.model : ""}`));
+    el("div", {}, `Time per stage: ${stages} · attempts ${j.attempts}${j.model ? " · model " + j.model + (j.model_version ? " " + j.model_version : "") : ""}`));
   document.getElementById("retry").disabled = !j.can_retry;
   document.getElementById("resend").disabled = !j.can_resend;
   document.querySelector("#levels tbody").replaceChildren(...j.levels.map((lv) => {
@@ -99,6 +99,17 @@ async function showJob(jobId) {
     el("td", {}, d.destination), el("td", {}, d.address), el("td", {}, d.state),
     el("td", { class: "num" }, String(d.attempts)), el("td", {}, d.last_error ?? ""), el("td", {}, d.sent_at ?? ""),
     el("td", {}, d.history.map((h) => h.held_by ? `${h.at} sending (${h.held_by})` : `${h.at} ${h.ok ? "ok" : "failed: " + h.error} (${h.seconds} s)`).join(" | ")))));
+  const sh = j.shadow;
+  document.getElementById("shadow-section").hidden = !sh;
+  if (sh) {
+    document.getElementById("shadow-model").textContent = sh.error
+      ? `${sh.model}: failed (${sh.error})`
+      : `${sh.model} ${sh.model_version ?? ""}: agrees on ${sh.agree} of ${sh.compared} levels (${sh.seconds} s)`;
+    document.querySelector("#shadow tbody").replaceChildren(...(sh.levels || []).map((r) => el("tr", {},
+      el("td", {}, r.level), el("td", {}, (r.live || ["-"]).join(" ")),
+      el("td", { class: r.agree ? "" : "changed" }, (r.shadow || ["-"]).join(" ")),
+      el("td", {}, r.agree ? "yes" : "no"))));
+  }
   document.querySelector("#cases tbody").replaceChildren(...j.cases.flatMap((c) => c.levels.map((lv, i) => el("tr", {},
     el("td", {}, i ? "" : `#${c.id}`), el("td", {}, i ? "" : String(c.seg_job)), el("td", {}, i ? "" : String(c.analysed_job)),
     el("td", {}, lv.level), el("td", {}, lv.node_classes.join(" ")),
