@@ -250,7 +250,7 @@ def _labelme_from_phantom(study, out: Path, window: Windowing) -> int:
 
 
 @pytest.mark.slow
-def test_a_model_trained_on_labelme_whole_slices_runs_in_analyze_and_evaluate(
+def test_a_model_trained_on_labelme_whole_slices_runs_in_analyze_evaluate_and_the_node(
     phantoms, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("YOLO_OFFLINE", "1")
@@ -298,3 +298,19 @@ def test_a_model_trained_on_labelme_whole_slices_runs_in_analyze_and_evaluate(
     assert "levels found" in capsys.readouterr().out
     report = json.loads((ev / "metrics_per_disc.json").read_text())
     assert report["levels"] == len(study.truth["levels"])
+
+    # the node itself, with the native-view model as its model: received, analysed, SR in PACS
+    from tests.test_service import in_pacs, orthanc, start_node, storescu, wait_job
+
+    with orthanc(tmp_path / "orthanc") as pacs:
+        node, _ = start_node(tmp_path / "node", pacs, model=str(model))
+        try:
+            assert storescu(node, study.folder / SERIES_DIR).returncode == 0
+            job = wait_job(node.home, lambda j: j.state.value in ("DONE", "FAILED", "SKIPPED"))
+            assert job.state.value == "DONE", job.reason
+            assert job.result["model"] == "native"
+            assert job.result["model_version"] == card.version
+            assert len(job.result["levels"]) == len(study.truth["levels"])
+            assert in_pacs(pacs, study.truth["study_instance_uid"], "SR")
+        finally:
+            node.stop()
