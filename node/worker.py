@@ -35,7 +35,7 @@ from node.analysis.volume import VolumeError, load_series
 from node.config import Settings
 from node.db import Job, State, WorkerStatus, actor, host_name, make_engine, make_sessions, utcnow
 from node.export.delivery import queue_deliveries
-from node.inference.model import DiscModel, load_model
+from node.inference.model import DiscModel, ModelError, load_model
 from node.ingest import spool
 from node.ingest.series import is_seg
 from node.jobs import claim, heartbeat, predecessor, transition
@@ -327,6 +327,7 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
     log.info("worker %s ready: model %s on %s", name, model.card.name, model.device)
     seen = 0.0
     full = False
+    said = ""  # the last complaint about the registry, said once
     try:
         while not stop.is_set():
             if time.monotonic() - seen > settings.workers.heartbeat_seconds:
@@ -343,7 +344,13 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
                 stop.wait(max(settings.workers.poll_seconds, 5.0))
                 continue
             full = False
-            now_live = registry.live()
+            try:
+                now_live = registry.live()
+            except ModelError as exc:  # the registry names a model that is gone: keep this one
+                if str(exc) != said:
+                    log.error("worker %s keeps model %s: %s", name, model.card.name, exc)
+                    said = str(exc)
+                now_live = live
             if now_live != live:  # promoted or rolled back: the next job runs on it
                 log.info("worker %s: the live model is now %s", name, now_live)
                 live, model = now_live, load_model(now_live, settings.workers.device)

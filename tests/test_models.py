@@ -187,3 +187,34 @@ def test_the_accuracy_interval_is_wilsons():
     lo, hi = wilson(45, 50)
     assert lo == pytest.approx(0.7864, abs=1e-3) and hi == pytest.approx(0.9565, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_the_registry_refuses_what_it_cannot_do_and_says_why(tmp_path):
+    import shutil
+
+    from node.inference.model import ModelError
+    from node.registry import GateError
+
+    settings = Settings(home=tmp_path, receiver={"min_free_mb": 10})
+    reg = Registry(settings)
+    assert reg.live() == settings.model and reg.shadow() is None  # no registry yet: bundled
+    with pytest.raises(GateError, match="never been changed"):
+        reg.rollback()
+    with pytest.raises(GateError, match="no model 'nope'"):
+        reg.set_shadow("nope")
+    with pytest.raises(GateError, match="is the live model"):
+        reg.set_shadow("idaics-v2")
+    with pytest.raises(GateError, match="already the live model"):
+        reg.promote("idaics-v2", tmp_path / "cases")
+    copy = reg.root / "copy"
+    shutil.copytree(DEFAULT_MODEL, copy)
+    with pytest.raises(GateError, match="frozen test split holds no case"):
+        reg.promote("copy", tmp_path / "cases")
+    reg.set_shadow("copy")
+    assert reg.shadow() == copy and reg.live() == settings.model
+    # the live model's folder removed under the registry: a clear error, not another model
+    state = reg.state()
+    state["live"] = "gone"
+    reg._write(state)
+    with pytest.raises(ModelError, match="the live model 'gone' is not in"):
+        reg.live()
