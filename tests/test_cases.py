@@ -201,6 +201,21 @@ def test_a_corrected_seg_sent_back_becomes_a_labelled_case_and_a_dataset(phantom
         assert instances.get(cls.value, 0) > 0
     splits = json.loads((node.home / "cases" / SPLITS_FILE).read_text())["patients"]
     assert list(splits.values()) == ["train"]
+    # the same case as the paper annotated: the scanner's own axial slices and a sagittal one
+    native = tmp_path / "ds-native"
+    args = ["dataset", "build", "--source", "cases", str(node.home / "cases"), "--out", str(native)]
+    assert main([*args, "--views", "native"]) == 0  # the patient's split is kept: train
+    data = yaml.safe_load((native / "data.yaml").read_text())
+    assert data["idaics"]["views"] == "native" and data["idaics"]["studies"]["train"] == [case.name]
+    images = sorted((native / "images" / "train").glob("*.png"))
+    # an axial slice per labelled level whose labels it crosses, and the sagittal one
+    assert len(levels) - 1 <= len(images) - 1 <= len(levels)
+    assert (native / "images" / "train" / f"{case.name}_sagittal.png") in images
+    for im in images:
+        assert (native / "labels" / "train" / f"{im.stem}.txt").read_text().strip()
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (512, 512)  # the CT's own matrix
 
 
 def test_a_patient_split_is_chosen_once_and_never_moves(tmp_path):
