@@ -383,6 +383,37 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 3
 
 
+def cmd_cases(args: argparse.Namespace) -> int:
+    """The labelled cases, their patients' split and what the radiologists changed."""
+    from node.cases import CASE_FILE
+    from node.training.from_cases import SPLITS_FILE, case_folders
+
+    root = args.cases or _settings(args).corrections.cases_dir
+    folders = case_folders(root)
+    if not folders:
+        print(
+            f"{root}: no labelled cases yet (a radiologist's corrected SEG sent to the node makes one)"
+        )
+        return 0
+    splits_path = root / SPLITS_FILE
+    splits = json.loads(splits_path.read_text())["patients"] if splits_path.is_file() else {}
+    for folder in folders:
+        about = json.loads((folder / CASE_FILE).read_text())
+        patient = str(about.get("patient_id") or f"study:{about['study_instance_uid']}")
+        changed = [
+            f"{lv['level']} {'+'.join(lv['node_classes']) or 'none'} -> {'+'.join(lv['classes'])}"
+            for lv in about["levels"]
+            if lv["changed"]
+        ]
+        print(
+            f"{folder.name}  job {about['analysed_job']} (SEG job {about['seg_job']})  "
+            f"split {splits.get(patient, 'not chosen yet')}  {len(about['levels'])} levels, "
+            f"changed: {', '.join(changed) or 'none'}"
+            + (f"  [{len(about['problems'])} segment(s) left out]" if about["problems"] else "")
+        )
+    return 0
+
+
 def _print_compare(settings: Settings) -> int:
     from node.db import make_engine, make_sessions
     from node.shadow import compare
@@ -708,6 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
         "current: say which revision it is at",
     )
     db.set_defaults(func=cmd_db)
+    ca = sub.add_parser("cases", help="the labelled cases made of radiologists' corrections")
+    ca.add_argument("action", choices=["list"])
+    ca.add_argument("--cases", type=Path, default=None, help="default: corrections.cases_dir")
+    ca.set_defaults(func=cmd_cases)
     mo = sub.add_parser(
         "models",
         help="the model registry: list, evaluate on the frozen test split, promote, rollback",

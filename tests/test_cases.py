@@ -96,7 +96,9 @@ def _finding_levels(job) -> list[tuple[str, list[str]]]:
     return [(lv["level"], lv["classes"]) for lv in job.result["levels"]]
 
 
-def test_a_corrected_seg_sent_back_becomes_a_labelled_case_and_a_dataset(phantom, pacs, tmp_path):
+def test_a_corrected_seg_sent_back_becomes_a_labelled_case_and_a_dataset(
+    phantom, pacs, tmp_path, capsys
+):
     node, cfg = start_node(tmp_path / "node", pacs)
     try:
         assert storescu(node, phantom.folder / SERIES_DIR).returncode == 0
@@ -201,6 +203,13 @@ def test_a_corrected_seg_sent_back_becomes_a_labelled_case_and_a_dataset(phantom
         assert instances.get(cls.value, 0) > 0
     splits = json.loads((node.home / "cases" / SPLITS_FILE).read_text())["patients"]
     assert list(splits.values()) == ["train"]
+    capsys.readouterr()
+    assert main(["--config", str(node.home / "node.toml"), "cases", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith(f"case-00001  job {ct.id} (SEG job {seg_job.id})  split train")
+    assert all(f"{lv} " in listed.split("changed: ")[1] for lv in changes)
+    assert "[1 segment(s) left out]" in listed
+
     # the same case as the paper annotated: the scanner's own axial slices and a sagittal one
     native = tmp_path / "ds-native"
     args = ["dataset", "build", "--source", "cases", str(node.home / "cases"), "--out", str(native)]
