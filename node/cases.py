@@ -524,6 +524,12 @@ def take(settings: Settings, sessions: sessionmaker, job_id: int, worker: str) -
         except CorrectionError as exc:
             log.warning("job %s: SEG %s not kept as a labelled case: %s", job_id, path.name, exc)
             refused.append(f"{path.stem}: {exc}" if len(paths) > 1 else str(exc))
+        except OSError:
+            raise  # the disk (full, gone): the job runner queues the job again
+        except Exception as exc:  # a SEG malformed in a way not foreseen: recorded, never sent
+            log.exception("job %s: SEG %s could not be read as a correction", job_id, path.name)
+            why = f"unreadable as a correction ({type(exc).__name__}: {exc})"
+            refused.append(f"{path.stem}: {why}" if len(paths) > 1 else why)
     with sessions() as s:
         job = s.get(Job, job_id)
         if job.state is not State.RUNNING or job.worker != worker:
