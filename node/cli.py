@@ -536,9 +536,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.export.scu import SendError, echo, parse_address
+    from node.export.scu import SendError, echo, parse_peer
 
-    dest = parse_address(args.address)
+    dest = parse_peer(args.address)
     try:
         status = echo(dest, args.calling_aet)
     except SendError as exc:
@@ -551,9 +551,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from node.export.scu import SendError, parse_address, send_files
+    from node.export.scu import SendError, parse_peer, send_files
 
-    dest = parse_address(args.address)
+    dest = parse_peer(args.address)
     paths = sorted(p for p in args.folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not paths:
         raise FileNotFoundError(f"{args.folder}: no files to send")

@@ -264,3 +264,19 @@ def test_a_job_whose_results_do_not_fit_waits_for_disk_space_without_spending_at
             and j.attempts == 1
             and j.reason == "attempt 1: RuntimeError: first line"
         )
+
+
+@pytest.mark.parametrize(
+    ("module", "heavy"),
+    [
+        ("node.config", ("highdicom", "scipy", "cv2", "torch", "node.analysis.study")),
+        ("node.export.scu", ("pydantic", "highdicom", "scipy", "torch")),
+        ("node.cli", ("pydicom", "pydantic", "numpy", "torch")),
+    ],
+)
+def test_the_start_up_paths_load_nothing_heavy(module, heavy):
+    """What `idaics --help`, `idaics echo` and the configuration import: not the analysis,
+    and for echo not the configuration's pydantic (tests/bench/bench_startup.py times them)."""
+    code = f"import sys, {module}; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} loads {out.stdout.strip()}"

@@ -8,14 +8,17 @@ import ssl
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import pydicom
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
-from node.config import TLS, Destination
+if TYPE_CHECKING:  # the configuration (pydantic) is not loaded to echo or send from the CLI
+    from node.config import TLS, Destination
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +37,46 @@ class SendError(RuntimeError):
     """A destination that could not be reached or did not store everything, and why."""
 
 
-def parse_address(text: str, name: str | None = None) -> Destination:
-    """``AE@HOST:PORT`` as a destination."""
+class Peer(Protocol):
+    """Where to associate: a configured `Destination`, or an `Address` typed in."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tls(self) -> TLS | None: ...
+
+
+@dataclass(frozen=True)
+class Address:
+    """``AE@HOST:PORT`` typed in (no TLS): what `idaics echo` and `idaics send` reach."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: None = None
+
+
+def parse_peer(text: str) -> Address:
+    """``AE@HOST:PORT`` as an address."""
     m = ADDRESS.match(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not AE@HOST:PORT")
-    return Destination(name=name or m["ae"], ae_title=m["ae"], host=m["host"], port=int(m["port"]))
+    return Address(m["ae"], m["host"], int(m["port"]))
 
 
-def address(dest: Destination) -> str:
+def parse_address(text: str, name: str | None = None) -> Destination:
+    """``AE@HOST:PORT`` as a destination."""
+    from node.config import Destination
+
+    a = parse_peer(text)
+    return Destination(name=name or a.ae_title, ae_title=a.ae_title, host=a.host, port=a.port)
+
+
+def address(dest: Peer) -> str:
     return f"{dest.ae_title}@{dest.host}:{dest.port}"
 
 
@@ -76,7 +110,7 @@ def _opened(event: evt.Event) -> None:
         _requested.add(event.assoc)
 
 
-def _associate(ae: AE, dest: Destination) -> Association:
+def _associate(ae: AE, dest: Peer) -> Association:
     assoc = ae.associate(
         dest.host,
         dest.port,
@@ -90,7 +124,7 @@ def _associate(ae: AE, dest: Destination) -> Association:
     return assoc
 
 
-def echo(dest: Destination, calling_aet: str = "IDAICS", timeout: float = 30) -> int:
+def echo(dest: Peer, calling_aet: str = "IDAICS", timeout: float = 30) -> int:
     """C-ECHO; returns the status (0 is success), raises `SendError` when no association."""
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -107,7 +141,7 @@ def echo(dest: Destination, calling_aet: str = "IDAICS", timeout: float = 30) ->
 
 def send_files(
     paths: Iterable[Path],
-    dest: Destination,
+    dest: Peer,
     calling_aet: str = "IDAICS",
     timeout: float = 30,
     progress: Callable[[Path, int], None] | None = None,
