@@ -40,7 +40,7 @@ from node.ingest import spool
 from node.ingest.series import is_seg
 from node.jobs import claim, heartbeat, predecessor, transition
 from node.outputs import build_outputs, write_outputs
-from node.outputs.build import DicomOutputs
+from node.outputs.build import DicomOutputs, warm_up
 from node.outputs.sr import build_not_analysed_sr
 from node.registry import Registry
 from node.shadow import run_shadow
@@ -323,6 +323,7 @@ def work(settings: Settings, stop: threading.Event | None = None, once: bool = F
     registry = Registry(settings)
     live = registry.live()
     model = load_model(live, settings.workers.device)
+    warm_up()  # the DICOM standard's tables the first SEG and SR would read
     name = actor()
     log.info("worker %s ready: model %s on %s", name, model.card.name, model.device)
     seen = 0.0

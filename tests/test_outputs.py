@@ -425,3 +425,21 @@ def test_an_enhanced_ct_instance_gives_the_same_volume_and_a_seg_on_its_frames(m
     back = seg_voxels_lps(seg)
     for s in m.segments:  # the same voxels as from the single-frame series
         assert as_set(back[s.number]) == as_set(m.vol.grid.to_patient(s.voxels))
+
+
+def test_the_warm_up_reads_the_standard_tables_highdicom_reads_on_its_first_object():
+    """A worker calls it at start, so that its first job's SEG does not pay 0.5 s for them
+    (tests/bench/bench_turnaround.py shows the first job)."""
+    from highdicom import _standard_utils as standard
+
+    from node.outputs.build import warm_up
+
+    loaders = [
+        standard.get_sop_class_iod_map,
+        standard.get_iod_module_map,
+        standard.get_module_attribute_map,
+    ]
+    for f in loaders:
+        f.cache_clear()
+    warm_up()
+    assert all(f.cache_info().currsize == 1 for f in loaders)
