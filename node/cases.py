@@ -32,25 +32,26 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import yaml
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.analysis.volume import Volume, VolumeError, load_series
-from node.classes import DiscClass, parse_class
+from node.classes import DiscClass
 from node.config import Settings
 from node.db import Job, LabelledCase, State
 from node.geometry import frame_from_normal
 from node.ingest.series import SEG_STORAGE
 from node.jobs import audit, transition
 from node.outputs import codes
+from node.training.importers import frame_positions, mapping_entries
 
 log = logging.getLogger(__name__)
 
 CASE_FILE = "case.json"
 SEG_FILE = "seg.dcm"
-IGNORE = "ignore"
 #: A segment without a level in its label or codes belongs to the analysed level nearest it.
 NEAREST_LEVEL_MM = 20.0
 #: A frame lies on a CT slice when its position is this close to the slice's (mm).
@@ -107,20 +108,14 @@ class Correction:
 
 
 def load_mapping(path: Path | None) -> dict[str, DiscClass | None]:
-    """The corrections mapping file: ``label: class`` (``ignore`` or null leaves it out)."""
+    """The corrections mapping file: ``label: class`` (``ignore`` or null leaves it out), its
+    labels compared without case; no file, or an empty one, maps nothing."""
     if path is None:
         return {}
-    import yaml
-
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a table of label: class")
-    out: dict[str, DiscClass | None] = {}
-    for label, cls in raw.items():
-        out[str(label).casefold()] = (
-            None if cls is None or str(cls).lower() == IGNORE else parse_class(str(cls).lower())
-        )
-    return out
+    return {label.casefold(): cls for label, cls in mapping_entries(raw, Path(path)).items()}
 
 
 def referenced_series(seg: Dataset) -> tuple[str, str]:
@@ -174,7 +169,6 @@ def rasterise(seg: Dataset, vol: Volume) -> dict[int, np.ndarray]:
         frames = seg.pixel_array
         if frames.ndim == 2:
             frames = frames[None]
-        shared = seg.get("SharedFunctionalGroupsSequence", [None])[0]
         per_frame = seg.PerFrameFunctionalGroupsSequence
     except Exception as exc:  # pydicom raises many kinds on a broken pixel module
         raise CorrectionError(
@@ -184,16 +178,12 @@ def rasterise(seg: Dataset, vol: Volume) -> dict[int, np.ndarray]:
         raise CorrectionError(
             f"the SEG has {len(frames)} frames but {len(per_frame)} per-frame descriptions"
         )
+    try:
+        positions = frame_positions(seg)
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:  # ImportError_ is one
+        raise CorrectionError(f"a frame has no segment number or position ({exc})") from None
     out: dict[int, list[np.ndarray]] = {}
-    for f, fg in enumerate(per_frame):
-        try:
-            number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-            pos = fg.get("PlanePositionSequence") or (shared or Dataset()).get(
-                "PlanePositionSequence"
-            )
-            ipp = np.array([float(x) for x in pos[0].ImagePositionPatient])
-        except (AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise CorrectionError(f"frame {f + 1}: no segment number or position ({exc})") from None
+    for f, (number, ipp) in enumerate(positions):
         kf = vol.grid.to_index(ipp)
         k = int(round(float(kf[0])))
         spacing = vol.grid.spacing

@@ -21,10 +21,10 @@ from pydicom.errors import InvalidDicomError
 
 from node.classes import DiscClass, most_severe, parse_class
 from node.inference.interface import Windowing
+from node.ingest.series import SEG_STORAGE
 from node.training.yolo import DatasetWriter, Instance, Sample, mask_polygons, split_studies
 
 IGNORE = "ignore"
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ def load_mapping(path: Path | None) -> dict[str, DiscClass | None]:
     raw = yaml.safe_load(Path(path).read_text())
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: mapping must be a non-empty table of label: class")
+    return mapping_entries(raw, path)
+
+
+def mapping_entries(raw: dict, source: Path) -> dict[str, DiscClass | None]:
+    """A mapping file's table read as ``label: class`` (``ignore`` or null: None)."""
     out: dict[str, DiscClass | None] = {}
     for label, cls in raw.items():
         if cls is None or str(cls).lower() == IGNORE:
@@ -52,7 +57,7 @@ def load_mapping(path: Path | None) -> dict[str, DiscClass | None]:
         try:
             out[str(label)] = parse_class(str(cls).lower())
         except ValueError as exc:
-            raise ValueError(f"{path}: label {label!r}: {exc}") from None
+            raise ValueError(f"{source}: label {label!r}: {exc}") from None
     return out
 
 
@@ -143,7 +148,7 @@ def build_from_labelme(
     return writer
 
 
-def _frame_positions(seg: pydicom.Dataset) -> list[tuple[int, np.ndarray]]:
+def frame_positions(seg: pydicom.Dataset) -> list[tuple[int, np.ndarray]]:
     """(segment number, ImagePositionPatient) of every frame of a SEG."""
     shared = seg.get("SharedFunctionalGroupsSequence", [None])[0]
     out = []
@@ -191,7 +196,7 @@ def seg_samples(
     frames = seg.pixel_array
     if frames.ndim == 2:
         frames = frames[None]
-    positions = _frame_positions(seg)
+    positions = frame_positions(seg)
     study = str(seg.StudyInstanceUID)
     candidates = [
         c for c in cts if str(c.get("FrameOfReferenceUID", "")) == str(seg.FrameOfReferenceUID)
