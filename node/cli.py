@@ -346,10 +346,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     cases = args.cases or settings.corrections.cases_dir
     try:
         if args.action == "list":
+            from node.inference.model import read_card
+
             live = reg.live_name()
             for name, folder in reg.folders().items():
-                from node.inference.model import read_card
-
                 card = read_card(folder)
                 score = reg.score(name)
                 fig = score.line().split(": ", 1)[1] if score else "not scored on the test split"
@@ -386,7 +386,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_cases(args: argparse.Namespace) -> int:
     """The labelled cases, their patients' split and what the radiologists changed."""
     from node.cases import CASE_FILE
-    from node.training.from_cases import SPLITS_FILE, case_folders
+    from node.training.from_cases import case_folders, chosen_splits, patient_key
 
     root = args.cases or _settings(args).corrections.cases_dir
     folders = case_folders(root)
@@ -395,11 +395,10 @@ def cmd_cases(args: argparse.Namespace) -> int:
             f"{root}: no labelled cases yet (a radiologist's corrected SEG sent to the node makes one)"
         )
         return 0
-    splits_path = root / SPLITS_FILE
-    splits = json.loads(splits_path.read_text())["patients"] if splits_path.is_file() else {}
+    splits = chosen_splits(root)
     for folder in folders:
         about = json.loads((folder / CASE_FILE).read_text())
-        patient = str(about.get("patient_id") or f"study:{about['study_instance_uid']}")
+        patient = patient_key(about)
         changed = [
             f"{lv['level']} {'+'.join(lv['node_classes']) or 'none'} -> {'+'.join(lv['classes'])}"
             for lv in about["levels"]

@@ -178,10 +178,8 @@ class Registry:
             )
         folder = self.folder(name)
         card = read_card(folder)
-        metrics, extra = evaluate_studies(
-            folder, tests, device=device, progress=False, keep_rows=True
-        )
-        right = sum(1 for r in extra["discs"] if _primary(r["truth"]) == _primary(r["predicted"]))
+        metrics, _ = evaluate_studies(folder, tests, device=device, progress=False)
+        right = sum(metrics.confusion[i][i] for i in range(len(metrics.labels)))
         score = SplitScore(
             model=name,
             version=card.version,
@@ -281,12 +279,6 @@ class Registry:
             state["shadow"] = None  # the live model has no shadow of itself
         self._write(state)
         return back
-
-
-def _primary(classes: list[str]) -> str:
-    from node.training.evaluate import primary
-
-    return primary(classes)
 
 
 def test_cases(cases_root: Path) -> list[Path]:

@@ -25,12 +25,6 @@ from node.inference.model import ModelError, load_model
 log = logging.getLogger(__name__)
 
 
-def _primary(classes: list[str]) -> str:
-    from node.training.evaluate import primary
-
-    return primary(classes)
-
-
 def side_by_side(live: dict, shadow: StudyResult) -> dict[str, Any]:
     """Per level: the live and the shadow model's classes, and whether they agree."""
     theirs = {d.level: [c.value for c in d.classes] for d in shadow.discs}
@@ -57,10 +51,16 @@ def side_by_side(live: dict, shadow: StudyResult) -> dict[str, Any]:
 
 
 def run_shadow(
-    sessions: sessionmaker, job_id: int, vol: Volume, folder: Any, device: str | None
+    sessions: sessionmaker,
+    job_id: int,
+    vol: Volume,
+    live: dict,
+    folder: Any,
+    device: str | None,
 ) -> dict[str, Any]:
-    """Analyse ``vol`` with the shadow model in ``folder`` and keep the comparison in the job's
-    result; a shadow that fails is recorded there, and the job is not touched otherwise."""
+    """Analyse ``vol`` with the shadow model in ``folder`` and keep the comparison with the
+    live model's result (``live``) in the job's result; a shadow that fails is recorded there,
+    and the job is not touched otherwise."""
     t0 = time.perf_counter()
     try:
         model = load_model(folder, device)
@@ -69,8 +69,6 @@ def run_shadow(
         log.warning("job %s: the shadow model %s failed: %s", job_id, folder, exc)
         kept: dict[str, Any] = {"model": str(folder), "error": f"{type(exc).__name__}: {exc}"}
     else:
-        with sessions() as s:
-            live = dict(s.get(Job, job_id).result or {})
         kept = side_by_side(live, result)
         kept["seconds"] = round(time.perf_counter() - t0, 2)
         log.info(
@@ -90,6 +88,8 @@ def run_shadow(
 def compare(sessions: sessionmaker) -> dict[str, Any]:
     """Over every job with a shadow result: agreement per shadow model, the live-vs-shadow
     table of primary classes, and both models against the radiologists' corrections."""
+    from node.training.evaluate import primary
+
     out: dict[str, Any] = {}
     with sessions() as s:
         jobs = [
@@ -122,11 +122,11 @@ def compare(sessions: sessionmaker) -> dict[str, Any]:
             for r in sh["levels"]:
                 o["levels"] += 1
                 o["agree"] += bool(r["agree"])
-                live = _primary(r["live"] or [])
-                other = _primary(r["shadow"] or [])
+                live = primary(r["live"] or [])
+                other = primary(r["shadow"] or [])
                 o["table"][(live, other)] += 1
                 if r["level"] in truth:
-                    want = _primary(truth[r["level"]])
+                    want = primary(truth[r["level"]])
                     o["corrected_levels"] += 1
                     o["live_right"] += live == want
                     o["shadow_right"] += other == want

@@ -137,17 +137,15 @@ def process_job(
         job = s.get(Job, job_id)
         paths = [Path(i.path) for i in job.received]
         correction = is_seg({i.sop_class_uid for i in job.received})
-    if correction and settings.corrections.enabled:
-        cases.take(settings, sessions, job_id, worker)
-        return
-    with sessions() as s:
-        job = s.get(Job, job_id)
         before = predecessor(s, job)
         previous = (
             previous_reports(Path(before.outputs_dir))
             if before is not None and before.outputs_dir
             else []
         )
+    if correction and settings.corrections.enabled:
+        cases.take(settings, sessions, job_id, worker)
+        return
     out = spool.outbox(settings.spool_dir, job_id)
     try:
         vol = load_series(paths)
@@ -170,8 +168,9 @@ def process_job(
         if job.state is not State.RUNNING or job.worker != worker:
             log.warning("job %s was taken from this worker while it ran; results discarded", job_id)
             return
+        live = result.to_dict()
         job.result = {
-            **result.to_dict(),
+            **live,
             "objects": [n for n, _ in outputs.datasets()],
             "output_timings_s": {k: round(v, 3) for k, v in outputs.timings.items()},
         }
@@ -182,7 +181,7 @@ def process_job(
         s.commit()
     shadow = Registry(settings).shadow()
     if shadow is not None and shadow.resolve() != model.card.folder.resolve():
-        run_shadow(sessions, job_id, vol, shadow, settings.workers.device)  # never sent
+        run_shadow(sessions, job_id, vol, live, shadow, settings.workers.device)  # never sent
 
 
 def report_not_analysed(

@@ -22,18 +22,16 @@ from node.outputs.settings import OutputSettings
 from node.outputs.sr import build_sr, build_volumetric_sr
 
 
-def warm_up() -> float:
+def warm_up() -> None:
     """Read the DICOM standard's tables that highdicom loads on its first object (0.5-0.6 s
-    here), so that a worker's first job does not pay for them; seconds taken. The loaders are
-    highdicom's own cached functions: where a release has none of them, nothing is done."""
-    t0 = time.perf_counter()
+    here), so that a worker's first job does not pay for them. The loaders are highdicom's
+    own cached functions: where a release has none of them, nothing is done."""
     from highdicom import _standard_utils as standard
 
     for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
         loader = getattr(standard, name, None)
         if callable(loader):
             loader()
-    return time.perf_counter() - t0
 
 
 @dataclass(frozen=True)

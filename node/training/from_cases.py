@@ -46,11 +46,15 @@ def case_folders(root: Path) -> list[Path]:
     )
 
 
+def patient_key(about: dict) -> str:
+    """Whom a case (its case.json) is of: the patient ID, else the study."""
+    return str(about.get("patient_id") or f"study:{about['study_instance_uid']}")
+
+
 def patient_of(case: Path) -> str:
     from node.cases import CASE_FILE
 
-    about = json.loads((case / CASE_FILE).read_text())
-    return str(about.get("patient_id") or f"study:{about['study_instance_uid']}")
+    return patient_key(json.loads((case / CASE_FILE).read_text()))
 
 
 def _choose(patient: str, test_fraction: float, val_fraction: float) -> str:
@@ -60,6 +64,18 @@ def _choose(patient: str, test_fraction: float, val_fraction: float) -> str:
     return "val" if h < test_fraction + val_fraction else "train"
 
 
+def chosen_splits(root: Path) -> dict[str, str]:
+    """The splits chosen so far, patient -> split (``splits.json``; none yet: empty)."""
+    path = Path(root) / SPLITS_FILE
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    known = {str(k): str(v) for k, v in raw.get("patients", {}).items()}
+    if bad := set(known.values()) - set(SPLITS):
+        raise ValueError(f"{path}: unknown split(s) {sorted(bad)}")
+    return known
+
+
 def frozen_splits(
     root: Path, patients: list[str], *, test_fraction: float = 0.2, val_fraction: float = 0.15
 ) -> dict[str, str]:
@@ -67,12 +83,7 @@ def frozen_splits(
     if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
         raise ValueError("test and val fractions must be in [0, 1) and leave some for training")
     path = Path(root) / SPLITS_FILE
-    known: dict[str, str] = {}
-    if path.is_file():
-        raw = json.loads(path.read_text())
-        known = {str(k): str(v) for k, v in raw.get("patients", {}).items()}
-        if bad := set(known.values()) - set(SPLITS):
-            raise ValueError(f"{path}: unknown split(s) {sorted(bad)}")
+    known = chosen_splits(root)
     new = {p: _choose(p, test_fraction, val_fraction) for p in patients if p not in known}
     if new:
         known.update(new)
