@@ -23,6 +23,7 @@ from node.training.from_cases import SPLITS_FILE, TEST_STUDIES
 from node.web.app import job_detail
 from tests.test_cases import corrected, wait_series
 from tests.test_service import in_pacs, jobs, orthanc, start_node, storescu, wait_job
+from tests.test_training import tiny_train_args
 
 FINAL = (State.DONE, State.FAILED, State.SKIPPED)
 
@@ -104,8 +105,7 @@ def test_from_corrections_to_a_gated_promotion_and_the_next_job_on_the_new_model
 
         # a candidate fine-tuned for one epoch from the bundled model (small: it will be worse)
         cand = home / "models" / "candidate"
-        train = ["train", "--data", str(ds / "data.yaml"), "--out", str(cand), "--epochs", "1"]
-        train += ["--imgsz", "96", "--batch", "8", "--device", "cpu", "--workers", "0"]
+        train = tiny_train_args(ds / "data.yaml", cand)
         assert main([*train, "--from", str(DEFAULT_MODEL / "weights.pt")]) == 0
         version = read_card(cand).version
         assert version != "2.0.0"

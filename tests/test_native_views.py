@@ -24,8 +24,9 @@ from node.geometry import Plane, frame_from_normal, sample_plane
 from node.inference.interface import Detection, View, Windowing
 from node.inference.model import read_card
 from node.phantom.generate import SERIES_DIR, load_labels
+from node.training.from_cases import native_samples
 from node.training.importers import build_from_labelme
-from node.training.yolo import class_map_instances
+from tests.test_training import tiny_train_args
 
 LABELME_NAMES = {c: f"disc {c.value}" for c in DiscClass}
 
@@ -205,48 +206,32 @@ def _section(d, labels) -> tuple[float, np.ndarray]:
 
 def _labelme_from_phantom(study, out: Path, window: Windowing) -> int:
     """Whole native slices of a phantom, annotated as a radiologist would in LabelMe: the
-    scanner's axial slice through each disc and one mid-sagittal reformat."""
-    vol = load_folder(study.folder / SERIES_DIR)
-    labels = load_labels(study.folder)
-    g = vol.grid
-    size, pixel = max(g.shape[1:]), min(g.spacing[1:])
-    middle = g.to_patient((np.asarray(g.shape, float) - 1) / 2)
-    left, post, head = np.eye(3)
-    planes = {}
-    for e in study.truth["levels"]:
-        c = np.array(e["centre_lps"])
-        planes[f"{e['level']}_axial"] = Plane(
-            np.array([middle[0], middle[1], c[2]]), left, post, size, pixel
-        )
-    x = float(np.mean([e["centre_lps"][0] for e in study.truth["levels"]]))
-    planes["sagittal"] = Plane(np.array([x, middle[1], middle[2]]), post, -head, size, pixel)
+    scanner's axial slice through each disc and one mid-sagittal reformat (the slices and
+    labels of a native-view dataset, `native_samples`), written as LabelMe JSON."""
     folder = out / study.folder.name
     folder.mkdir(parents=True)
-    for name, plane in planes.items():
-        img = window.apply(sample_plane(vol.hu, g, plane, order=1, fill=-1000.0))
-        cls = sample_plane(labels.disc_class, labels.grid, plane, order=0)
+    n = 0
+    for sample in native_samples(study.folder, window):
         buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
+        Image.fromarray(sample.image).save(buf, format="PNG")
         shapes = [
-            {
-                "label": LABELME_NAMES[i.cls],
-                "points": i.polygon.tolist(),
-                "shape_type": "polygon",
-            }
-            for i in class_map_instances(cls)
+            {"label": LABELME_NAMES[i.cls], "points": i.polygon.tolist(), "shape_type": "polygon"}
+            for i in sample.instances
         ]
-        (folder / f"{name}.json").write_text(
+        h, w = sample.image.shape
+        (folder / f"{sample.name}.json").write_text(
             json.dumps(
                 {
-                    "imagePath": f"{name}.png",
+                    "imagePath": f"{sample.name}.png",
                     "imageData": base64.b64encode(buf.getvalue()).decode(),
-                    "imageHeight": size,
-                    "imageWidth": size,
+                    "imageHeight": h,
+                    "imageWidth": w,
                     "shapes": shapes,
                 }
             )
         )
-    return len(planes)
+        n += 1
+    return n
 
 
 @pytest.mark.slow
@@ -260,25 +245,7 @@ def test_a_model_trained_on_labelme_whole_slices_runs_in_analyze_evaluate_and_th
     mapping.write_text(yaml.safe_dump({v: k.value for k, v in LABELME_NAMES.items()}))
     build_from_labelme([src], tmp_path / "ds", mapping=mapping, val_fraction=0.34)
     model = tmp_path / "models" / "native"
-    rc = main(
-        [
-            "train",
-            "--data",
-            str(tmp_path / "ds" / "data.yaml"),
-            "--out",
-            str(model),
-            "--epochs",
-            "1",
-            "--imgsz",
-            "96",
-            "--batch",
-            "8",
-            "--device",
-            "cpu",
-            "--workers",
-            "0",
-        ]
-    )
+    rc = main(tiny_train_args(tmp_path / "ds" / "data.yaml", model))
     assert rc == 0 and n >= 15
     card = read_card(model)
     assert card.native and card.raw["views"] == "native"
