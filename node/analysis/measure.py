@@ -40,15 +40,21 @@ PEDICLE_MM = 5.0  # opening radius: wider than half a pedicle, far narrower than
 CANAL_BEHIND_MM = 10.0  # a hole further behind the disc centre than this is the canal
 #: The disc's own margin in the CT: where the HU (the mean over +-1 mm about the disc's mid
 #: plane, smoothed 0.8 mm) falls this far below the disc's interior (the median inside the
-#: vertebral edge, 4 mm in from it). It is read over the posterior half only, where the disc
-#: meets the canal's and the foramina's fat and CSF; in front and at the sides the psoas and
-#: the vessels are as dense as disc. The 25% of the circumference of the paper's rule is 90
-#: degrees of arc, which the posterior half can show whole.
+#: vertebral edge, 4 mm in from it, at most `TISSUE_DISC_MAX_HU`). It is read over the
+#: posterior half only, where the disc meets the canal's and the foramina's fat and CSF; in
+#: front and at the sides the psoas and the vessels are as dense as disc. The 25% of the
+#: circumference of the paper's rule is 90 degrees of arc, which the posterior half can show
+#: whole.
 TISSUE_DROP_HU = 35.0
 TISSUE_SECTOR_DEG = (20.0, 160.0)
 TISSUE_STEP_DEG = 2.0
 TISSUE_SMOOTH_MM = 0.8
 TISSUE_INNER_MM = 4.0
+#: Disc reads 60-110 HU on CT. An interior median above this is endplate bone averaged into
+#: the +-1 mm slab (thick slices, a concave or tilted endplate): the margin is then read
+#: against the disc's soft tissue, not against the bone, which would take the disc itself for
+#: the dark outside it.
+TISSUE_DISC_MAX_HU = 120.0
 TISSUE_REACH_MM = 12.0  # rays are followed this far past the vertebral edge
 TISSUE_BEYOND_MM = 2.0  # a ray counts as beyond the edge past this ...
 TISSUE_BULGE_ARC_DEG = 90.0  # ... and over more of the arc than this, the disc bulges
@@ -259,15 +265,16 @@ def tissue_extension(vol: Volume, plane: Plane, edge: np.ndarray) -> Extension:
     mid plane), per ray over the posterior half (`TISSUE_SECTOR_DEG`) from the body's centre.
 
     Along each ray, from 2 mm inside the edge, the margin is the first point darker than the
-    disc's interior by `TISSUE_DROP_HU`; a ray that finds none within `TISSUE_REACH_MM` counts
-    as reaching that far (a disc filling the canal up to the arch).
+    disc's interior (at most `TISSUE_DISC_MAX_HU`) by `TISSUE_DROP_HU`; a ray that finds none
+    within `TISSUE_REACH_MM` counts as reaching that far (a disc filling the canal up to the
+    arch).
     """
     px = plane.pixel_mm
     hu = np.mean(_slices(vol, plane, (-1.0, -0.5, 0.0, 0.5, 1.0)), axis=0)
     # `edge` eroded by a disk of TISSUE_INNER_MM (outside the plane counts as outside): the
     # same pixels as binary_erosion with `disk`, through the distance map, far faster
     inner = ndimage.distance_transform_edt(np.pad(edge, 1))[1:-1, 1:-1] > TISSUE_INNER_MM / px
-    disc_hu = float(np.median(hu[inner if inner.any() else edge]))
+    disc_hu = min(float(np.median(hu[inner if inner.any() else edge])), TISSUE_DISC_MAX_HU)
     smooth = ndimage.gaussian_filter(hu, TISSUE_SMOOTH_MM / px)
     rr, cc = np.nonzero(edge)
     centre = (float(rr.mean()), float(cc.mean()))
