@@ -230,7 +230,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         studies = _studies_in([args.studies])
         if not studies:
             raise ValueError(f"{args.studies}: no phantom studies (folders with truth.json)")
-        metrics, extra = evaluate_studies(args.model, studies, out=args.out, device=args.device)
+        metrics, extra = evaluate_studies(
+            args.model,
+            studies,
+            out=args.out,
+            device=args.device,
+            rule_below_vote=args.rule_below_vote,
+        )
         print(
             f"per disc level: {extra['levels_found']}/{extra['levels']} levels found (within 10 mm), "
             f"{extra['levels_named']} of them named right; exact class sets {extra['exact_class_sets']}/{extra['levels']}"
@@ -706,6 +712,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val", choices=["train", "val"])
     e.add_argument("--out", type=Path)
     e.add_argument("--device", default=None)
+    e.add_argument(
+        "--rule-below-vote",
+        type=float,
+        metavar="VOTE",
+        help="with --studies: the 25%% rule decides a disc's shape where the model's vote is "
+        "under VOTE (default 0.4; above 1 the rule alone, wherever it can be read)",
+    )
     e.set_defaults(func=cmd_evaluate)
 
     cal = sub.add_parser(

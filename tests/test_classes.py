@@ -64,3 +64,31 @@ def test_the_bundled_model_classifies_held_out_phantom_discs(analysed_phantoms):
     }
     swapped = [(t, [swap.get(c, c) for c in p]) for t, p in pairs]
     assert not passes(score(swapped)), score(swapped)
+
+
+def test_the_vote_below_which_the_rule_decides_is_the_one_given(analysed_phantoms):
+    """`analyze_volume(..., rule_below_vote=...)`: at 0 the model decides every disc (no
+    finding by the rule), above 1 the 25% rule read on the disc's margin decides every disc
+    where that margin was read (its class is the disc's shape, a Schmorl's node kept beside
+    it); the default decides by the rule only where the model is unsure, which on these
+    phantoms leaves some discs to the model against the margin."""
+    from node.analysis.study import analyze_volume
+    from node.inference.model import load_model
+    from tests.conftest import ROOT
+
+    model = load_model(ROOT / "models" / "idaics-v2")
+    _study, vol, default = analysed_phantoms[0]
+    model_only = analyze_volume(vol, model, rule_below_vote=0.0)
+    rule_only = analyze_volume(vol, model, rule_below_vote=1.01)
+    assert not any(f.by_rule for d in model_only.discs for f in d.findings)
+    read = [d for d in rule_only.discs if d.measurements.tissue_class is not None]
+    assert read
+    for d in read:
+        assert _shape([c.value for c in d.classes]) == d.measurements.tissue_class.value, d.level
+    disagree = [
+        d
+        for d in default.discs
+        if d.measurements.tissue_class is not None
+        and _shape([c.value for c in d.classes]) != d.measurements.tissue_class.value
+    ]
+    assert disagree, "the default left no disc to the model against the margin"

@@ -37,6 +37,8 @@ SLAB_MM = 3.0
 ENDPLATE_SLAB_MM = 2 * ENDPLATE_BEYOND_MM
 #: Below this vote the 25% rule on the model's mask decides between normal, bulge and
 #: protrusion (chosen on held-out tuning phantoms, seed 2000, never on the reported set).
+#: `analyze_volume` takes another (above 1: the rule decides wherever it can be read, which
+#: measures the rule alone, as on a CT unlike any the model trained on).
 RULE_BELOW_VOTE = 0.4
 
 
@@ -184,9 +186,14 @@ def on_views(views: list[ViewSlice], dets: list[list[Detection]]) -> list[list[D
 
 
 def _apply_rule(
-    findings: list[Finding], votes: dict[str, float], m: Measurements, warnings: list[str]
+    findings: list[Finding],
+    votes: dict[str, float],
+    m: Measurements,
+    warnings: list[str],
+    below: float = RULE_BELOW_VOTE,
 ) -> list[Finding]:
-    """Where the model's vote on the disc's shape is weak, the paper's 25% rule decides.
+    """Where the model's vote on the disc's shape is under ``below``, the paper's 25% rule
+    decides.
 
     The rule is read on the disc's own margin in the CT (`tissue_extension`), or where that
     could not be measured on the model's own mask of the disc, against the vertebral edge.
@@ -212,7 +219,7 @@ def _apply_rule(
     if rule is model_says and findings:
         return findings
     vote = max(votes.values(), default=0.0)
-    if vote >= RULE_BELOW_VOTE:
+    if vote >= below:
         warnings.append(f"model says {model_says.value}, the 25% rule says {rule.value} ({how})")
         return findings
     warnings.append(
@@ -225,8 +232,11 @@ def _apply_rule(
     return shape + node
 
 
-def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
-    """Analyse one loaded CT volume with a loaded model."""
+def analyze_volume(
+    vol: Volume, model: DiscModel, *, rule_below_vote: float = RULE_BELOW_VOTE
+) -> StudyResult:
+    """Analyse one loaded CT volume with a loaded model; the 25% rule decides a disc's shape
+    where the model's vote is under ``rule_below_vote``."""
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     spine = find_spine(vol)
@@ -297,7 +307,7 @@ def analyze_volume(vol: Volume, model: DiscModel) -> StudyResult:
         w = []
         if not findings:
             w.append("the model found no disc at this level")
-        findings = _apply_rule(findings, votes, m, w)
+        findings = _apply_rule(findings, votes, m, w, rule_below_vote)
         if calibration is not None:  # the chance the class is right, as measured on held-out discs
             findings = [
                 replace(f, confidence=calibration(f.confidence, by_rule=f.by_rule))

@@ -203,6 +203,7 @@ def evaluate_studies(
     centre_tolerance_mm: float = 10.0,
     progress: bool = True,
     keep_rows: bool = False,
+    rule_below_vote: float | None = None,
 ) -> tuple[Metrics, dict]:
     """Per-disc evaluation against phantom truth, the unit a radiologist reports.
 
@@ -210,22 +211,28 @@ def evaluate_studies(
     prediction is the most specific class the analysis reports for the level of that name
     (``none`` when the level was not found or not named, or found more than
     ``centre_tolerance_mm`` away). Schmorl's nodes, which may sit beside a bulge or a
-    protrusion, are also scored on their own as present or absent.
+    protrusion, are also scored on their own as present or absent. ``rule_below_vote``
+    overrides the analysis' `RULE_BELOW_VOTE` (see `analyze_volume`).
     """
     from tqdm import tqdm
 
-    from node.analysis.study import analyze_volume
+    from node.analysis.study import RULE_BELOW_VOTE, analyze_volume
     from node.analysis.volume import VolumeError, load_folder
     from node.inference.model import load_model
     from node.phantom.generate import SERIES_DIR, TRUTH_FILE
 
+    below = RULE_BELOW_VOTE if rule_below_vote is None else rule_below_vote
     model = load_model(model_dir, device)
     rows = []
     refused = []
     for folder in tqdm(studies, desc="studies", unit="study", disable=not progress):
         truth = json.loads((folder / TRUTH_FILE).read_text())
         try:
-            result = analyze_volume(load_folder(folder / SERIES_DIR), model)
+            result = analyze_volume(
+                load_folder(folder / SERIES_DIR),
+                model,
+                rule_below_vote=below,
+            )
         except VolumeError as exc:
             refused.append({"study": folder.name, "reason": str(exc)})
             continue
@@ -272,6 +279,7 @@ def evaluate_studies(
         "exact_class_sets": sum(sorted(r["truth"]) == sorted(r["predicted"]) for r in rows),
         "schmorl_present_vs_absent": compute(node_cm[::-1, ::-1], ["present", "absent"]).to_dict(),
         "refused": refused,
+        "rule_below_vote": below,
     }
     if keep_rows:
         extra["discs"] = rows
