@@ -85,12 +85,11 @@ def test_classes_the_rule_decided_get_a_map_of_their_own(tmp_path):
     assert "rule" not in one and entry["ece_after"] < one["ece_after"]
 
 
-def test_the_analysis_reports_the_calibrated_confidence(analysed_phantoms, tmp_path, monkeypatch):
+def test_the_analysis_reports_the_calibrated_confidence(analysed_phantoms, tmp_path):
     """Each class's confidence through its own map: the model's (here a coin toss) or the
     rule's (here 0.8). The rule is made to decide wherever it disagrees with the model, so
     that the phantom shows classes of both kinds; the classes are those of the same analysis
     without calibration."""
-    import node.analysis.study as study_mod
     from node.analysis.study import analyze_volume
     from node.inference.model import load_model
 
@@ -99,10 +98,9 @@ def test_the_analysis_reports_the_calibrated_confidence(analysed_phantoms, tmp_p
     card = yaml.safe_load((model_dir / "model.yaml").read_text())
     card["calibration"] = {"method": "platt", "a": 0.0, "b": 0.0, "rule": {"a": 0.0, "b": 1.38629}}
     (model_dir / "model.yaml").write_text(yaml.safe_dump(card))
-    monkeypatch.setattr(study_mod, "RULE_BELOW_VOTE", 1.01)
     _study, vol, _plain = analysed_phantoms[0]
-    plain = analyze_volume(vol, load_model(MODEL))
-    result = analyze_volume(vol, load_model(model_dir))
+    plain = analyze_volume(vol, load_model(MODEL), rule_below_vote=1.01)
+    result = analyze_volume(vol, load_model(model_dir), rule_below_vote=1.01)
     confs = [(f.by_rule, f.confidence) for d in result.discs for f in d.findings]
     assert {rule for rule, _ in confs} == {True, False}, confs
     assert all(abs(c - (0.8 if rule else 0.5)) < 1e-4 for rule, c in confs)
