@@ -190,7 +190,7 @@ def _apply_rule(
     votes: dict[str, float],
     m: Measurements,
     warnings: list[str],
-    below: float = RULE_BELOW_VOTE,
+    below: float,
 ) -> list[Finding]:
     """Where the model's vote on the disc's shape is under ``below``, the paper's 25% rule
     decides.
