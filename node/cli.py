@@ -62,6 +62,15 @@ def _synth_from_base(args: argparse.Namespace) -> int:
         raise ValueError(f"--studies must be at least 1, got {args.studies}")
     base = load_base(args.base, args.base_labels, args.label_scheme, name=args.base_name)
     levels = base_levels(base)
+    if args.levels:
+        wanted = [x.strip() for x in args.levels.split(",") if x.strip()]
+        missing = sorted(set(wanted) - {lv.level for lv in levels})
+        if missing:
+            raise ValueError(
+                f"--levels {', '.join(missing)}: not a level of {base.name} "
+                f"({', '.join(lv.level for lv in levels) or 'none'})"
+            )
+        levels = [lv for lv in levels if lv.level in wanted]
     print(f"{base.name}: lesions go into {', '.join(lv.level for lv in levels) or 'no level'}")
     folders = synth_from_base(base, args.out, args.studies, args.seed, levels=levels)
     if args.pictures:
@@ -618,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-name", help="name of the base CT in study folders (default: its file name)"
     )
     s.add_argument("--pictures", type=Path, help="with --base: write before/after pictures here")
+    s.add_argument(
+        "--levels",
+        help="with --base: only these levels, comma-separated (default: every level whose two "
+        "bodies are labelled and in view)",
+    )
     s.set_defaults(func=cmd_synth)
 
     r = sub.add_parser(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from node.inference.interface import ViewSpec, Windowing
 from node.phantom.generate import SERIES_DIR, TRUTH_FILE, load_labels
 from node.phantom.insert import BaseError, base_levels, load_base, synth_from_base
 from node.training.from_phantoms import Randomise, study_samples
+
+#: A real abdomen-pelvis CT from T11 through the sacrum, with vertebra labels (its README)
+ABDOMEN = Path(__file__).parent / "data" / "abdomen_ct_sacrum"
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +194,39 @@ def test_the_last_disc_above_the_edge_of_the_field_of_view_is_found_and_named(ch
     assert not any(d.level == "L3-L4" for d in found.discs)  # nothing below the last disc
 
 
+@pytest.fixture(scope="module")
+def abdomen_base():
+    return load_base(
+        ABDOMEN / "ct.nii.gz", ABDOMEN / "labels.nii.gz", "totalsegmentator", "abdomen"
+    )
+
+
+def test_the_levels_of_a_real_ct_with_its_sacrum_are_named_from_the_sacrum(abdomen_base):
+    """A real abdomen-pelvis CT (3 mm voxels) from T11 through the sacrum, the iliac crests up
+    at L4. Past the last closed canal the centre line follows the sacrum's body, not the iliac
+    wing beside it, so the steep L5-S1 disc shows in the profile; the alae of this bone are
+    too dark to widen the body under the disc, and the sacrum is known by the ilia that lie
+    against it on both sides (`_wings`). Every labelled level is found within 10 mm and named
+    from the sacrum, and the lowest ribs agree. Before, the line bent into an iliac wing,
+    L5-S1 was missed, the pelvis was taken for the lowest ribs and the study was refused as
+    holding no lumbar spine."""
+    from node.analysis import spine
+
+    found = spine.find_spine(abdomen_base.volume())
+    labelled = {lv.level: lv for lv in base_levels(abdomen_base)}
+    assert list(labelled) == ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
+    assert found.skip_reason is None, found.skip_reason
+    assert found.sacrum_found and found.rib_anchor
+    assert found.warnings == ()  # the ribs and the sacrum agree
+    named = {d.level: d for d in found.discs}
+    assert list(named) == list(labelled)
+    for level, lv in labelled.items():
+        miss = float(np.linalg.norm(named[level].centre - lv.centre))
+        assert miss < 10.0, (level, round(miss, 1))
+        tilt = np.degrees(np.arccos(abs(float(named[level].frame[:, 2] @ lv.frame[:, 2]))))
+        assert tilt < 15.0, (level, round(tilt, 1))
+
+
 def test_the_column_is_followed_to_the_edge_of_the_field_of_view(chest_base):
     """The chest CT ends 16 mm below the L2-L3 disc: the centre line still runs through the
     bodies there (not bent towards the arches by the last slices), so the disc is measured
@@ -287,3 +324,21 @@ def test_a_bulge_in_thick_slices_is_read_against_the_disc_not_the_endplate(chest
     for level in ("T12-L1", "L1-L2"):
         arc, called = reads[level][DiscClass.BULGE]
         assert called is DiscClass.BULGE, (level, arc)
+
+
+def test_synth_puts_lesions_only_into_the_levels_asked_for(tmp_path, capsys):
+    """`idaics synth --base ... --levels`: the other levels stay as scanned ("unknown"), and a
+    level the base does not hold is refused with the ones it does."""
+    from node.cli import main
+
+    base = ["synth", "--base", str(ABDOMEN / "ct.nii.gz"), "--base-labels"]
+    base += [str(ABDOMEN / "labels.nii.gz"), "--studies", "2", "--seed", "5"]
+    assert main(base + ["--out", str(tmp_path / "bad"), "--levels", "L3-L4,S1-S2"]) == 2
+    err = capsys.readouterr().err
+    assert "S1-S2" in err and "L5-S1" in err
+    assert main(base + ["--out", str(tmp_path / "ok"), "--levels", "L2-L3, L3-L4"]) == 0
+    for truth in sorted((tmp_path / "ok").glob(f"*/{TRUTH_FILE}")):
+        levels = json.loads(truth.read_text())["levels"]
+        touched = {lv["level"] for lv in levels if lv["classes"] != ["unknown"]}
+        assert touched <= {"L2-L3", "L3-L4"}, touched
+        assert len(levels) == 2

@@ -56,6 +56,14 @@ BEYOND_MAX_HEIGHT_MM = 15.0
 EDGE_DEPTH_RATIO = 0.7
 BEYOND_DROP_HU = 30.0
 SACRUM_WIDTH_RATIO = 1.35
+#: ... or, where the sacrum's alae are too dark to count as body (older bone), the ilia
+#: beside it: bone over `WING_BONE_HU` on this share of `WING_MM` to either side of the
+#: column, in planes `WING_BELOW_MM` under the disc, and this much more than above it
+WING_MM = (45.0, 90.0)
+WING_BELOW_MM = (15.0, 25.0)
+WING_BONE_HU = 150.0
+WING_SHARE = 0.7
+WING_RISE = 0.4
 SACRAL_REMNANTS = 1  # dark lines below L5-S1 that may be taken for a disc (S1-S2)
 RIB_MEDIAL_MM = 30.0
 RIB_REACH_MM = 68.0
@@ -72,7 +80,7 @@ CHAIN_GAP_MM = 90.0
 CHAIN_MIN_SPAN_MM = 60.0
 LINE_REACH_MM = 30.0
 BODY_WINDOW_MM = (8.0, 22.0, 18.0)  # |x| and in front of / behind the line: the body
-BEYOND_WINDOW_MM = 45.0  # |x| past the canals
+BEYOND_WINDOW_MM = 30.0  # |x| past the canals: the sacrum's body, not the ilia beside it
 
 
 @dataclass(frozen=True)
@@ -682,8 +690,28 @@ def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
     return float(xs.max() - xs.min())
 
 
-def _lumbosacral(mask: np.ndarray, grid: Grid, sites: list[_Site]) -> int | None:
-    """Index of the L5-S1 disc among the lowest two sites, or None without a sacrum."""
+def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """Share of `WING_MM` to the left and to the right of the column where bone (the
+    brightest HU 40 mm in front of and behind ``centre``, over `WING_BONE_HU`) lies, in the
+    plane through ``centre``."""
+    u = np.arange(-WING_MM[1], WING_MM[1] + 1e-6, 1.0)
+    v = np.arange(-40.0, 40.0 + 1e-6, 2.0)
+    uu, vv = np.meshgrid(u, v)
+    pts = centre + uu.ravel()[:, None] * frame[:, 0] + vv.ravel()[:, None] * frame[:, 1]
+    hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=-1000.0)
+    bone = hu.reshape(uu.shape).max(axis=0) > WING_BONE_HU
+    return np.array([bone[u <= -WING_MM[0]].mean(), bone[u >= WING_MM[0]].mean()])
+
+
+def _lumbosacral(
+    mask: np.ndarray, smooth: np.ndarray, grid: Grid, sites: list[_Site]
+) -> int | None:
+    """Index of the L5-S1 disc among the lowest two sites, or None without a sacrum.
+
+    Under L5-S1 the bone in front of the canal (S1 with its alae) is much wider than the body
+    above; or, where the alae are too dark to count as body, the ilia lie against the sacrum
+    on both sides there (`_wings`), and not beside L5.
+    """
     for j in reversed(range(max(0, len(sites) - 1 - SACRAL_REMNANTS), len(sites))):
         centre, frame, height = sites[j][:3]
         below = centre - frame[:, 2] * (height / 2 + 10.0)
@@ -693,6 +721,15 @@ def _lumbosacral(mask: np.ndarray, grid: Grid, sites: list[_Site]) -> int | None
             _front_width(mask, grid, above, frame),
         )
         if w_above > 0 and w_below > SACRUM_WIDTH_RATIO * w_above:
+            return j
+        wings = [
+            _wings(smooth, grid, centre + side * frame[:, 2] * (height / 2 + d), frame)
+            for side in (-1.0, 1.0)
+            for d in WING_BELOW_MM
+        ]
+        under = (wings[0] + wings[1]) / 2
+        over = (wings[2] + wings[3]) / 2
+        if np.all(under >= WING_SHARE) and np.all(under - over >= WING_RISE):
             return j
     return None
 
@@ -821,7 +858,7 @@ def find_spine(vol: Volume) -> Spine:
     # the sacrum: the bone under L5-S1 (S1 with its alae) is much wider than the body above
     # it; the lowest dark line may be the rudimentary S1-S2 disc, so the one above it is
     # tried too, and what lies below L5-S1 is dropped
-    lumbosacral = _lumbosacral(mask, grid, sites)
+    lumbosacral = _lumbosacral(mask, smooth, grid, sites)
     sacrum = lumbosacral is not None
     if lumbosacral is not None and lumbosacral < len(sites) - 1:
         sites = sites[: lumbosacral + 1]
