@@ -227,6 +227,60 @@ def test_the_levels_of_a_real_ct_with_its_sacrum_are_named_from_the_sacrum(abdom
         assert tilt < 15.0, (level, round(tilt, 1))
 
 
+def _narrowed(base, half_width_mm: float):
+    """``base`` with its field of view cut to ``half_width_mm`` either side of the column (a
+    lumbar spine CT is reconstructed on 150-200 mm)."""
+    from node.geometry import Grid
+    from node.phantom.insert import BaseCT
+
+    x = base.grid.to_patient(np.array([[0, 0, c] for c in range(base.grid.shape[2])], float))[:, 0]
+    mid = float(np.median(base.grid.to_patient(np.argwhere(base.vertebra > 0))[:, 0]))
+    keep = np.nonzero(np.abs(x - mid) <= half_width_mm)[0]
+    c0, c1 = int(keep[0]), int(keep[-1]) + 1
+    affine = base.grid.affine.copy()
+    affine[:3, 3] = base.grid.to_patient(np.array([[0.0, 0.0, c0]]))[0]
+    hu = np.ascontiguousarray(base.hu[:, :, c0:c1])
+    return BaseCT(
+        base.name, hu, Grid(hu.shape, affine), base.vertebra[:, :, c0:c1], base.names, base.source
+    )
+
+
+@pytest.mark.parametrize("half_width_mm", [90.0, 75.0])
+def test_a_lumbar_field_of_view_still_names_the_levels_from_the_sacrum(abdomen_base, half_width_mm):
+    """The abdomen-pelvis CT cut to a lumbar spine CT's field of view (180 and 150 mm): the
+    ilia are cut off at the side, so the share of bone beside the sacrum is read on what is in
+    view; the pelvis, cut into rib-like pieces, is no rib (`lowest_rib`); and the iliac bone
+    that the line's end now meets leaves two dark lines under L5-S1. All six levels are named
+    from the sacrum, as on the whole CT. Before: refused ("ribs down to the lowest vertebra")."""
+    from node.analysis import spine
+
+    base = _narrowed(abdomen_base, half_width_mm)
+    found = spine.find_spine(base.volume())
+    assert found.skip_reason is None, found.skip_reason
+    assert found.sacrum_found, found.warnings
+    named = {d.level: d for d in found.discs}
+    for lv in base_levels(abdomen_base):
+        assert lv.level in named, (lv.level, sorted(named))
+        miss = float(np.linalg.norm(named[lv.level].centre - lv.centre))
+        assert miss < 10.0, (lv.level, round(miss, 1))
+
+
+def test_the_pelvis_is_no_rib(abdomen_base):
+    """In the 180 mm field of view the iliac wings fall into pieces that start beside the
+    column and reach far to the side, as ribs do; they are plates (far more bone per mm of
+    reach than a rib) and lie far below the rib cage, so the lowest rib is still the twelfth,
+    whose head sits by the T12 body, above the T12-L1 disc."""
+    from node.analysis import spine
+
+    vol = _narrowed(abdomen_base, 90.0).volume()
+    small, grid = spine.resample_iso(vol.hu, vol.grid)
+    smooth = spine.smoothed(small)
+    line = spine.centre_line(small, grid, spine.body_mask(small, grid, smooth), smooth)
+    rib = spine.lowest_rib(small, grid, line, smooth)
+    t12_l1 = next(lv for lv in base_levels(abdomen_base) if lv.level == "T12-L1")
+    assert rib is not None and 0.0 < rib - t12_l1.centre[2] < 40.0, (rib, t12_l1.centre[2])
+
+
 def test_the_column_is_followed_to_the_edge_of_the_field_of_view(chest_base):
     """The chest CT ends 16 mm below the L2-L3 disc: the centre line still runs through the
     bodies there (not bent towards the arches by the last slices), so the disc is measured

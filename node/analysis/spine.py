@@ -64,11 +64,18 @@ WING_BELOW_MM = (15.0, 25.0)
 WING_BONE_HU = 150.0
 WING_SHARE = 0.7
 WING_RISE = 0.4
-SACRAL_REMNANTS = 1  # dark lines below L5-S1 that may be taken for a disc (S1-S2)
+WING_SEEN = 0.5  # ... of what the field of view shows there, where it shows half of it
+SACRAL_REMNANTS = 2  # dark lines below L5-S1 taken for discs (S1-S2; in a narrow view, iliac bone)
 RIB_MEDIAL_MM = 30.0
 RIB_REACH_MM = 68.0
 RIB_HEAD_RISE_MM = 8.0
 RIB_FREE_DISCS = 2  # discs seen below the lowest rib before it is taken for the twelfth
+#: A rib is a bar: its bone per mm of lateral reach is no more than this cross-section (an
+#: iliac wing, a plate, holds several times as much) ...
+RIB_MAX_SECTION_MM2 = 200.0
+#: ... and the lowest one lies within this of the next one up (the rib cage; bone this far
+#: below all the others is the pelvis, cut by a small field of view into rib-like pieces)
+RIB_CAGE_GAP_MM = 80.0
 CORTEX_HU = 200.0
 CANAL_RING_HU = (200.0, 120.0)  # the ring round the canal: cortex, or any bone (thin cortex)
 CANAL_MM2 = (60.0, 700.0)
@@ -693,14 +700,22 @@ def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
 def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """Share of `WING_MM` to the left and to the right of the column where bone (the
     brightest HU 40 mm in front of and behind ``centre``, over `WING_BONE_HU`) lies, in the
-    plane through ``centre``."""
+    plane through ``centre``: of the part in the field of view, where that is at least
+    `WING_SEEN` of it (else 0)."""
     u = np.arange(-WING_MM[1], WING_MM[1] + 1e-6, 1.0)
     v = np.arange(-40.0, 40.0 + 1e-6, 2.0)
     uu, vv = np.meshgrid(u, v)
     pts = centre + uu.ravel()[:, None] * frame[:, 0] + vv.ravel()[:, None] * frame[:, 1]
-    hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=-1000.0)
-    bone = hu.reshape(uu.shape).max(axis=0) > WING_BONE_HU
-    return np.array([bone[u <= -WING_MM[0]].mean(), bone[u >= WING_MM[0]].mean()])
+    hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=np.nan)
+    hu = hu.reshape(uu.shape)
+    seen = np.isfinite(hu).any(axis=0)
+    bone = np.nanmax(np.where(np.isfinite(hu), hu, -1000.0), axis=0) > WING_BONE_HU
+    out = []
+    for side in (u <= -WING_MM[0], u >= WING_MM[0]):
+        # the share of what the field of view shows there (a small one cuts the ilia off)
+        n = int((side & seen).sum())
+        out.append(float(bone[side & seen].sum()) / n if n >= WING_SEEN * side.sum() else 0.0)
+    return np.array(out)
 
 
 def _lumbosacral(
@@ -766,6 +781,7 @@ def lowest_rib(
         return None
     which = lab[tuple(idx[keep].T)]
     q, adx = p[keep], np.abs(dx[keep])
+    voxel_mm3 = float(np.prod(grid.spacing))
     lows = []
     for c in range(1, n + 1):
         mine = which == c
@@ -774,8 +790,13 @@ def lowest_rib(
         a, z = adx[mine], q[mine, 2]
         if a.min() > RIB_MEDIAL_MM + 10.0 or a.max() < RIB_REACH_MM or np.ptp(z) > 120.0:
             continue
+        if mine.sum() * voxel_mm3 / np.ptp(a) > RIB_MAX_SECTION_MM2:
+            continue
         lows.append(float(z[a < a.min() + 5.0].mean()) + RIB_HEAD_RISE_MM)
-    return min(lows) if lows else None
+    lows.sort()
+    while len(lows) >= 2 and lows[1] - lows[0] > RIB_CAGE_GAP_MM:
+        lows.pop(0)
+    return lows[0] if lows else None
 
 
 def _names_from(anchor_disc: int, anchor_level: str, n: int) -> list[str]:
