@@ -381,8 +381,9 @@ def test_a_bulge_in_thick_slices_is_read_against_the_disc_not_the_endplate(chest
 
 
 def test_synth_puts_lesions_only_into_the_levels_asked_for(tmp_path, capsys):
-    """`idaics synth --base ... --levels`: the other levels stay as scanned ("unknown"), and a
-    level the base does not hold is refused with the ones it does."""
+    """`idaics synth --base ... --levels`: truth.json holds only the levels asked for (the
+    others are neither drawn into nor scored), and a level the base does not hold is refused
+    with the ones it does."""
     from node.cli import main
 
     base = ["synth", "--base", str(ABDOMEN / "ct.nii.gz"), "--base-labels"]

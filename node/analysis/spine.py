@@ -709,7 +709,7 @@ def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray
     hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=np.nan)
     hu = hu.reshape(uu.shape)
     seen = np.isfinite(hu).any(axis=0)
-    bone = np.nanmax(np.where(np.isfinite(hu), hu, -1000.0), axis=0) > WING_BONE_HU
+    bone = np.where(seen, np.nan_to_num(hu, nan=-1000.0).max(axis=0), -1000.0) > WING_BONE_HU
     out = []
     for side in (u <= -WING_MM[0], u >= WING_MM[0]):
         # the share of what the field of view shows there (a small one cuts the ilia off)
@@ -721,7 +721,8 @@ def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray
 def _lumbosacral(
     mask: np.ndarray, smooth: np.ndarray, grid: Grid, sites: list[_Site]
 ) -> int | None:
-    """Index of the L5-S1 disc among the lowest two sites, or None without a sacrum.
+    """Index of the L5-S1 disc among the lowest `SACRAL_REMNANTS` + 1 sites, or None without
+    a sacrum.
 
     Under L5-S1 the bone in front of the canal (S1 with its alae) is much wider than the body
     above; or, where the alae are too dark to count as body, the ilia lie against the sacrum
@@ -877,8 +878,9 @@ def find_spine(vol: Volume) -> Spine:
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))
     # the sacrum: the bone under L5-S1 (S1 with its alae) is much wider than the body above
-    # it; the lowest dark line may be the rudimentary S1-S2 disc, so the one above it is
-    # tried too, and what lies below L5-S1 is dropped
+    # it, or the ilia lie against it; the lowest dark lines may be the rudimentary S1-S2
+    # disc or iliac bone (`SACRAL_REMNANTS`), so the ones above them are tried too, and what
+    # lies below L5-S1 is dropped
     lumbosacral = _lumbosacral(mask, smooth, grid, sites)
     sacrum = lumbosacral is not None
     if lumbosacral is not None and lumbosacral < len(sites) - 1:
