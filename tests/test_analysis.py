@@ -383,6 +383,32 @@ def test_fusion_node_on_a_normal_disc_and_a_far_node_ignored():
     assert [f.cls for f in findings] == [DiscClass.NORMAL]
 
 
+def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsure_of():
+    """A Schmorl's node seen in the CT (`find_node`) is a finding where the model found none;
+    where the model's vote on the disc's shape is weak too, the node alone is the level's
+    finding and the margin rule's call is only a warning. A sure vote keeps its shape, and
+    without a node in the CT the rule decides as before."""
+    from node.analysis.endplate import NodeInCT
+    from node.analysis.fusion import Finding
+    from node.analysis.measure import Measurements
+    from node.analysis.study import RULE_BELOW_VOTE, _apply_rule
+
+    m = Measurements(8.0, tissue_arc_deg=40.0, tissue_extension_mm=6.0)
+    m = replace(m, tissue_class=DiscClass.PROTRUSION)
+    node = NodeInCT(-1, np.zeros(3), 3.0, ())
+    unsure = {"normal": 0.05, "bulge": 0.1, "protrusion": 0.2}
+    shape = [Finding(DiscClass.BULGE, 0.1, 2)]
+    warnings: list[str] = []
+    out = _apply_rule(shape, unsure, m, warnings, RULE_BELOW_VOTE, node, 0.3)
+    assert [(f.cls, f.by_rule, f.confidence) for f in out] == [(DiscClass.SCHMORL, True, 0.3)]
+    assert any("the 25% rule says protrusion" in w and "lower body" in w for w in warnings)
+    sure = {"normal": 0.0, "bulge": 0.1, "protrusion": 0.6}
+    out = _apply_rule([Finding(DiscClass.PROTRUSION, 0.6, 3)], sure, m, [], RULE_BELOW_VOTE, node)
+    assert [f.cls for f in out] == [DiscClass.PROTRUSION, DiscClass.SCHMORL]
+    out = _apply_rule(shape, unsure, m, [], RULE_BELOW_VOTE)
+    assert [(f.cls, f.by_rule) for f in out] == [(DiscClass.PROTRUSION, True)]
+
+
 def test_extension_measured_against_the_vertebral_edge():
     yy, xx = np.mgrid[0:200, 0:200]
     edge = (xx - 100) ** 2 + (yy - 100) ** 2 <= 60**2

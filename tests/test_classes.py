@@ -15,7 +15,8 @@ from node.classes import DiscClass
 MIN_SHAPE_ACCURACY = 0.8
 #: Bulges called protrusions and protrusions called bulges, at most (measured: none).
 MAX_SWAPS = 1
-#: Schmorl's nodes found of the 6 (measured: 3), and nodes reported where there is none.
+#: Schmorl's nodes found of the 6 (measured: 5; 3 before the CT was read for nodes), and nodes
+#: reported where there is none.
 MIN_NODES_FOUND, MAX_FALSE_NODES = 2, 0
 
 

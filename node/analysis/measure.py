@@ -151,6 +151,9 @@ class Measurements:
     tissue_arc_deg: float | None = None
     tissue_extension_mm: float | None = None
     tissue_class: DiscClass | None = None
+    #: How deep a Schmorl's node seen in the CT reaches into its body (`endplate.find_node`),
+    #: None where none is seen.
+    node_in_ct_mm: float | None = None
 
 
 def _body_holes(bone: np.ndarray, plane: Plane) -> np.ndarray:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from node.analysis.endplate import NodeInCT, find_node
 from node.analysis.fusion import (
     NODE_SUPPORT_CONF,
     Finding,
@@ -40,6 +41,9 @@ ENDPLATE_SLAB_MM = 2 * ENDPLATE_BEYOND_MM
 #: `analyze_volume` takes another (above 1: the rule decides wherever it can be read, which
 #: measures the rule alone, as on a CT unlike any the model trained on).
 RULE_BELOW_VOTE = 0.4
+#: Each plane a node was seen on in the CT (`find_node`) stands for this much of it along
+#: the disc's normal: half the step between the planes.
+CT_NODE_SLAB_MM = 0.5
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,8 @@ def _apply_rule(
     m: Measurements,
     warnings: list[str],
     below: float,
+    ct_node: NodeInCT | None = None,
+    node_vote: float = 0.0,
 ) -> list[Finding]:
     """Where the model's vote on the disc's shape is under ``below``, the paper's 25% rule
     decides.
@@ -198,7 +204,29 @@ def _apply_rule(
     The rule is read on the disc's own margin in the CT (`tissue_extension`), or where that
     could not be measured on the model's own mask of the disc, against the vertebral edge.
     Disagreements are always reported as a warning on the level.
+
+    A Schmorl's node seen in the CT itself (``ct_node``, `find_node`) is a finding of the
+    level even where the model found none (its confidence then is the model's best vote for
+    a node here, ``node_vote``). Where the model is unsure of the disc's shape too, the node
+    is the level's only finding: on real CT the margin rule calls most untouched discs
+    abnormal, so its shape is then reported as a warning, not as a finding.
     """
+    vote = max(votes.values(), default=0.0)
+    if ct_node is not None:
+        body = "upper" if ct_node.side > 0 else "lower"
+        seen = f"{ct_node.depth_mm:.1f} mm into the {body} body"
+        if not any(f.cls is DiscClass.SCHMORL for f in findings):
+            warnings.append(f"a Schmorl's node is seen in the CT ({seen}); the model found none")
+            slices = len(ct_node.outlines)
+            findings = findings + [Finding(DiscClass.SCHMORL, node_vote, slices, by_rule=True)]
+        if vote < below:
+            said = f"the 25% rule says {m.tissue_class.value}, " if m.tissue_class else ""
+            warnings.append(
+                f"a Schmorl's node is seen in the CT ({seen}) and the model is unsure of the "
+                f"disc's shape (vote {vote:.2f}): the node is the level's finding ({said}not "
+                "reported: on real CT the margin rule calls most untouched discs abnormal)"
+            )
+            return [f for f in findings if f.cls is DiscClass.SCHMORL]
     morph = next((f for f in findings if f.cls is not DiscClass.SCHMORL), None)
     node = [f for f in findings if f.cls is DiscClass.SCHMORL]
     model_says = morph.cls if morph else DiscClass.NORMAL
@@ -218,7 +246,6 @@ def _apply_rule(
         return findings
     if rule is model_says and findings:
         return findings
-    vote = max(votes.values(), default=0.0)
     if vote >= below:
         warnings.append(f"model says {model_says.value}, the 25% rule says {rule.value} ({how})")
         return findings
@@ -304,10 +331,41 @@ def analyze_volume(
             if v.view is View.AXIAL and v.role == "disc" and v.offset_mm == 0.0
         )
         m, edge = measure(vol, site, plane, mid[1] if mid else None)
+        ct_node = find_node(vol, site)
+        if ct_node is not None:
+            m = replace(m, node_in_ct_mm=ct_node.depth_mm)
+        node_vote = max(
+            (
+                x.confidence
+                for s in sl
+                for x in s.detections
+                if x.class_name == DiscClass.SCHMORL.value
+                and node_near_disc(x, s, site.height_mm / 2)
+            ),
+            default=0.0,
+        )
         w = []
         if not findings:
             w.append("the model found no disc at this level")
-        findings = _apply_rule(findings, votes, m, w, rule_below_vote)
+        findings = _apply_rule(findings, votes, m, w, rule_below_vote, ct_node, node_vote)
+        if (
+            ct_node is not None
+            and any(f.cls is DiscClass.SCHMORL for f in findings)
+            and not any(k.cls is DiscClass.SCHMORL for k in masks)
+        ):
+            conf = next(f.confidence for f in findings if f.cls is DiscClass.SCHMORL)
+            masks += [
+                MaskOnPlane(
+                    View.AXIAL,
+                    float((p.centre - site.centre) @ site.frame[:, 2]),
+                    p,
+                    outline,
+                    DiscClass.SCHMORL,
+                    conf,
+                    CT_NODE_SLAB_MM / 2,
+                )
+                for p, outline in ct_node.outlines
+            ]
         if calibration is not None:  # the chance the class is right, as measured on held-out discs
             findings = [
                 replace(f, confidence=calibration(f.confidence, by_rule=f.by_rule))
