@@ -220,11 +220,16 @@ def _apply_rule(
             slices = len(ct_node.outlines)
             findings = findings + [Finding(DiscClass.SCHMORL, node_vote, slices, by_rule=True)]
         if vote < below:
-            said = f"the 25% rule says {m.tissue_class.value}, " if m.tissue_class else ""
+            rule = m.tissue_class
+            unsaid = (
+                f"; the 25% rule's {rule.value} is not reported: on real CT it calls most "
+                "untouched discs abnormal"
+                if rule is not None and rule is not DiscClass.NORMAL
+                else ""
+            )
             warnings.append(
                 f"a Schmorl's node is seen in the CT ({seen}) and the model is unsure of the "
-                f"disc's shape (vote {vote:.2f}): the node is the level's finding ({said}not "
-                "reported: on real CT the margin rule calls most untouched discs abnormal)"
+                f"disc's shape (vote {vote:.2f}): the node is the level's finding{unsaid}"
             )
             return [f for f in findings if f.cls is DiscClass.SCHMORL]
     morph = next((f for f in findings if f.cls is not DiscClass.SCHMORL), None)
