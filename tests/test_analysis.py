@@ -386,8 +386,9 @@ def test_fusion_node_on_a_normal_disc_and_a_far_node_ignored():
 def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsure_of():
     """A Schmorl's node seen in the CT (`find_node`) is a finding where the model found none;
     where the model's vote on the disc's shape is weak too, the node alone is the level's
-    finding and the margin rule's call is only a warning. A sure vote keeps its shape, and
-    without a node in the CT the rule decides as before."""
+    finding and the margin rule's call is only a warning. A sure vote keeps its shape (a sure
+    "normal" gives way to the node, as in `fuse`), and without a node in the CT the rule
+    decides as before."""
     from node.analysis.endplate import NodeInCT
     from node.analysis.fusion import Finding
     from node.analysis.measure import Measurements
@@ -405,6 +406,9 @@ def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsur
     sure = {"normal": 0.0, "bulge": 0.1, "protrusion": 0.6}
     out = _apply_rule([Finding(DiscClass.PROTRUSION, 0.6, 3)], sure, m, [], RULE_BELOW_VOTE, node)
     assert [f.cls for f in out] == [DiscClass.PROTRUSION, DiscClass.SCHMORL]
+    normal = {"normal": 0.7, "bulge": 0.0, "protrusion": 0.0}
+    out = _apply_rule([Finding(DiscClass.NORMAL, 0.7, 3)], normal, m, [], RULE_BELOW_VOTE, node)
+    assert [f.cls for f in out] == [DiscClass.SCHMORL]  # as `fuse` does for its own nodes
     out = _apply_rule(shape, unsure, m, [], RULE_BELOW_VOTE)
     assert [(f.cls, f.by_rule) for f in out] == [(DiscClass.PROTRUSION, True)]
 

@@ -218,7 +218,9 @@ def _apply_rule(
         if not any(f.cls is DiscClass.SCHMORL for f in findings):
             warnings.append(f"a Schmorl's node is seen in the CT ({seen}); the model found none")
             slices = len(ct_node.outlines)
-            findings = findings + [Finding(DiscClass.SCHMORL, node_vote, slices, by_rule=True)]
+            # as in `fuse`: a node makes the level abnormal, the disc itself stays unnamed
+            findings = [f for f in findings if f.cls is not DiscClass.NORMAL]
+            findings += [Finding(DiscClass.SCHMORL, node_vote, slices, by_rule=True)]
         if vote < below:
             rule = m.tissue_class
             unsaid = (
