@@ -27,8 +27,10 @@ from node.masks import disk
 
 PIXEL_MM = 0.5
 FIELD_PX = 100  # 50 mm across, centred on the disc: nodes lie well inside the endplate
-#: Planes from 1 mm inside the disc space (a tilted or concave endplate) to 8 mm into the body.
-OFFSETS_MM = tuple(float(x) for x in np.arange(-1.0, 8.01, 0.5))
+#: Planes from 1 mm inside the disc space (a tilted or concave endplate) to 8 mm into the
+#: body, `STEP_MM` apart.
+STEP_MM = 0.5
+OFFSETS_MM = tuple(float(x) for x in np.arange(-1.0, 8.0 + STEP_MM / 2, STEP_MM))
 SMOOTH_MM = 0.5
 INNER_MM = 1.0  # a node lies inside the vertebral edge by at least this
 #: ... and its centre lies on the central part of the endplate, at least this share of the
@@ -62,7 +64,7 @@ MIN_PLANES = 4
 @dataclass(frozen=True)
 class NodeInCT:
     """A node seen in the CT: into the upper (+1) or lower (-1) body, where, how deep (the
-    planes it was seen on, 0.5 mm each), and its outline on each of them (for the SEG)."""
+    planes it was seen on, `STEP_MM` each), and its outline on each of them (for the SEG)."""
 
     side: int
     centre_lps: np.ndarray
@@ -169,7 +171,7 @@ def find_node(vol: Volume, site: DiscSite) -> NodeInCT | None:
             best = NodeInCT(
                 side,
                 centre,
-                len(offs) * (OFFSETS_MM[1] - OFFSETS_MM[0]),
+                len(offs) * STEP_MM,
                 tuple((f[3], f[2]) for f in one.values()),
             )
     return best

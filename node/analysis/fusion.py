@@ -69,6 +69,16 @@ def node_near_disc(d: Detection, s: SliceDetections, disc_half_height_mm: float)
     return dy_mm < disc_half_height_mm + 10.0
 
 
+def node_confidences(slices: list[SliceDetections], disc_half_height_mm: float) -> list[float]:
+    """The confidence of every Schmorl's node detection that belongs to this disc."""
+    return [
+        d.confidence
+        for s in slices
+        for d in s.detections
+        if d.class_name == DiscClass.SCHMORL.value and node_near_disc(d, s, disc_half_height_mm)
+    ]
+
+
 def fuse(
     slices: list[SliceDetections], disc_half_height_mm: float
 ) -> tuple[list[Finding], dict[str, float]]:
@@ -82,12 +92,7 @@ def fuse(
             c = DiscClass(d.class_name)
             votes[c] += d.confidence
             support[c] += 1
-    node_confs = [
-        d.confidence
-        for s in slices
-        for d in s.detections
-        if d.class_name == DiscClass.SCHMORL.value and node_near_disc(d, s, disc_half_height_mm)
-    ]
+    node_confs = node_confidences(slices, disc_half_height_mm)
     findings: list[Finding] = []
     n = max(len(disc_slices), 1)
     if any(votes.values()):

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from node.analysis.endplate import NodeInCT, find_node
+from node.analysis.endplate import STEP_MM, NodeInCT, find_node
 from node.analysis.fusion import (
     NODE_SUPPORT_CONF,
     Finding,
     SliceDetections,
     centre_detection,
     fuse,
+    node_confidences,
     node_near_disc,
 )
 from node.analysis.measure import Measurements, measure
@@ -41,9 +42,6 @@ ENDPLATE_SLAB_MM = 2 * ENDPLATE_BEYOND_MM
 #: `analyze_volume` takes another (above 1: the rule decides wherever it can be read, which
 #: measures the rule alone, as on a CT unlike any the model trained on).
 RULE_BELOW_VOTE = 0.4
-#: Each plane a node was seen on in the CT (`find_node`) stands for this much of it along
-#: the disc's normal: half the step between the planes.
-CT_NODE_SLAB_MM = 0.5
 
 
 @dataclass(frozen=True)
@@ -341,16 +339,7 @@ def analyze_volume(
         ct_node = find_node(vol, site)
         if ct_node is not None:
             m = replace(m, node_in_ct_mm=ct_node.depth_mm)
-        node_vote = max(
-            (
-                x.confidence
-                for s in sl
-                for x in s.detections
-                if x.class_name == DiscClass.SCHMORL.value
-                and node_near_disc(x, s, site.height_mm / 2)
-            ),
-            default=0.0,
-        )
+        node_vote = max(node_confidences(sl, site.height_mm / 2), default=0.0)
         w = []
         if not findings:
             w.append("the model found no disc at this level")
@@ -369,7 +358,7 @@ def analyze_volume(
                     outline,
                     DiscClass.SCHMORL,
                     conf,
-                    CT_NODE_SLAB_MM / 2,
+                    STEP_MM / 2,  # each plane stands for one step between planes
                 )
                 for p, outline in ct_node.outlines
             ]
