@@ -41,11 +41,11 @@ def _connect(port: int, source: str) -> socket.socket:
     return s
 
 
-def _echo_seconds(port: int) -> tuple[bool, float]:
+def _echo_seconds(port: int, source: str = "127.0.0.1") -> tuple[bool, float]:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(VERIFICATION)
     t0 = time.monotonic()
-    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS")
+    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=(source, 0))
     ok = assoc.is_established and assoc.send_c_echo().Status == 0x0000
     if assoc.is_established:
         assoc.release()
@@ -98,6 +98,23 @@ def test_one_peer_cannot_hold_every_connection(tmp_path):
         assert closed == [False] * 4 + [True] * 2
         ok, took = _echo_seconds(port)  # another peer is served at once
         assert ok and took < 2.0
+
+
+def test_a_peer_that_hangs_up_before_asking_gets_its_slots_back_at_once(tmp_path):
+    """Connections closed before any A-ASSOCIATE-RQ (port probes, health checks) do not hold
+    the peer's slots until the 30 s request timeout: its next association is served."""
+    with _sockets_from(
+        tmp_path, "127.0.0.4", 4, max_connections_per_peer=4, request_timeout_s=30.0
+    ) as (port, probes):
+        for s in probes:
+            s.close()
+        t0 = time.monotonic()
+        ok = False
+        while not ok and time.monotonic() - t0 < 10.0:
+            ok, _ = _echo_seconds(port, "127.0.0.4")
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        assert ok and took < 5.0, f"the peer's slots came back after {took:.1f} s"
 
 
 def test_a_pdu_header_declaring_4_gib_is_refused_before_it_is_read(tmp_path):

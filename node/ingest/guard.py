@@ -10,6 +10,11 @@ closes them at pynetdicom's own extension points:
   (`GuardedAE.active_associations`).
 - One peer can take every slot: `GuardedRequestHandler` closes a new connection from a peer
   that already holds `max_per_peer` connections, before any thread or buffer is given to it.
+- A peer that connects and hangs up before its A-ASSOCIATE-RQ (a port probe, a load
+  balancer's health check, a sender that gave up) leaves the association waiting out the
+  whole ARTIM timer for a request that cannot come, holding the peer's slot: the DUL goes
+  back to idle but tells the waiting association nothing. `_wake_on_early_close` tells it,
+  so that the slot is free at once.
 - The DUL reads a PDU of whatever length its 6-byte header declares, into memory, before
   any check: a header that declares 4 GiB is 4 GiB of buffer. `GuardedSocket` refuses to
   read a PDU longer than the node's negotiated maximum (the A-ASSOCIATE-RQ may be longer
@@ -21,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from queue import Queue
 from typing import Any, cast
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -97,6 +103,16 @@ class GuardedRequestHandler(RequestHandler):
                     del server.peers[host]
 
 
+def _wake_on_early_close(event: evt.Event) -> None:
+    """The peer closed its connection before it sent an A-ASSOCIATE-RQ (the DUL's Sta2):
+    the association's reactor still waits for the request, so it is handed what it gets when
+    the ARTIM timer runs out (nothing), and it ends now."""
+    assoc = event.assoc
+    if assoc.is_acceptor and assoc.dul.state_machine.current_state == "Sta2":
+        # None is what the reactor's wait for the request gives when the timer runs out
+        cast("Queue[Any]", assoc.dul.to_user_queue).put(None)
+
+
 class GuardedServer(ThreadedAssociationServer):
     """A threaded association server that knows how many connections each peer holds."""
 
@@ -130,7 +146,7 @@ class GuardedAE(AE):
             GuardedServer,
             self.make_server(
                 address,
-                evt_handlers=evt_handlers,
+                evt_handlers=[*evt_handlers, (evt.EVT_CONN_CLOSE, _wake_on_early_close)],
                 ssl_context=ssl_context,
                 server_class=GuardedServer,
                 request_handler=GuardedRequestHandler,
