@@ -195,13 +195,14 @@ def phantom_volume(
         for i, d in enumerate(plan.discs)
         if d.reported and (t := _disc_truth(plan, grid, painted, i, measure=False))
     ]
-    icpt = (
-        plan.scanner.rescale_intercept
-    )  # stored as the series stores it: integers after the intercept
-    stored = np.clip(np.rint(acquire(painted.hu, grid, plan) - icpt), -32768, 32767).astype(
-        np.int16
-    )
-    hu = stored.astype(np.float32) * np.float32(1.0) + np.float32(icpt)
+    # rounded as the series stores it, integers after the intercept, in place: the values
+    # the int16 pixels would give, without three more volumes in memory
+    icpt = np.float32(plan.scanner.rescale_intercept)
+    hu = acquire(painted.hu, grid, plan)
+    hu -= icpt
+    np.rint(hu, out=hu)
+    np.clip(hu, -32768, 32767, out=hu)
+    hu += icpt
     vol = Volume(
         hu=hu,
         grid=grid,
