@@ -401,7 +401,9 @@ def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsur
     shape = [Finding(DiscClass.BULGE, 0.1, 2)]
     warnings: list[str] = []
     out = _apply_rule(shape, unsure, m, warnings, RULE_BELOW_VOTE, node, 0.3)
-    assert [(f.cls, f.by_rule, f.confidence) for f in out] == [(DiscClass.SCHMORL, True, 0.3)]
+    assert [(f.cls, f.by_rule, f.in_ct, f.confidence) for f in out] == [
+        (DiscClass.SCHMORL, True, True, 0.3)
+    ]
     assert any("rule's protrusion is not reported" in w and "lower body" in w for w in warnings)
     sure = {"normal": 0.0, "bulge": 0.1, "protrusion": 0.6}
     out = _apply_rule([Finding(DiscClass.PROTRUSION, 0.6, 3)], sure, m, [], RULE_BELOW_VOTE, node)

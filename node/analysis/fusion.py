@@ -42,6 +42,9 @@ class Finding:
     #: the class was decided by the paper's 25% rule on the disc's margin, not by the model's
     #: vote (which stays the confidence until it is calibrated)
     by_rule: bool = False
+    #: a Schmorl's node read in the CT itself (`endplate.find_node`) where the model found
+    #: none; it is calibrated as the rule's classes are (``by_rule`` is set too)
+    in_ct: bool = False
 
 
 def centre_detection(

@@ -135,7 +135,7 @@ class StudyResult:
                             "class": f.cls.value,
                             "confidence": round(f.confidence, 3),
                             "slices": f.slices,
-                            "decided_by": "rule" if f.by_rule else "model",
+                            "decided_by": "ct" if f.in_ct else "rule" if f.by_rule else "model",
                         }
                         for f in d.findings
                     ],
@@ -218,7 +218,7 @@ def _apply_rule(
             slices = len(ct_node.outlines)
             # as in `fuse`: a node makes the level abnormal, the disc itself stays unnamed
             findings = [f for f in findings if f.cls is not DiscClass.NORMAL]
-            findings += [Finding(DiscClass.SCHMORL, node_vote, slices, by_rule=True)]
+            findings += [Finding(DiscClass.SCHMORL, node_vote, slices, by_rule=True, in_ct=True)]
         if vote < below:
             rule = m.tissue_class
             unsaid = (
