@@ -117,6 +117,42 @@ def test_a_peer_that_hangs_up_before_asking_gets_its_slots_back_at_once(tmp_path
         assert ok and took < 5.0, f"the peer's slots came back after {took:.1f} s"
 
 
+def test_a_peer_that_sends_its_pdu_a_byte_at_a_time_is_cut_off_after_the_network_timeout(
+    tmp_path,
+):
+    """A sender that keeps its association alive with a byte every half second (slowloris)
+    loses it once one PDU has taken the 3 s network timeout, and its slot with it."""
+    rx = _receiver(tmp_path, network_timeout_s=3.0, max_connections_per_peer=1)
+    port = rx.settings.receiver.port
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(VERIFICATION)
+        assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=("127.0.0.5", 0))
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket  # from here on the test, not pynetdicom, talks on it
+        assoc.dul.kill_dul()
+        time.sleep(0.3)
+        raw.sendall(struct.pack(">BBL", 0x04, 0, 1000))  # a P-DATA-TF of 1000 bytes ...
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20.0 and not _closed_within(raw, 0.5):
+            try:
+                raw.sendall(b"\0")  # ... sent a byte at a time
+            except OSError:
+                break
+        took = time.monotonic() - t0
+        raw.close()
+        assert took < 8.0, f"the node still read the PDU after {took:.0f} s"
+        t0 = time.monotonic()
+        ok = False
+        while not ok and time.monotonic() - t0 < 10.0:  # the peer's one slot is free again
+            ok, _ = _echo_seconds(port, "127.0.0.5")
+            time.sleep(0.2)
+        assert ok, "the slot stayed taken"
+        print(f"cut off after {took:.1f} s, slot free {time.monotonic() - t0:.1f} s later")
+    finally:
+        rx.stop()
+
+
 def test_a_pdu_header_declaring_4_gib_is_refused_before_it_is_read(tmp_path):
     rx = _receiver(tmp_path)
     port = rx.settings.receiver.port

@@ -20,12 +20,17 @@ closes them at pynetdicom's own extension points:
   read a PDU longer than the node's negotiated maximum (the A-ASSOCIATE-RQ may be longer
   than that, up to `MAX_ASSOCIATE_RQ_BYTES`); the DUL sees a closed connection and the
   association is aborted.
+- The DUL reads a PDU until all of it is in, and the network timeout only ends a wait in
+  which nothing arrives: a peer that sends a byte every few seconds holds its association
+  for hours, and the association cannot even abort, since its DUL is still reading.
+  `GuardedSocket` gives each PDU the network timeout in all.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from queue import Queue
 from typing import Any, cast
 
@@ -45,22 +50,57 @@ class PduTooLong(OSError):
     """A peer announced a PDU longer than this node accepts."""
 
 
+class SlowPdu(TimeoutError):
+    """A peer took longer than the network timeout to send one PDU."""
+
+
 class GuardedSocket(AssociationSocket):
-    """An association socket that will not read a PDU body longer than ``limit`` bytes."""
+    """An association socket that will not read a PDU body longer than ``limit`` bytes, nor
+    spend longer than the association's network timeout on reading one."""
 
     limit: int = MAX_ASSOCIATE_RQ_BYTES
 
+    def _peer(self) -> str:
+        where = self.assoc.requestor.address_info if self.assoc else None
+        return f"{where.address}:{where.port}" if where else "?"
+
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > PDU_HEADER_BYTES and nr_bytes > self.limit:
-            peer = self.assoc.requestor.address_info if self.assoc else "?"
             log.warning(
                 "refused a PDU of %d bytes from %s (at most %d): association aborted",
                 nr_bytes,
-                peer,
+                self._peer(),
                 self.limit,
             )
             raise PduTooLong(f"PDU of {nr_bytes} bytes refused (at most {self.limit})")
-        return super().recv(nr_bytes)
+        budget = self.assoc.network_timeout if self.assoc else None
+        sock = self.socket
+        if budget is None or sock is None:
+            return super().recv(nr_bytes)
+        # pynetdicom's own loop times out only a recv that gets nothing (the socket's
+        # timeout, the network timeout): a peer that sends a byte now and then would hold the
+        # association, and its slot, for as many seconds as its PDU has bytes. Here a PDU
+        # still coming in after the network timeout is given up. Read into one buffer, in
+        # chunks as large as the kernel has, rather than pynetdicom's 4 KiB pieces.
+        end = time.monotonic() + budget
+        data = bytearray(nr_bytes)
+        with memoryview(data) as view:
+            got = 0
+            while got < nr_bytes:
+                if time.monotonic() > end:
+                    log.warning(
+                        "%s sent %d of %d bytes of a PDU in %.0f s: association aborted",
+                        self._peer(),
+                        got,
+                        nr_bytes,
+                        budget,
+                    )
+                    raise SlowPdu(f"PDU not received within {budget:.0f} s")
+                n = sock.recv_into(view[got:])
+                if n == 0:  # the peer closed the connection: what was read, as pynetdicom
+                    break
+                got += n
+        return data if got == nr_bytes else data[:got]
 
 
 class GuardedRequestHandler(RequestHandler):
