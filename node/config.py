@@ -78,6 +78,10 @@ class Receiver(BaseModel):
     max_connections_per_peer: int = Field(default=8, ge=1)
     #: The largest PDU the node accepts (and announces); a longer one aborts the association.
     max_pdu_bytes: int = Field(default=1 << 20, ge=16384)
+    #: The largest instance (its dataset, as sent) the node accepts; a larger one aborts the
+    #: association while it comes in. Each association being received can hold about three
+    #: times this in memory.
+    max_instance_mb: int = Field(default=1024, ge=1)
 
     @field_validator("ae_title")
     @classmethod

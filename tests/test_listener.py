@@ -8,6 +8,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from node.config import Settings
@@ -149,6 +151,49 @@ def test_a_peer_that_sends_its_pdu_a_byte_at_a_time_is_cut_off_after_the_network
             time.sleep(0.2)
         assert ok, "the slot stayed taken"
         print(f"cut off after {took:.1f} s, slot free {time.monotonic() - t0:.1f} s later")
+    finally:
+        rx.stop()
+
+
+def _ct_instance(megabytes: float) -> Dataset:
+    """A CT instance whose pixel data are about ``megabytes`` long."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = 512, int(megabytes * (1 << 20) / (2 * 512))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 2)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_an_instance_larger_than_the_limit_aborts_its_association_as_it_comes_in(tmp_path):
+    """With `max_instance_mb` 2, a 3 MB instance is cut off while it is sent (pynetdicom would
+    gather any size in memory) and nothing of it is stored; the node goes on serving, and a
+    1 MB instance is stored."""
+    rx = _receiver(tmp_path, max_instance_mb=2)
+    port = rx.settings.receiver.port
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        statuses = []
+        for mb in (3.0, 1.0):
+            assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS")
+            assert assoc.is_established
+            status = assoc.send_c_store(_ct_instance(mb))
+            statuses.append(status.get("Status"))
+            if assoc.is_established:
+                assoc.release()
+        assert statuses == [None, 0x0000]  # aborted (no response), then Success
+        stored = list(rx.settings.spool_dir.rglob("*.dcm"))
+        assert len(stored) == 1 and 1 << 20 < stored[0].stat().st_size < 2 << 20
     finally:
         rx.stop()
 

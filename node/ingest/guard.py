@@ -20,6 +20,10 @@ closes them at pynetdicom's own extension points:
   read a PDU longer than the node's negotiated maximum (the A-ASSOCIATE-RQ may be longer
   than that, up to `MAX_ASSOCIATE_RQ_BYTES`); the DUL sees a closed connection and the
   association is aborted.
+- pynetdicom gathers a C-STORE's dataset in memory, fragment by fragment, for as long as
+  the peer sends: one endless instance is all the memory there is. `GuardedSocket` counts
+  each message's dataset bytes in the P-DATA PDUs it reads and aborts the association past
+  `max_instance_bytes`.
 - The DUL reads a PDU until all of it is in, and the network timeout only ends a wait in
   which nothing arrives: a peer that sends a byte every few seconds holds its association
   for hours, and the association cannot even abort, since its DUL is still reading.
@@ -54,17 +58,63 @@ class SlowPdu(TimeoutError):
     """A peer took longer than the network timeout to send one PDU."""
 
 
+class InstanceTooLarge(OSError):
+    """A peer sent more of one dataset than this node accepts."""
+
+
+#: PDU type of P-DATA-TF, and the message control header's bits of a PDV item (PS3.8 E.2).
+P_DATA_TF = 0x04
+PDV_COMMAND = 0x01
+PDV_LAST = 0x02
+
+
 class GuardedSocket(AssociationSocket):
     """An association socket that will not read a PDU body longer than ``limit`` bytes, nor
-    spend longer than the association's network timeout on reading one."""
+    spend longer than the association's network timeout on reading one, nor let one
+    message's dataset grow past ``max_dataset`` bytes."""
 
     limit: int = MAX_ASSOCIATE_RQ_BYTES
+    #: The most bytes of one dataset (None: no limit), and how many the message being
+    #: received has had so far.
+    max_dataset: int | None = None
+    _dataset: int = 0
+    _pdu_type: int = 0
 
     def _peer(self) -> str:
         where = self.assoc.requestor.address_info if self.assoc else None
         return f"{where.address}:{where.port}" if where else "?"
 
     def recv(self, nr_bytes: int) -> bytearray:
+        data = self._recv(nr_bytes)
+        if nr_bytes == PDU_HEADER_BYTES and data:
+            self._pdu_type = data[0]
+        elif self._pdu_type == P_DATA_TF and self.max_dataset is not None:
+            self._count_dataset(data)
+        return data
+
+    def _count_dataset(self, body: bytearray) -> None:
+        """Add the dataset fragments of a P-DATA-TF body to the message's count; refuse the
+        message once it has more than `max_dataset` bytes."""
+        at = 0
+        while at + 6 <= len(body):
+            length = int.from_bytes(body[at : at + 4], "big")
+            control = body[at + 5]
+            if not control & PDV_COMMAND:
+                self._dataset += max(0, length - 2)
+                if self.max_dataset is not None and self._dataset > self.max_dataset:
+                    log.warning(
+                        "%s sent an instance of more than %d bytes: association aborted",
+                        self._peer(),
+                        self.max_dataset,
+                    )
+                    raise InstanceTooLarge(
+                        f"instance of more than {self.max_dataset} bytes refused"
+                    )
+                if control & PDV_LAST:
+                    self._dataset = 0
+            at += 4 + length
+
+    def _recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > PDU_HEADER_BYTES and nr_bytes > self.limit:
             log.warning(
                 "refused a PDU of %d bytes from %s (at most %d): association aborted",
@@ -116,6 +166,7 @@ class GuardedRequestHandler(RequestHandler):
         sock.__class__ = GuardedSocket
         pdu = self.ae.maximum_pdu_size or MAX_ASSOCIATE_RQ_BYTES
         sock.limit = max(pdu, MAX_ASSOCIATE_RQ_BYTES) + 64
+        sock.max_dataset = cast(GuardedServer, self.server).max_instance_bytes
         return assoc
 
     def handle(self) -> None:
@@ -156,10 +207,17 @@ def _wake_on_early_close(event: evt.Event) -> None:
 class GuardedServer(ThreadedAssociationServer):
     """A threaded association server that knows how many connections each peer holds."""
 
-    def __init__(self, *args: Any, max_per_peer: int = 4, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_per_peer: int = 4,
+        max_instance_bytes: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.peers: dict[str, int] = {}
         self.peer_lock = threading.Lock()
         self.max_per_peer = max_per_peer
+        self.max_instance_bytes = max_instance_bytes
         super().__init__(*args, **kwargs)
 
 
@@ -180,6 +238,7 @@ class GuardedAE(AE):
         evt_handlers: list,
         max_per_peer: int,
         ssl_context: Any = None,
+        max_instance_bytes: int | None = None,
     ) -> GuardedServer:
         """Like `start_server(block=False)`, with the guarded server and request handler."""
         server = cast(
@@ -191,6 +250,7 @@ class GuardedAE(AE):
                 server_class=GuardedServer,
                 request_handler=GuardedRequestHandler,
                 max_per_peer=max_per_peer,
+                max_instance_bytes=max_instance_bytes,
             ),
         )
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)

@@ -215,7 +215,10 @@ class Receiver:
         ]
         self.recorder = _Recorder(self.sessions, self.actor)
         self.server = self.ae.start_guarded_server(
-            (r.host, r.port), handlers, r.max_connections_per_peer
+            (r.host, r.port),
+            handlers,
+            r.max_connections_per_peer,
+            max_instance_bytes=r.max_instance_mb << 20,
         )
         log.info("listening as %s on %s:%d", r.ae_title, r.host, r.port)
 
