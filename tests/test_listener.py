@@ -176,24 +176,25 @@ def _ct_instance(megabytes: float) -> Dataset:
 
 def test_an_instance_larger_than_the_limit_aborts_its_association_as_it_comes_in(tmp_path):
     """With `max_instance_mb` 2, a 3 MB instance is cut off while it is sent (pynetdicom would
-    gather any size in memory) and nothing of it is stored; the node goes on serving, and a
-    1 MB instance is stored."""
+    gather any size in memory) and nothing of it is stored; the node goes on serving, and
+    three 1 MB instances on one association (3 MB in all, the limit is per instance) are
+    stored."""
     rx = _receiver(tmp_path, max_instance_mb=2)
     port = rx.settings.receiver.port
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         statuses = []
-        for mb in (3.0, 1.0):
+        for sizes in ((3.0,), (1.0, 1.0, 1.0)):
             assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS")
             assert assoc.is_established
-            status = assoc.send_c_store(_ct_instance(mb))
-            statuses.append(status.get("Status"))
+            for mb in sizes:
+                statuses.append(assoc.send_c_store(_ct_instance(mb)).get("Status"))
             if assoc.is_established:
                 assoc.release()
-        assert statuses == [None, 0x0000]  # aborted (no response), then Success
+        assert statuses == [None, 0x0000, 0x0000, 0x0000]  # aborted (no response), then Success
         stored = list(rx.settings.spool_dir.rglob("*.dcm"))
-        assert len(stored) == 1 and 1 << 20 < stored[0].stat().st_size < 2 << 20
+        assert len(stored) == 3 and all(1 << 20 < f.stat().st_size < 2 << 20 for f in stored)
     finally:
         rx.stop()
 

@@ -26,8 +26,8 @@ closes them at pynetdicom's own extension points:
   `max_instance_bytes`.
 - The DUL reads a PDU until all of it is in, and the network timeout only ends a wait in
   which nothing arrives: a peer that sends a byte every few seconds holds its association
-  for hours, and the association cannot even abort, since its DUL is still reading.
-  `GuardedSocket` gives each PDU the network timeout in all.
+  for hours, and the association cannot even abort, since its DUL is still reading. With
+  `GuardedSocket` a PDU still coming in after the network timeout aborts the association.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class GuardedSocket(AssociationSocket):
     #: received has had so far.
     max_dataset: int | None = None
     _dataset: int = 0
-    _pdu_type: int = 0
+    #: The DUL reads each PDU as a header, then its body: the type of the PDU whose body
+    #: comes next, None while a header is due.
+    _body_of: int | None = None
 
     def _peer(self) -> str:
         where = self.assoc.requestor.address_info if self.assoc else None
@@ -86,10 +88,12 @@ class GuardedSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:
         data = self._recv(nr_bytes)
-        if nr_bytes == PDU_HEADER_BYTES and data:
-            self._pdu_type = data[0]
-        elif self._pdu_type == P_DATA_TF and self.max_dataset is not None:
-            self._count_dataset(data)
+        if self._body_of is None:
+            self._body_of = data[0] if len(data) == PDU_HEADER_BYTES else None
+        else:
+            if self._body_of == P_DATA_TF and self.max_dataset is not None:
+                self._count_dataset(data)
+            self._body_of = None
         return data
 
     def _count_dataset(self, body: bytearray) -> None:
