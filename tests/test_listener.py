@@ -1,4 +1,5 @@
-"""The listener under peers that never finish an association, hog it, or lie about PDU sizes."""
+"""The listener under peers that never finish an association, hang up before it, hog it, lie
+about PDU sizes, send a PDU a byte at a time, or send an instance without end."""
 
 from __future__ import annotations
 
