@@ -45,6 +45,19 @@ def opening(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     return out
 
 
+def disk_opening(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """`ndimage.binary_opening` of a 2D ``mask`` with `disk` (``radius_px``), the same pixel
+    for pixel, by two Euclidean distance transforms: a pixel survives the erosion where no
+    background lies within the radius, and the dilation reaches what lies within it of the
+    eroded set. Their cost does not grow with the radius, as scipy's opening does."""
+    pad = int(np.ceil(radius_px)) + 1  # scipy's border: outside the array is background
+    eroded = ndimage.distance_transform_edt(np.pad(mask, pad)) > radius_px
+    if not eroded.any():
+        return np.zeros_like(mask, dtype=bool)
+    out = ndimage.distance_transform_edt(~eroded) <= radius_px
+    return np.asarray(out[pad:-pad, pad:-pad])
+
+
 def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
     lab, n = ndimage.label(mask, structure=structure)
     if n <= 1:
