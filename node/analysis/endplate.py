@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from node.analysis.measure import outer_radius, vertebral_edge
+from node.analysis.measure import PEDICLE_MM, outer_radius, vertebral_edge
 from node.analysis.spine import DiscSite
 from node.analysis.volume import Volume
 from node.geometry import Plane, sample_plane
@@ -136,7 +136,7 @@ def find_node(vol: Volume, site: DiscSite) -> NodeInCT | None:
     u, v = site.frame[:, 0], site.frame[:, 1]
     base = Plane(site.centre, u, v, FIELD_PX, PIXEL_MM)
     half = site.height_mm / 2
-    edge = vertebral_edge(vol, base, half, half)
+    edge = vertebral_edge(vol, base, half, half, root_mm=PEDICLE_MM)
     depth = ndimage.distance_transform_edt(np.pad(edge, 1))[1:-1, 1:-1]
     if np.sum(depth > INNER_MM / PIXEL_MM) < 50:
         return None

@@ -19,7 +19,7 @@ from node.analysis.spine import DiscSite
 from node.analysis.volume import Volume
 from node.classes import DiscClass
 from node.geometry import Plane, sample_plane
-from node.masks import disk, fill_holes
+from node.masks import disk, disk_opening, fill_holes
 
 #: A ray counts as "beyond the vertebral edge" past this many millimetres.
 EXTENDS_MM = 1.0
@@ -37,6 +37,9 @@ VESSEL_AREA_MM2 = 150.0  # the aorta's cross-section, not an osteophyte's or a g
 VESSEL_AWAY_MM = 20.0  # ... centred outside the body, not on a tilted endplate inside it
 CONCAVE_MM = 3.0  # how far the posterior corners of a body reach behind its midline wall
 PEDICLE_MM = 5.0  # opening radius: wider than half a pedicle, far narrower than a body
+#: ... and behind the disc centre, where the pedicle roots and the foramina's margins leave
+#: the body at its posterior corners and a 5 mm disk lets them through as body.
+PEDICLE_ROOT_MM = 8.0
 CANAL_BEHIND_MM = 10.0  # a hole further behind the disc centre than this is the canal
 #: The disc's own margin in the CT: where the HU (the mean over +-1 mm about the disc's mid
 #: plane, smoothed 0.8 mm) falls this far below the disc's interior (the median inside the
@@ -173,7 +176,9 @@ def _body_holes(bone: np.ndarray, plane: Plane) -> np.ndarray:
     return np.isin(lab, keep)
 
 
-def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> np.ndarray:
+def vertebral_edge(
+    vol: Volume, plane: Plane, up_mm: float, down_mm: float, *, root_mm: float = PEDICLE_ROOT_MM
+) -> np.ndarray:
     """Outline of the two vertebral bodies next to a disc, projected onto the disc's plane.
 
     On each side the brightest HU over planes 1.5-6 mm past the endplate (at 0.5 mm,
@@ -181,9 +186,11 @@ def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> n
     inside is as dark as soft tissue (osteoporotic or thick-sliced bone) and the ring is
     broken where the basivertebral vein leaves the body. The ring above `EDGE_BONE_HU` is
     closed over such gaps, filled (the canal, a hole behind the disc centre, is not), and
-    opened with a disk wider than a pedicle so that the arch does not count as body; a
-    vessel lying against the body (`_vessels`) is taken out first. The outline is that of either
-    body (their union), on ``plane``'s own pixel grid.
+    opened with a disk wider than a pedicle so that the arch does not count as body: in front
+    of the disc centre with `PEDICLE_MM`, behind it with ``root_mm`` (`PEDICLE_ROOT_MM`), so
+    that the pedicle roots at the posterior corners are cut off too; a vessel lying against
+    the body (`_vessels`) is taken out first. The outline is that of either body (their
+    union), on ``plane``'s own pixel grid.
     """
     factor = max(1, int(round(EDGE_PIXEL_MM / plane.pixel_mm)))
     coarse = Plane(plane.centre, plane.u, plane.v, plane.size // factor, plane.pixel_mm * factor)
@@ -191,6 +198,7 @@ def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> n
         _slices(vol, coarse, tuple(f * (up_mm + down_mm) / 2 for f in (-0.5, 0.0, 0.5))), axis=0
     )
     vessel = _vessels(_bright(across, coarse), coarse)
+    centre = coarse.size // 2
     edge = np.zeros((coarse.size, coarse.size), dtype=bool)
     for d in (up_mm, -down_mm):
         side = np.sign(d) or 1.0
@@ -200,14 +208,15 @@ def vertebral_edge(vol: Volume, plane: Plane, up_mm: float, down_mm: float) -> n
         bone = _bright(brightest, coarse)
         bone = ndimage.binary_closing(bone & ~vessel, structure=disk(RING_GAP_MM / coarse.pixel_mm))
         body = bone | _body_holes(bone, coarse)
-        body = ndimage.binary_opening(body, structure=disk(PEDICLE_MM / coarse.pixel_mm))
-        edge |= _centre_body(body)
+        front = disk_opening(body, PEDICLE_MM / coarse.pixel_mm)
+        back = disk_opening(body, root_mm / coarse.pixel_mm)
+        edge[:centre] |= _centre_body(front)[:centre]
+        edge[centre:] |= _centre_body(back)[centre:]
     edge = _centre_body(edge)
     # The pedicles leave the body at its posterior corners: nothing more than
     # `CONCAVE_MM` behind the posterior wall at the midline (the first row behind the disc
     # centre that is no body) counts; where no wall shows there, the body is taken as about
     # as deep behind the disc centre as in front of it.
-    centre = coarse.size // 2
     col = edge[:, centre]
     if col.any():
         behind = np.nonzero(~col[centre:])[0]
@@ -240,7 +249,7 @@ def _vessels(across: np.ndarray, plane: Plane) -> np.ndarray:
     least `VESSEL_AREA_MM2`, centred more than `VESSEL_AWAY_MM` from the disc centre and in
     front of it. A plane that grazes an endplate (thin, concave or tilted discs) is bright in
     one of the planes across the disc space, not in all; the arch lies behind the disc."""
-    wide = ndimage.binary_opening(across, structure=disk(VESSEL_MM / plane.pixel_mm))
+    wide = disk_opening(across, VESSEL_MM / plane.pixel_mm)
     lab, n = ndimage.label(wide)
     if n:
         area = ndimage.sum_labels(wide, lab, range(1, n + 1)) * plane.pixel_mm**2
