@@ -82,6 +82,11 @@ class Receiver(BaseModel):
     #: association while it comes in. Each association being received can hold about three
     #: times this in memory.
     max_instance_mb: int = Field(default=1024, ge=1)
+    #: A message (a command, or an instance's dataset) that has been coming in for longer
+    #: than the network timeout at less than this rate aborts its association: a peer that
+    #: sends a small PDU just inside each network timeout would otherwise hold its slot for
+    #: as long as it likes. 0 turns the check off.
+    min_transfer_kib_s: float = Field(default=16.0, ge=0)
 
     @field_validator("ae_title")
     @classmethod

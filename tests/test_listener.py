@@ -1,5 +1,6 @@
 """The listener under peers that never finish an association, hang up before it, hog it, lie
-about PDU sizes, send a PDU a byte at a time, or send an instance without end."""
+about PDU sizes, send a PDU a byte at a time or an instance a small PDU at a time, or send an
+instance without end."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket
 import struct
 import time
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -152,6 +154,80 @@ def test_a_peer_that_sends_its_pdu_a_byte_at_a_time_is_cut_off_after_the_network
             time.sleep(0.2)
         assert ok, "the slot stayed taken"
         print(f"cut off after {took:.1f} s, slot free {time.monotonic() - t0:.1f} s later")
+    finally:
+        rx.stop()
+
+
+def _trickle_seconds(port: int, source: str, gap_s: float, limit_s: float) -> float:
+    """Associate from ``source``, send a C-STORE request's command, then its dataset as PDUs
+    of 100 bytes, one every ``gap_s`` (each whole, well inside the network timeout): the
+    seconds until the node ends the association (``limit_s`` if it does not)."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=(source, 0))
+    assert assoc.is_established
+    context = assoc.accepted_contexts[0].context_id
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, generate_uid()
+    req.DataSet = BytesIO(bytes(100))
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    command = [
+        p for p in msg.encode_msg(context, 16384) if p.presentation_data_value_list[0][1][0] & 1
+    ]
+    raw = assoc.dul.socket.socket  # from here on the test, not pynetdicom, talks on it
+    assoc.dul.kill_dul()
+    time.sleep(0.3)
+    for p in command:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(p)
+        raw.sendall(pdu.encode())
+    t0 = time.monotonic()
+    fragment = struct.pack(">LBB", 2 + 100, context, 0x00) + bytes(100)  # a dataset, not last
+    try:
+        while time.monotonic() - t0 < limit_s:
+            raw.sendall(struct.pack(">BBL", 0x04, 0, len(fragment)) + fragment)
+            if _closed_within(raw, gap_s):
+                break
+    except OSError:
+        pass
+    raw.close()
+    return min(time.monotonic() - t0, limit_s)
+
+
+def test_a_peer_that_sends_small_pdus_just_inside_the_network_timeout_is_cut_off(tmp_path):
+    """Each 100-byte PDU of a dataset comes whole 1.5 s after the last, inside the 2 s
+    network timeout: without a floor on the message's rate the association would stay as long
+    as the peer likes. With `min_transfer_kib_s` (16) it is aborted once the instance has
+    taken the network timeout; with the check off it is still open after 12 s. The peer's one
+    slot is free again, and an ordinary instance is stored."""
+    rx = _receiver(tmp_path, network_timeout_s=2.0, max_connections_per_peer=1)
+    port = rx.settings.receiver.port
+    try:
+        took = _trickle_seconds(port, "127.0.0.6", gap_s=1.5, limit_s=20.0)
+        assert took < 6.0, f"the node still read the instance after {took:.0f} s"
+        t0 = time.monotonic()
+        ok = False
+        while not ok and time.monotonic() - t0 < 10.0:
+            ok, _ = _echo_seconds(port, "127.0.0.6")
+            time.sleep(0.2)
+        assert ok, "the slot stayed taken"
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=("127.0.0.6", 0))
+        assert assoc.send_c_store(_ct_instance(1.0)).Status == 0x0000
+        assoc.release()
+        print(f"cut off after {took:.1f} s")
+    finally:
+        rx.stop()
+    rx = _receiver(tmp_path, network_timeout_s=2.0, min_transfer_kib_s=0)
+    try:
+        assert _trickle_seconds(rx.settings.receiver.port, "127.0.0.6", 1.5, 12.0) == 12.0
     finally:
         rx.stop()
 

@@ -28,6 +28,12 @@ closes them at pynetdicom's own extension points:
   which nothing arrives: a peer that sends a byte every few seconds holds its association
   for hours, and the association cannot even abort, since its DUL is still reading. With
   `GuardedSocket` a PDU still coming in after the network timeout aborts the association.
+- Nor does anything bound a message sent as many small PDUs, each inside the network
+  timeout: a fragment of a dataset every 50 s holds the association as long as the peer
+  likes. `GuardedSocket` times each message (a command, or a dataset) from its first
+  fragment, and a message still coming in after the network timeout at less than
+  `min_rate` bytes a second aborts the association. The pause between messages is the
+  network timeout's.
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ class InstanceTooLarge(OSError):
     """A peer sent more of one dataset than this node accepts."""
 
 
+class SlowMessage(TimeoutError):
+    """A peer sent one message slower than this node accepts."""
+
+
 #: PDU type of P-DATA-TF, and the message control header's bits of a PDV item (PS3.8 E.2).
 P_DATA_TF = 0x04
 PDV_COMMAND = 0x01
@@ -71,13 +81,20 @@ PDV_LAST = 0x02
 class GuardedSocket(AssociationSocket):
     """An association socket that will not read a PDU body longer than ``limit`` bytes, nor
     spend longer than the association's network timeout on reading one, nor let one
-    message's dataset grow past ``max_dataset`` bytes."""
+    message's dataset grow past ``max_dataset`` bytes, nor a message that has taken longer
+    than the network timeout come in slower than ``min_rate`` bytes a second."""
 
     limit: int = MAX_ASSOCIATE_RQ_BYTES
     #: The most bytes of one dataset (None: no limit), and how many the message being
     #: received has had so far.
     max_dataset: int | None = None
     _dataset: int = 0
+    #: The least bytes a second of a message once it has taken the network timeout (0: no
+    #: limit); when the message being received began (its first fragment, None between
+    #: messages) and how many bytes of it have come.
+    min_rate: float = 0.0
+    _began: float | None = None
+    _message: int = 0
     #: The DUL reads each PDU as a header, then its body: the type of the PDU whose body
     #: comes next, None while a header is due.
     _body_of: int | None = None
@@ -91,18 +108,20 @@ class GuardedSocket(AssociationSocket):
         if self._body_of is None:
             self._body_of = data[0] if len(data) == PDU_HEADER_BYTES else None
         else:
-            if self._body_of == P_DATA_TF and self.max_dataset is not None:
-                self._count_dataset(data)
+            if self._body_of == P_DATA_TF:
+                self._count(data)
             self._body_of = None
         return data
 
-    def _count_dataset(self, body: bytearray) -> None:
-        """Add the dataset fragments of a P-DATA-TF body to the message's count; refuse the
-        message once it has more than `max_dataset` bytes."""
+    def _count(self, body: bytearray) -> None:
+        """Count the fragments of a P-DATA-TF body: refuse the message once its dataset has
+        more than `max_dataset` bytes, or once it has taken longer than the network timeout
+        at less than `min_rate` bytes a second."""
         at = 0
         while at + 6 <= len(body):
             length = int.from_bytes(body[at : at + 4], "big")
             control = body[at + 5]
+            self._pace(max(0, length - 2), bool(control & PDV_LAST))
             if not control & PDV_COMMAND:
                 self._dataset += max(0, length - 2)
                 if self.max_dataset is not None and self._dataset > self.max_dataset:
@@ -117,6 +136,28 @@ class GuardedSocket(AssociationSocket):
                 if control & PDV_LAST:
                     self._dataset = 0
             at += 4 + length
+
+    def _pace(self, fragment: int, last: bool) -> None:
+        """Time the message that ``fragment`` (bytes) belongs to; ``last`` ends it."""
+        budget = self.assoc.network_timeout if self.assoc else None
+        if not self.min_rate or budget is None:
+            return
+        now = time.monotonic()
+        if self._began is None:
+            self._began, self._message = now, 0
+        self._message += fragment
+        took = now - self._began
+        if took > budget and self._message < self.min_rate * took:
+            log.warning(
+                "%s sent %d bytes of a message in %.0f s (under %.0f bytes/s): association aborted",
+                self._peer(),
+                self._message,
+                took,
+                self.min_rate,
+            )
+            raise SlowMessage(f"message slower than {self.min_rate:.0f} bytes/s refused")
+        if last:
+            self._began = None
 
     def _recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > PDU_HEADER_BYTES and nr_bytes > self.limit:
@@ -171,6 +212,7 @@ class GuardedRequestHandler(RequestHandler):
         pdu = self.ae.maximum_pdu_size or MAX_ASSOCIATE_RQ_BYTES
         sock.limit = max(pdu, MAX_ASSOCIATE_RQ_BYTES) + 64
         sock.max_dataset = cast(GuardedServer, self.server).max_instance_bytes
+        sock.min_rate = cast(GuardedServer, self.server).min_rate
         return assoc
 
     def handle(self) -> None:
@@ -216,12 +258,14 @@ class GuardedServer(ThreadedAssociationServer):
         *args: Any,
         max_per_peer: int = 4,
         max_instance_bytes: int | None = None,
+        min_rate: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.peers: dict[str, int] = {}
         self.peer_lock = threading.Lock()
         self.max_per_peer = max_per_peer
         self.max_instance_bytes = max_instance_bytes
+        self.min_rate = min_rate
         super().__init__(*args, **kwargs)
 
 
@@ -243,6 +287,7 @@ class GuardedAE(AE):
         max_per_peer: int,
         ssl_context: Any = None,
         max_instance_bytes: int | None = None,
+        min_rate: float = 0.0,
     ) -> GuardedServer:
         """Like `start_server(block=False)`, with the guarded server and request handler."""
         server = cast(
@@ -255,6 +300,7 @@ class GuardedAE(AE):
                 request_handler=GuardedRequestHandler,
                 max_per_peer=max_per_peer,
                 max_instance_bytes=max_instance_bytes,
+                min_rate=min_rate,
             ),
         )
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)

@@ -219,6 +219,7 @@ class Receiver:
             handlers,
             r.max_connections_per_peer,
             max_instance_bytes=r.max_instance_mb << 20,
+            min_rate=r.min_transfer_kib_s * 1024,
         )
         log.info("listening as %s on %s:%d", r.ae_title, r.host, r.port)
 
