@@ -209,7 +209,7 @@ def vertebral_edge(
         bone = ndimage.binary_closing(bone & ~vessel, structure=disk(RING_GAP_MM / coarse.pixel_mm))
         body = bone | _body_holes(bone, coarse)
         front = disk_opening(body, PEDICLE_MM / coarse.pixel_mm)
-        back = disk_opening(body, root_mm / coarse.pixel_mm)
+        back = front if root_mm == PEDICLE_MM else disk_opening(body, root_mm / coarse.pixel_mm)
         edge[:centre] |= _centre_body(front)[:centre]
         edge[centre:] |= _centre_body(back)[centre:]
     edge = _centre_body(edge)
