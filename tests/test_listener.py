@@ -57,6 +57,17 @@ def _echo_seconds(port: int, source: str = "127.0.0.1") -> tuple[bool, float]:
     return ok, time.monotonic() - t0
 
 
+def _served_again_within(port: int, source: str, seconds: float) -> tuple[bool, float]:
+    """Echo from ``source`` until one is served or ``seconds`` pass: whether it was, and
+    after how long (a peer's slot coming free)."""
+    t0 = time.monotonic()
+    ok = False
+    while not ok and time.monotonic() - t0 < seconds:
+        ok, _ = _echo_seconds(port, source)
+        time.sleep(0.2)
+    return ok, time.monotonic() - t0
+
+
 def _closed_within(s: socket.socket, seconds: float) -> bool:
     """Whether the node closed (or aborted) the connection within ``seconds``."""
     s.settimeout(seconds)
@@ -113,12 +124,7 @@ def test_a_peer_that_hangs_up_before_asking_gets_its_slots_back_at_once(tmp_path
     ) as (port, probes):
         for s in probes:
             s.close()
-        t0 = time.monotonic()
-        ok = False
-        while not ok and time.monotonic() - t0 < 10.0:
-            ok, _ = _echo_seconds(port, "127.0.0.4")
-            time.sleep(0.2)
-        took = time.monotonic() - t0
+        ok, took = _served_again_within(port, "127.0.0.4", 10.0)
         assert ok and took < 5.0, f"the peer's slots came back after {took:.1f} s"
 
 
@@ -147,13 +153,9 @@ def test_a_peer_that_sends_its_pdu_a_byte_at_a_time_is_cut_off_after_the_network
         took = time.monotonic() - t0
         raw.close()
         assert took < 8.0, f"the node still read the PDU after {took:.0f} s"
-        t0 = time.monotonic()
-        ok = False
-        while not ok and time.monotonic() - t0 < 10.0:  # the peer's one slot is free again
-            ok, _ = _echo_seconds(port, "127.0.0.5")
-            time.sleep(0.2)
+        ok, free = _served_again_within(port, "127.0.0.5", 10.0)  # the peer's one slot
         assert ok, "the slot stayed taken"
-        print(f"cut off after {took:.1f} s, slot free {time.monotonic() - t0:.1f} s later")
+        print(f"cut off after {took:.1f} s, slot free {free:.1f} s later")
     finally:
         rx.stop()
 
@@ -211,11 +213,7 @@ def test_a_peer_that_sends_small_pdus_just_inside_the_network_timeout_is_cut_off
     try:
         took = _trickle_seconds(port, "127.0.0.6", gap_s=1.5, limit_s=20.0)
         assert took < 6.0, f"the node still read the instance after {took:.0f} s"
-        t0 = time.monotonic()
-        ok = False
-        while not ok and time.monotonic() - t0 < 10.0:
-            ok, _ = _echo_seconds(port, "127.0.0.6")
-            time.sleep(0.2)
+        ok, _ = _served_again_within(port, "127.0.0.6", 10.0)
         assert ok, "the slot stayed taken"
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)

@@ -208,10 +208,14 @@ def vertebral_edge(
         bone = _bright(brightest, coarse)
         bone = ndimage.binary_closing(bone & ~vessel, structure=disk(RING_GAP_MM / coarse.pixel_mm))
         body = bone | _body_holes(bone, coarse)
-        front = disk_opening(body, PEDICLE_MM / coarse.pixel_mm)
-        back = front if root_mm == PEDICLE_MM else disk_opening(body, root_mm / coarse.pixel_mm)
-        edge[:centre] |= _centre_body(front)[:centre]
-        edge[centre:] |= _centre_body(back)[centre:]
+        front = _centre_body(disk_opening(body, PEDICLE_MM / coarse.pixel_mm))
+        back = (
+            front
+            if root_mm == PEDICLE_MM
+            else _centre_body(disk_opening(body, root_mm / coarse.pixel_mm))
+        )
+        edge[:centre] |= front[:centre]
+        edge[centre:] |= back[centre:]
     edge = _centre_body(edge)
     # The pedicles leave the body at its posterior corners: nothing more than
     # `CONCAVE_MM` behind the posterior wall at the midline (the first row behind the disc

@@ -121,9 +121,10 @@ class GuardedSocket(AssociationSocket):
         while at + 6 <= len(body):
             length = int.from_bytes(body[at : at + 4], "big")
             control = body[at + 5]
-            self._pace(max(0, length - 2), bool(control & PDV_LAST))
+            fragment = max(0, length - 2)  # the PDV's data, after its context and control
+            self._pace(fragment, bool(control & PDV_LAST))
             if not control & PDV_COMMAND:
-                self._dataset += max(0, length - 2)
+                self._dataset += fragment
                 if self.max_dataset is not None and self._dataset > self.max_dataset:
                     log.warning(
                         "%s sent an instance of more than %d bytes: association aborted",
