@@ -464,3 +464,51 @@ def test_a_schmorls_node_drawn_into_real_ct_is_seen_in_the_ct_and_untouched_leve
             off = seen.centre_lps - (lv.centre + lv.frame[:, 0] * u)
             in_plane = off - (off @ site.frame[:, 2]) * site.frame[:, 2]
             assert np.linalg.norm(in_plane) < 3.0, (lv.level, upper, np.round(in_plane, 1))
+
+
+def test_a_schmorls_node_drawn_into_the_3_mm_abdomen_ct_is_seen_in_the_ct(
+    abdomen_base, monkeypatch
+):
+    """On the abdomen CT (3 mm voxels) the blurred sclerotic rim of a node raises the bone
+    2 mm about its bright spot 60-90 HU above the body's median. No level shows a node as
+    scanned; a 3 mm node, 5 mm deep with a 1.2 mm rim, drawn at the centre and 4 mm off it
+    into either body of the six levels (24 placements), is seen in that body within 4 mm of
+    where it was drawn 13 times (with the ring around the spot held to 60 HU above the
+    median, as before: 3 times)."""
+    from dataclasses import replace
+
+    from node.analysis import endplate
+    from node.analysis.spine import find_spine
+    from node.phantom.insert import Lesion, insert
+    from node.phantom.plan import Disc
+
+    sites = find_spine(abdomen_base.volume()).discs
+    levels = base_levels(abdomen_base)
+    assert len(levels) == 6
+    drawn = []
+    for lv in levels:
+        site = min(sites, key=lambda s: np.linalg.norm(s.centre - lv.centre))
+        assert endplate.find_node(abdomen_base.volume(), site) is None, lv.level
+        for upper in (False, True):
+            for u in (0.0, -4.0):
+                hu = abdomen_base.hu.copy()
+                disc = Disc(level=lv.level, reported=True, upper=0, lower=1, classes=())
+                insert(
+                    abdomen_base, hu, lv, Lesion(lv.level, disc, node_into_upper=upper, node_u=u)
+                )
+                drawn.append((replace(abdomen_base, hu=hu).volume(), site, lv, upper, u))
+
+    def seen() -> int:
+        n = 0
+        for vol, site, lv, upper, u in drawn:
+            node = endplate.find_node(vol, site)
+            if node is None or node.side != (1 if upper else -1):
+                continue
+            off = node.centre_lps - (lv.centre + lv.frame[:, 0] * u)
+            n += bool(np.linalg.norm(off - (off @ site.frame[:, 2]) * site.frame[:, 2]) < 4.0)
+        return n
+
+    now = seen()
+    monkeypatch.setattr(endplate, "AROUND_HU", 60.0)
+    before = seen()
+    assert now >= 10 and before <= 4, (now, before)
