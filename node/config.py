@@ -87,6 +87,10 @@ class Receiver(BaseModel):
     #: sends a small PDU just inside each network timeout would otherwise hold its slot for
     #: as long as it likes. 0 turns the check off.
     min_transfer_kib_s: float = Field(default=16.0, ge=0)
+    #: A command that begins this long after the association's last instance (or its start)
+    #: aborts the association: a peer that sends a C-ECHO just inside each network timeout
+    #: would otherwise hold its slot for good. 0 turns the check off.
+    max_idle_s: float = Field(default=600.0, ge=0)
 
     @field_validator("ae_title")
     @classmethod

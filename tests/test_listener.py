@@ -1,6 +1,6 @@
 """The listener under peers that never finish an association, hang up before it, hog it, lie
-about PDU sizes, send a PDU a byte at a time or an instance a small PDU at a time, or send an
-instance without end."""
+about PDU sizes, send a PDU a byte at a time or an instance a small PDU at a time, keep an
+association with echoes alone, or send an instance without end."""
 
 from __future__ import annotations
 
@@ -226,6 +226,60 @@ def test_a_peer_that_sends_small_pdus_just_inside_the_network_timeout_is_cut_off
     rx = _receiver(tmp_path, network_timeout_s=2.0, min_transfer_kib_s=0)
     try:
         assert _trickle_seconds(rx.settings.receiver.port, "127.0.0.6", 1.5, 12.0) == 12.0
+    finally:
+        rx.stop()
+
+
+def _echoes_held_seconds(port: int, source: str, gap_s: float, limit_s: float) -> float:
+    """Associate from ``source`` and send a C-ECHO every ``gap_s`` (inside the network
+    timeout), storing nothing: the seconds until the node ends the association (``limit_s``
+    if it does not)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=(source, 0))
+    assert assoc.is_established
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        status = assoc.send_c_echo()
+        if not assoc.is_established or not status or status.Status != 0x0000:
+            break
+        time.sleep(gap_s)
+    took = min(time.monotonic() - t0, limit_s)
+    if assoc.is_established:
+        assoc.release()
+    return took
+
+
+def test_a_peer_that_only_echoes_inside_the_network_timeout_is_cut_off(tmp_path):
+    """A C-ECHO every 1 s, inside the 2 s network timeout, and no instance: with
+    `max_idle_s` (3 s) the association is aborted at the first echo after 3 s, and the peer's
+    one slot is free again; an association that stores an instance now and then is not cut
+    off; with the check off the echoing association is still open after 10 s."""
+    rx = _receiver(tmp_path, network_timeout_s=2.0, max_idle_s=3.0, max_connections_per_peer=1)
+    port = rx.settings.receiver.port
+    try:
+        took = _echoes_held_seconds(port, "127.0.0.7", gap_s=1.0, limit_s=20.0)
+        assert took < 6.0, f"the node still answered echoes after {took:.0f} s"
+        ok, _ = _served_again_within(port, "127.0.0.7", 10.0)
+        assert ok, "the slot stayed taken"
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context(VERIFICATION)
+        assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=("127.0.0.7", 0))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 8.0:  # an instance every 2 s, an echo between
+            assert assoc.send_c_store(_ct_instance(0.1)).Status == 0x0000
+            time.sleep(1.0)
+            assert assoc.send_c_echo().Status == 0x0000
+            time.sleep(1.0)
+        assert assoc.is_established
+        assoc.release()
+        print(f"cut off after {took:.1f} s")
+    finally:
+        rx.stop()
+    rx = _receiver(tmp_path, network_timeout_s=2.0, max_idle_s=0)
+    try:
+        assert _echoes_held_seconds(rx.settings.receiver.port, "127.0.0.7", 1.0, 10.0) == 10.0
     finally:
         rx.stop()
 

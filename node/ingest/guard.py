@@ -34,6 +34,11 @@ closes them at pynetdicom's own extension points:
   fragment, and a message still coming in after the network timeout at less than
   `min_rate` bytes a second aborts the association. The pause between messages is the
   network timeout's.
+- Nor does anything bound an association whose peer sends whole small messages inside the
+  network timeout: a C-ECHO every 50 s holds the association and its slot for good.
+  `GuardedSocket` notes when an instance's dataset last came in (at first, when the
+  association was made), and a command that begins more than `max_idle` seconds after that
+  aborts the association.
 """
 
 from __future__ import annotations
@@ -72,6 +77,11 @@ class SlowMessage(TimeoutError):
     """A peer sent one message slower than this node accepts."""
 
 
+class IdleAssociation(TimeoutError):
+    """A peer went on sending commands without an instance for longer than this node
+    accepts."""
+
+
 #: PDU type of P-DATA-TF, and the message control header's bits of a PDV item (PS3.8 E.2).
 P_DATA_TF = 0x04
 PDV_COMMAND = 0x01
@@ -82,7 +92,8 @@ class GuardedSocket(AssociationSocket):
     """An association socket that will not read a PDU body longer than ``limit`` bytes, nor
     spend longer than the association's network timeout on reading one, nor let one
     message's dataset grow past ``max_dataset`` bytes, nor a message that has taken longer
-    than the network timeout come in slower than ``min_rate`` bytes a second."""
+    than the network timeout come in slower than ``min_rate`` bytes a second, nor a command
+    begin more than ``max_idle`` seconds after the last dataset."""
 
     limit: int = MAX_ASSOCIATE_RQ_BYTES
     #: The most bytes of one dataset (None: no limit), and how many the message being
@@ -95,6 +106,12 @@ class GuardedSocket(AssociationSocket):
     min_rate: float = 0.0
     _began: float | None = None
     _message: int = 0
+    #: The most seconds from the last dataset (or from the association's start) to a new
+    #: command (0: no limit), when a dataset last came in, and whether a command is being
+    #: received (its first fragment has come, not its last).
+    max_idle: float = 0.0
+    _last_data: float = 0.0
+    _in_command: bool = False
     #: The DUL reads each PDU as a header, then its body: the type of the PDU whose body
     #: comes next, None while a header is due.
     _body_of: int | None = None
@@ -123,7 +140,10 @@ class GuardedSocket(AssociationSocket):
             control = body[at + 5]
             fragment = max(0, length - 2)  # the PDV's data, after its context and control
             self._pace(fragment, bool(control & PDV_LAST))
-            if not control & PDV_COMMAND:
+            if control & PDV_COMMAND:
+                self._idle(bool(control & PDV_LAST))
+            else:
+                self._last_data = time.monotonic()
                 self._dataset += fragment
                 if self.max_dataset is not None and self._dataset > self.max_dataset:
                     log.warning(
@@ -137,6 +157,22 @@ class GuardedSocket(AssociationSocket):
                 if control & PDV_LAST:
                     self._dataset = 0
             at += 4 + length
+
+    def _idle(self, last: bool) -> None:
+        """A fragment of a command came (``last``: its last): refuse a command that begins
+        more than `max_idle` seconds after the last dataset."""
+        if not self._in_command:
+            idle = time.monotonic() - self._last_data
+            if self.max_idle and idle > self.max_idle:
+                log.warning(
+                    "%s sent no instance for %.0f s, only other commands (at most %.0f s): "
+                    "association aborted",
+                    self._peer(),
+                    idle,
+                    self.max_idle,
+                )
+                raise IdleAssociation(f"no instance for {idle:.0f} s")
+        self._in_command = not last
 
     def _pace(self, fragment: int, last: bool) -> None:
         """Time the message that ``fragment`` (bytes) belongs to; ``last`` ends it."""
@@ -214,6 +250,8 @@ class GuardedRequestHandler(RequestHandler):
         sock.limit = max(pdu, MAX_ASSOCIATE_RQ_BYTES) + 64
         sock.max_dataset = cast(GuardedServer, self.server).max_instance_bytes
         sock.min_rate = cast(GuardedServer, self.server).min_rate
+        sock.max_idle = cast(GuardedServer, self.server).max_idle
+        sock._last_data = time.monotonic()
         return assoc
 
     def handle(self) -> None:
@@ -260,6 +298,7 @@ class GuardedServer(ThreadedAssociationServer):
         max_per_peer: int = 4,
         max_instance_bytes: int | None = None,
         min_rate: float = 0.0,
+        max_idle: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.peers: dict[str, int] = {}
@@ -267,6 +306,7 @@ class GuardedServer(ThreadedAssociationServer):
         self.max_per_peer = max_per_peer
         self.max_instance_bytes = max_instance_bytes
         self.min_rate = min_rate
+        self.max_idle = max_idle
         super().__init__(*args, **kwargs)
 
 
@@ -289,6 +329,7 @@ class GuardedAE(AE):
         ssl_context: Any = None,
         max_instance_bytes: int | None = None,
         min_rate: float = 0.0,
+        max_idle: float = 0.0,
     ) -> GuardedServer:
         """Like `start_server(block=False)`, with the guarded server and request handler."""
         server = cast(
@@ -302,6 +343,7 @@ class GuardedAE(AE):
                 max_per_peer=max_per_peer,
                 max_instance_bytes=max_instance_bytes,
                 min_rate=min_rate,
+                max_idle=max_idle,
             ),
         )
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)

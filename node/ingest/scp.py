@@ -220,6 +220,7 @@ class Receiver:
             r.max_connections_per_peer,
             max_instance_bytes=r.max_instance_mb << 20,
             min_rate=r.min_transfer_kib_s * 1024,
+            max_idle=r.max_idle_s,
         )
         log.info("listening as %s on %s:%d", r.ae_title, r.host, r.port)
 
