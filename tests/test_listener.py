@@ -46,11 +46,26 @@ def _connect(port: int, source: str) -> socket.socket:
     return s
 
 
-def _echo_seconds(port: int, source: str = "127.0.0.1") -> tuple[bool, float]:
+def _associate(port: int, source: str, *contexts: tuple[str, ...]):
+    """An association from ``source`` as MODALITY, asking for ``contexts`` (each an abstract
+    syntax and its transfer syntaxes)."""
     ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(VERIFICATION)
+    for abstract, *syntaxes in contexts:
+        if syntaxes:
+            ae.add_requested_context(abstract, syntaxes)
+        else:
+            ae.add_requested_context(abstract)
+    return ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=(source, 0))
+
+
+#: What the tests ask for: verification, and CT images in explicit VR little endian.
+ECHO = (VERIFICATION,)
+CT = (CTImageStorage, ExplicitVRLittleEndian)
+
+
+def _echo_seconds(port: int, source: str = "127.0.0.1") -> tuple[bool, float]:
     t0 = time.monotonic()
-    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=(source, 0))
+    assoc = _associate(port, source, ECHO)
     ok = assoc.is_established and assoc.send_c_echo().Status == 0x0000
     if assoc.is_established:
         assoc.release()
@@ -136,9 +151,7 @@ def test_a_peer_that_sends_its_pdu_a_byte_at_a_time_is_cut_off_after_the_network
     rx = _receiver(tmp_path, network_timeout_s=3.0, max_connections_per_peer=1)
     port = rx.settings.receiver.port
     try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(VERIFICATION)
-        assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=("127.0.0.5", 0))
+        assoc = _associate(port, "127.0.0.5", ECHO)
         assert assoc.is_established
         raw = assoc.dul.socket.socket  # from here on the test, not pynetdicom, talks on it
         assoc.dul.kill_dul()
@@ -168,9 +181,7 @@ def _trickle_seconds(port: int, source: str, gap_s: float, limit_s: float) -> fl
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu import P_DATA_TF
 
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=(source, 0))
+    assoc = _associate(port, source, CT)
     assert assoc.is_established
     context = assoc.accepted_contexts[0].context_id
     req = C_STORE()
@@ -215,9 +226,7 @@ def test_a_peer_that_sends_small_pdus_just_inside_the_network_timeout_is_cut_off
         assert took < 6.0, f"the node still read the instance after {took:.0f} s"
         ok, _ = _served_again_within(port, "127.0.0.6", 10.0)
         assert ok, "the slot stayed taken"
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=("127.0.0.6", 0))
+        assoc = _associate(port, "127.0.0.6", CT)
         assert assoc.send_c_store(_ct_instance(1.0)).Status == 0x0000
         assoc.release()
         print(f"cut off after {took:.1f} s")
@@ -234,9 +243,7 @@ def _echoes_held_seconds(port: int, source: str, gap_s: float, limit_s: float) -
     """Associate from ``source`` and send a C-ECHO every ``gap_s`` (inside the network
     timeout), storing nothing: the seconds until the node ends the association (``limit_s``
     if it does not)."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=(source, 0))
+    assoc = _associate(port, source, ECHO)
     assert assoc.is_established
     t0 = time.monotonic()
     while time.monotonic() - t0 < limit_s:
@@ -262,10 +269,7 @@ def test_a_peer_that_only_echoes_inside_the_network_timeout_is_cut_off(tmp_path)
         assert took < 6.0, f"the node still answered echoes after {took:.0f} s"
         ok, _ = _served_again_within(port, "127.0.0.7", 10.0)
         assert ok, "the slot stayed taken"
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        ae.add_requested_context(VERIFICATION)
-        assoc = ae.associate("127.0.0.1", port, ae_title="IDAICS", bind_address=("127.0.0.7", 0))
+        assoc = _associate(port, "127.0.0.7", CT, ECHO)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 8.0:  # an instance every 2 s, an echo between
             assert assoc.send_c_store(_ct_instance(0.1)).Status == 0x0000

@@ -248,9 +248,10 @@ class GuardedRequestHandler(RequestHandler):
         sock.__class__ = GuardedSocket
         pdu = self.ae.maximum_pdu_size or MAX_ASSOCIATE_RQ_BYTES
         sock.limit = max(pdu, MAX_ASSOCIATE_RQ_BYTES) + 64
-        sock.max_dataset = cast(GuardedServer, self.server).max_instance_bytes
-        sock.min_rate = cast(GuardedServer, self.server).min_rate
-        sock.max_idle = cast(GuardedServer, self.server).max_idle
+        server = cast(GuardedServer, self.server)
+        sock.max_dataset = server.max_instance_bytes
+        sock.min_rate = server.min_rate
+        sock.max_idle = server.max_idle
         sock._last_data = time.monotonic()
         return assoc
 
