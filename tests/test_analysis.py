@@ -383,6 +383,29 @@ def test_fusion_node_on_a_normal_disc_and_a_far_node_ignored():
     assert [f.cls for f in findings] == [DiscClass.NORMAL]
 
 
+def test_a_node_in_an_endplate_slice_counts_only_over_the_central_endplate():
+    """Beside the sacrum's top the alae and the S1 foramina show as holes in bone 13-26 mm
+    from the disc centre; in an endplate slice only a node within 12 mm of it is one."""
+    centre = slice(44, 56)  # 100 px of 0.5 mm: the disc centre at column 50
+
+    def level(node_cols: slice) -> list[DiscClass]:
+        slices = [
+            _slice("disc", "axial", _det(DiscClass.NORMAL, 0.9, centre, centre, 100), size=100),
+            _slice(
+                "endplate",
+                "axial",
+                _det(DiscClass.SCHMORL, 0.8, slice(52, 58), node_cols, 100),
+                size=100,
+            ),
+        ]
+        return [f.cls for f in fuse(slices, disc_half_height_mm=5.0)[0]]
+
+    assert level(slice(66, 72)) == [DiscClass.SCHMORL]  # 9.2 mm to the left
+    assert level(slice(28, 34)) == [DiscClass.SCHMORL]  # 9.2 mm to the right
+    assert level(slice(76, 82)) == [DiscClass.NORMAL]  # 14.2 mm: beside the body
+    assert level(slice(18, 24)) == [DiscClass.NORMAL]
+
+
 def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsure_of():
     """A Schmorl's node seen in the CT (`find_node`) is a finding where the model found none;
     where the model's vote on the disc's shape is weak too, the node alone is the level's
