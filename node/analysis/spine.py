@@ -672,6 +672,25 @@ def disc_spans(
     return sorted(kept)
 
 
+def _faint_disc_below(profile: np.ndarray, spans: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The deepest valley one spacing below the last disc space, at half the prominence
+    `disc_spans` asks for (None: none there). Over the dense top of the sacrum, L5-S1 can
+    stand just under that prominence; `find_spine` keeps it only where the sacrum then lies
+    under it."""
+    if len(spans) < 3:
+        return None
+    mids = [(a + b) / 2 for a, b in spans]
+    step = float(np.median(np.diff(mids)))
+    extra = _valleys(
+        profile,
+        ENDPLATE_PROMINENCE_HU / 2,
+        DISC_MAX_MM,
+        int(mids[-1] + 0.5 * step),
+        int(mids[-1] + 1.5 * step),
+    )
+    return max(extra, key=lambda e: e[1])[0] if extra else None
+
+
 #: A disc site before naming: centre, frame, height, index on the centre line, and whether
 #: it was already measured on its endplates.
 _Site = tuple[np.ndarray, np.ndarray, float, int, bool]
@@ -859,9 +878,12 @@ def find_spine(vol: Volume) -> Spine:
     mask = body_mask(small, grid, smooth)
     line = centre_line(small, grid, mask, smooth)
     rib_z = None
+    faint = None
     if line is not None:
         rib_z = lowest_rib(small, grid, line, smooth)
-        spans = disc_spans(column_profile(vol, line))
+        profile = column_profile(vol, line)
+        spans = disc_spans(profile)
+        faint = _faint_disc_below(profile, spans)
     else:
         # no closed canal in view (a crop around the column): the bone of the bodies gives
         # the line, and the mean HU across it the discs
@@ -870,10 +892,12 @@ def find_spine(vol: Volume) -> Spine:
             return Spine((), False, warnings=("no vertebral column found",))
         spans = disc_spans(mean_profile(vol, line), regular=False, prominence=MEAN_PROMINENCE_HU)
     tang = _tangents(line)
-    sites: list[_Site] = []
-    for a, b in spans:
+
+    def site(a: int, b: int) -> _Site:
         f = frame_from_normal(tang[(a + b) // 2])
-        sites.append(((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2, False))
+        return ((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2, False)
+
+    sites = [site(a, b) for a, b in spans]
     warnings: list[str] = []
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))
@@ -882,6 +906,11 @@ def find_spine(vol: Volume) -> Spine:
     # disc or iliac bone (`SACRAL_REMNANTS`), so the ones above them are tried too, and what
     # lies below L5-S1 is dropped
     lumbosacral = _lumbosacral(mask, smooth, grid, sites)
+    if lumbosacral is None and faint is not None:
+        # no sacrum under the discs found: a faint valley below them may be L5-S1 over it
+        lumbosacral = _lumbosacral(mask, smooth, grid, [*sites, site(*faint)])
+        if lumbosacral is not None:
+            sites = [*sites, site(*faint)]
     sacrum = lumbosacral is not None
     if lumbosacral is not None and lumbosacral < len(sites) - 1:
         sites = sites[: lumbosacral + 1]

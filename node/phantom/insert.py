@@ -19,6 +19,7 @@ says; evaluation skips them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from node.geometry import Grid, Plane, fit_plane, frame_from_normal, sample_plan
 from node.phantom.generate import LABELS_FILE, SERIES_DIR, TRUTH_FILE, save_label_volumes
 from node.phantom.plan import Disc
 from node.phantom.series import write_volume_series
+
+log = logging.getLogger(__name__)
 
 #: Vertebra names by label id, for the two label schemes in common use.
 TOTALSEGMENTATOR = (
@@ -485,37 +488,41 @@ def plan_lesions(
     for lv in levels:
         if rng.random() < untouched:
             continue
-        kind = str(rng.choice(names, p=p / p.sum()))
-        kw: dict = {}
-        if "bulge" in kind:
-            kw = dict(
-                bulge_mm=float(rng.uniform(2.5, 5.0)),
-                bulge_half_arc_deg=float(rng.uniform(70, 180)),
-                bulge_dir_deg=float(90 + rng.uniform(-40, 40)),
-            )
-        elif "protrusion" in kind:
-            kw = dict(
-                protrusion_mm=float(rng.uniform(3.0, 7.0)),
-                protrusion_half_width_deg=float(rng.uniform(14, 32)),
-                protrusion_dir_deg=float(90 + rng.choice([-1, 1]) * rng.uniform(0, 45)),
-            )
-        classes = tuple(DiscClass(c) for c in kind.split("+"))
-        disc = Disc(level=lv.level, reported=True, upper=0, lower=1, classes=classes, **kw)
-        node: dict = {}
-        if "schmorl" in kind:
-            rad = 0.45 * float(np.median(lv.edge_mm)) * math.sqrt(rng.random())
-            ang = rng.uniform(0, 2 * math.pi)
-            node = dict(
-                node_into_upper=bool(rng.random() < 0.6),
-                node_u=rad * math.cos(ang),
-                node_v=rad * math.sin(ang),
-                node_radius=float(rng.uniform(2.0, 4.5)),
-                node_depth=float(rng.uniform(3.0, 7.0)),
-                rim_mm=float(rng.uniform(0.8, 1.6)),
-                rim_hu=float(rng.uniform(450, 800)),
-            )
-        out.append(Lesion(lv.level, disc, **node))
+        out.append(draw_lesion(lv, str(rng.choice(names, p=p / p.sum())), rng))
     return out
+
+
+def draw_lesion(lv: LevelAnatomy, kind: str, rng: np.random.Generator) -> Lesion:
+    """One lesion of ``kind`` (a `MIX` name) at ``lv``, its size and place drawn from ``rng``."""
+    kw: dict = {}
+    if "bulge" in kind:
+        kw = dict(
+            bulge_mm=float(rng.uniform(2.5, 5.0)),
+            bulge_half_arc_deg=float(rng.uniform(70, 180)),
+            bulge_dir_deg=float(90 + rng.uniform(-40, 40)),
+        )
+    elif "protrusion" in kind:
+        kw = dict(
+            protrusion_mm=float(rng.uniform(3.0, 7.0)),
+            protrusion_half_width_deg=float(rng.uniform(14, 32)),
+            protrusion_dir_deg=float(90 + rng.choice([-1, 1]) * rng.uniform(0, 45)),
+        )
+    classes = tuple(DiscClass(c) for c in kind.split("+"))
+    disc = Disc(level=lv.level, reported=True, upper=0, lower=1, classes=classes, **kw)
+    node: dict = {}
+    if "schmorl" in kind:
+        rad = 0.45 * float(np.median(lv.edge_mm)) * math.sqrt(rng.random())
+        ang = rng.uniform(0, 2 * math.pi)
+        node = dict(
+            node_into_upper=bool(rng.random() < 0.6),
+            node_u=rad * math.cos(ang),
+            node_v=rad * math.sin(ang),
+            node_radius=float(rng.uniform(2.0, 4.5)),
+            node_depth=float(rng.uniform(3.0, 7.0)),
+            rim_mm=float(rng.uniform(0.8, 1.6)),
+            rim_hu=float(rng.uniform(450, 800)),
+        )
+    return Lesion(lv.level, disc, **node)
 
 
 def _measure(base: BaseCT, lv: LevelAnatomy, disc_level: np.ndarray, code: int) -> Extension:
@@ -561,24 +568,9 @@ def _one_variant(
         les = lesions.get(lv.level) or Lesion(
             lv.level, Disc(lv.level, True, 0, 1, (DiscClass.NORMAL,))
         )
-        m = insert(base, hu, lv, les)
-        box = m.box
+        m, ext, les = _insert_checked(base, hu, lv, les, disc_level, disc_class, code, rng)
+        inserted = les.disc.morphology is not DiscClass.NORMAL or les.node_into_upper is not None
         morph = les.disc.morphology
-        dl, dc = disc_level[box], disc_class[box]
-        dl[m.disc] = code
-        dc[m.disc] = morph.class_id + 1
-        dl[m.node] = code
-        dc[m.node] = DiscClass.SCHMORL.class_id + 1
-        ext = _measure(base, lv, disc_level, code)
-        inserted = lv.level in lesions
-        if inserted and morph is DiscClass.BULGE and ext.share <= BULGE_SHARE:
-            raise BaseError(
-                f"{lv.level}: inserted bulge measures {ext.share:.2f} of the circumference"
-            )
-        if inserted and morph is DiscClass.PROTRUSION and ext.share >= BULGE_SHARE:
-            raise BaseError(
-                f"{lv.level}: inserted protrusion measures {ext.share:.2f} of the circumference"
-            )
         classes = [c.value for c in les.disc.classes if c is not DiscClass.NORMAL]
         entry: dict = {
             "level": lv.level,
@@ -663,6 +655,63 @@ def _one_variant(
         vertebra=base.vertebra,
     )
     return folder
+
+
+#: Draws of a lesion at one level before the level is left as scanned: on a real disc the
+#: measured share of the circumference can contradict the class drawn (a wide protrusion on
+#: a small or irregular disc reads over 25%, a narrow bulge under it).
+DRAWS = 6
+
+
+def _insert_checked(
+    base: BaseCT,
+    hu: np.ndarray,
+    lv: LevelAnatomy,
+    les: Lesion,
+    disc_level: np.ndarray,
+    disc_class: np.ndarray,
+    code: int,
+    rng: np.random.Generator,
+) -> tuple[Drawn, Extension, Lesion]:
+    """Draw ``les`` at ``lv`` and label it; where the result measures against its own class
+    (a bulge over at most 25% of the circumference, a protrusion over 25% or more), the lesion
+    is drawn again with new sizes, up to `DRAWS` times, and then the level is left as scanned
+    (its truth `unknown`), with a warning."""
+    kind = "+".join(c.value for c in les.disc.classes if c is not DiscClass.NORMAL)
+    if les.node_into_upper is not None and "schmorl" not in kind:
+        kind = "+".join(k for k in (kind, DiscClass.SCHMORL.value) if k)
+    scanned = Lesion(lv.level, Disc(lv.level, True, 0, 1, (DiscClass.NORMAL,)))
+    for attempt in range(DRAWS + 1):
+        if attempt == DRAWS:
+            log.warning("%s: no %s drawn there measures as one; left as scanned", lv.level, kind)
+            les = scanned
+        before = None
+        if attempt < DRAWS and les is not scanned:
+            box = _local(base, lv, float(lv.edge_mm.max()) + 14.0)[0]
+            before = (box, hu[box].copy(), disc_level[box].copy(), disc_class[box].copy())
+        m = insert(base, hu, lv, les)
+        morph = les.disc.morphology
+        dl, dc = disc_level[m.box], disc_class[m.box]
+        dl[m.disc] = code
+        dc[m.disc] = morph.class_id + 1
+        dl[m.node] = code
+        dc[m.node] = DiscClass.SCHMORL.class_id + 1
+        ext = _measure(base, lv, disc_level, code)
+        wrong = (morph is DiscClass.BULGE and ext.share <= BULGE_SHARE) or (
+            morph is DiscClass.PROTRUSION and ext.share >= BULGE_SHARE
+        )
+        if not wrong or before is None:
+            return m, ext, les
+        box, h0, l0, c0 = before
+        hu[box], disc_level[box], disc_class[box] = h0, l0, c0
+        log.info(
+            "%s: the %s drawn measures %.2f of the circumference; drawn again",
+            lv.level,
+            morph.value,
+            ext.share,
+        )
+        les = draw_lesion(lv, kind, rng)
+    raise AssertionError("unreachable")
 
 
 def _inserted(les: Lesion) -> dict:
