@@ -686,7 +686,8 @@ def _insert_checked(
             log.warning("%s: no %s drawn there measures as one; left as scanned", lv.level, kind)
             les = scanned
         before = None
-        if attempt < DRAWS and les is not scanned:
+        if attempt < DRAWS and les.disc.morphology in (DiscClass.BULGE, DiscClass.PROTRUSION):
+            # only these can measure against their class: keep what the draw will change
             box = _local(base, lv, float(lv.edge_mm.max()) + 14.0)[0]
             before = (box, hu[box].copy(), disc_level[box].copy(), disc_class[box].copy())
         m = insert(base, hu, lv, les)
