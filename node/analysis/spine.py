@@ -665,16 +665,24 @@ def disc_spans(
         step = float(np.median(np.diff(mids)))
         for m0, m1 in zip(mids[:-1], mids[1:]):
             if m1 - m0 > 1.6 * step:
-                extra = _valleys(
+                extra = _deepest_valley(
                     profile,
                     prominence / 2,
                     1.4 * DISC_MAX_MM,
                     int(m0 + 0.5 * step),
                     int(m1 - 0.5 * step),
                 )
-                if extra:
-                    kept.append(max(extra, key=lambda e: e[1])[0])
+                if extra is not None:
+                    kept.append(extra)
     return sorted(kept)
+
+
+def _deepest_valley(
+    profile: np.ndarray, min_depth: float, max_mm: float, lo: int, hi: int
+) -> tuple[int, int] | None:
+    """The deepest of `_valleys` in ``[lo, hi)`` (None: none there)."""
+    found = _valleys(profile, min_depth, max_mm, lo, hi)
+    return max(found, key=lambda e: e[1])[0] if found else None
 
 
 def _faint_disc_below(
@@ -688,14 +696,13 @@ def _faint_disc_below(
         return None
     mids = [(a + b) / 2 for a, b in spans]
     step = float(np.median(np.diff(mids)))
-    extra = _valleys(
+    return _deepest_valley(
         profile,
         prominence / 2,
         DISC_MAX_MM,
         int(mids[-1] + 0.5 * step),
         int(mids[-1] + 1.5 * step),
     )
-    return max(extra, key=lambda e: e[1])[0] if extra else None
 
 
 #: A disc site before naming: centre, frame, height, index on the centre line, and whether
@@ -916,9 +923,10 @@ def find_spine(vol: Volume) -> Spine:
     lumbosacral = _lumbosacral(mask, smooth, grid, sites)
     if lumbosacral is None and faint is not None:
         # no sacrum under the discs found: a faint valley below them may be L5-S1 over it
-        lumbosacral = _lumbosacral(mask, smooth, grid, [*sites, site(*faint)])
+        with_faint = [*sites, site(*faint)]
+        lumbosacral = _lumbosacral(mask, smooth, grid, with_faint)
         if lumbosacral is not None:
-            sites = [*sites, site(*faint)]
+            sites = with_faint
     sacrum = lumbosacral is not None
     if lumbosacral is not None and lumbosacral < len(sites) - 1:
         sites = sites[: lumbosacral + 1]

@@ -64,6 +64,7 @@ RAYS = 360
 EDGE_PLANE_MM = 2.0
 PSF_MM = 0.6  # in-plane blur added to inserted edges (a standard kernel's sharpness)
 RAMP_MM = 1.0  # partial-volume ramp across an inserted boundary
+LESION_REACH_MM = 14.0  # how far past the vertebral edge a lesion's box reaches
 NOISE_SIGMA_MM = 1.2  # low-pass that separates the image's noise from its anatomy
 MARGIN_MM = 2.5
 MEASURE_PX = 480
@@ -353,17 +354,26 @@ def base_levels(base: BaseCT) -> list[LevelAnatomy]:
     return out
 
 
-def _local(
-    base: BaseCT, lv: LevelAnatomy, reach_mm: float
-) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Voxel box around a disc and each voxel's (u, v, w, angle index, radius) in its frame."""
+def _box(base: BaseCT, lv: LevelAnatomy) -> tuple[slice, slice, slice]:
+    """The voxel box a lesion at ``lv`` may change: `LESION_REACH_MM` past its widest edge."""
     c = base.grid.to_index(lv.centre[None])[0]
     sp = np.array(base.grid.spacing)
-    half = np.ceil(reach_mm / sp).astype(int)
+    half = np.ceil((float(lv.edge_mm.max()) + LESION_REACH_MM) / sp).astype(int)
     lo = np.maximum(np.floor(c).astype(int) - half, 0)
     hi = np.minimum(np.floor(c).astype(int) + half + 1, np.array(base.grid.shape))
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1)
+    return (
+        slice(int(lo[0]), int(hi[0])),
+        slice(int(lo[1]), int(hi[1])),
+        slice(int(lo[2]), int(hi[2])),
+    )
+
+
+def _local(
+    base: BaseCT, lv: LevelAnatomy
+) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The level's `_box` and each of its voxels' (u, v, w, angle index, radius) in its frame."""
+    box = _box(base, lv)
+    idx = np.stack(np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij"), axis=-1)
     d = base.grid.to_patient(idx) - lv.centre
     u, v, w = d @ lv.frame[:, 0], d @ lv.frame[:, 1], d @ lv.frame[:, 2]
     a = (np.degrees(np.arctan2(v, u)) % 360).astype(int) % RAYS
@@ -410,8 +420,7 @@ class Drawn:
 
 def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Drawn:
     """Draw ``lesion`` into ``hu`` (in place); returns the label masks in the level's box."""
-    reach = float(lv.edge_mm.max()) + 14.0
-    box, u, v, w, a, r = _local(base, lv, reach)
+    box, u, v, w, a, r = _local(base, lv)
     code_u, code_l = base.names.index(lv.upper) + 1, base.names.index(lv.lower) + 1
     vert = base.vertebra[box]
     bone = (vert == code_u) | (vert == code_l)
@@ -463,7 +472,7 @@ def insert(base: BaseCT, hu: np.ndarray, lv: LevelAnatomy, lesion: Lesion) -> Dr
         src[...] = (1 - mc) * src + mc * (lv.disc_hu + noise)
         node = (cavity > 0.5) & (depth_in > 0)
     hu[box] = src
-    return Drawn((box[0], box[1], box[2]), disc, node)
+    return Drawn(box, disc, node)
 
 
 # -- planning and writing studies -------------------------------------------------------------
@@ -678,8 +687,6 @@ def _insert_checked(
     is drawn again with new sizes, up to `DRAWS` times, and then the level is left as scanned
     (its truth `unknown`), with a warning."""
     kind = "+".join(c.value for c in les.disc.classes if c is not DiscClass.NORMAL)
-    if les.node_into_upper is not None and "schmorl" not in kind:
-        kind = "+".join(k for k in (kind, DiscClass.SCHMORL.value) if k)
     scanned = Lesion(lv.level, Disc(lv.level, True, 0, 1, (DiscClass.NORMAL,)))
     for attempt in range(DRAWS + 1):
         if attempt == DRAWS:
@@ -688,7 +695,7 @@ def _insert_checked(
         before = None
         if attempt < DRAWS and les.disc.morphology in (DiscClass.BULGE, DiscClass.PROTRUSION):
             # only these can measure against their class: keep what the draw will change
-            box = _local(base, lv, float(lv.edge_mm.max()) + 14.0)[0]
+            box = _box(base, lv)
             before = (box, hu[box].copy(), disc_level[box].copy(), disc_class[box].copy())
         m = insert(base, hu, lv, les)
         morph = les.disc.morphology
