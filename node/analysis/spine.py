@@ -44,6 +44,9 @@ ENDPLATE_PROMINENCE_HU = 100.0
 #: valley in the rim profile shallows about as the thickness grows: the prominence asked of
 #: it is scaled by THIN_SLICE_MM / spacing (60 HU at 5 mm, where 2.5 mm slices of the chest CT
 #: averaged in pairs show its thoracolumbar discs 60-115 HU deep, 100-220 before).
+#: On such slices a site also stays where the profile put it (`find_spine`): the endplates'
+#: thin cortex, averaged with the disc and the body, no longer stands out along the normal,
+#: and `refine_site` takes the far endplate of a body for the disc's.
 THIN_SLICE_MM = 3.0
 RIM_RAYS = 16
 MEAN_PROMINENCE_HU = 90.0
@@ -991,8 +994,9 @@ def find_spine(vol: Volume) -> Spine:
                 f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed"
             )
     discs = []
+    thin = vol.grid.spacing[0] <= THIN_SLICE_MM
     for i, ((c_, f_, h_, _, done), n) in enumerate(zip(sites, names)):
-        if not done:  # on the disc's own endplates
+        if thin and not done:  # on the disc's own endplates
             c_, f_, h_, _refined = refine_site(vol.hu, vol.grid, c_, f_, h_)
         discs.append(DiscSite(i, n, c_, f_, h_))
     named = tuple(d for d in discs if d.level)
