@@ -96,6 +96,10 @@ CHAIN_MIN_SPAN_MM = 60.0
 LINE_REACH_MM = 30.0
 BODY_WINDOW_MM = (8.0, 22.0, 18.0)  # |x| and in front of / behind the line: the body
 BEYOND_WINDOW_MM = 30.0  # |x| past the canals: the sacrum's body, not the ilia beside it
+#: ... and no further along z than this past them: L5-S1 and the top of the sacrum, not the
+#: pelvis below (there the bone in the window is coccyx, ilia and hip, and the line followed
+#: it 80 mm to the side, its dark stretches taken for discs under L5-S1)
+BEYOND_REACH_MM = 60.0
 
 
 @dataclass(frozen=True)
@@ -419,6 +423,7 @@ def centre_line(
         if z_all.max() - hi >= EDGE_BODY_MM:
             beyond |= z_all > hi
         win = np.where(beyond, np.abs(dx) < BEYOND_WINDOW_MM, win)
+        win &= (z_all > lo - BEYOND_REACH_MM) & (z_all < hi + BEYOND_REACH_MM)
         bone = np.column_stack(
             [np.where(beyond, bone_all[:, 0], bone_all[:, 0] - dx), bone_all[:, 1:]]
         )[win]
