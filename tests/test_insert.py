@@ -318,17 +318,8 @@ def test_the_real_ct_cut_a_few_slices_shorter_is_still_named_from_the_sacrum(
     from the ribs (top 3 and top 7). The line now stops `spine.BEYOND_REACH_MM` past the
     canals. Every disc found is named right; T12-L1, 12-18 mm under the edge, may be missed."""
     from node.analysis import spine
-    from node.geometry import Grid
-    from node.phantom.insert import BaseCT
 
-    g = abdomen_base.grid
-    lo, hi = bottom, g.shape[0] - top
-    affine = g.affine.copy()
-    affine[:3, 3] = g.to_patient(np.array([[float(lo), 0.0, 0.0]]))[0]
-    hu = np.ascontiguousarray(abdomen_base.hu[lo:hi])
-    cut = BaseCT(
-        "abdomen", hu, Grid(hu.shape, affine), abdomen_base.vertebra[lo:hi], abdomen_base.names, ""
-    )
+    cut = _cropped(abdomen_base, slice(bottom, abdomen_base.grid.shape[0] - top))
     found = spine.find_spine(cut.volume())
     assert found.sacrum_found, found.warnings
     truth = {lv.level: lv for lv in base_levels(abdomen_base)}
@@ -339,22 +330,29 @@ def test_the_real_ct_cut_a_few_slices_shorter_is_still_named_from_the_sacrum(
     assert {"L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"} <= {d.level for d in found.discs}
 
 
-def _narrowed(base, half_width_mm: float):
-    """``base`` with its field of view cut to ``half_width_mm`` either side of the column (a
-    lumbar spine CT is reconstructed on 150-200 mm)."""
+def _cropped(base, slices: slice = slice(None), columns: slice = slice(None)):
+    """``base`` cut to ``slices`` (first voxel axis) and ``columns`` (last): another field of
+    view of the same patient, its grid's origin moved to the first voxel kept."""
     from node.geometry import Grid
     from node.phantom.insert import BaseCT
 
+    box = (slices, slice(None), columns)
+    first = [float(s.indices(n)[0]) for s, n in zip(box, base.grid.shape)]
+    affine = base.grid.affine.copy()
+    affine[:3, 3] = base.grid.to_patient(np.array([first]))[0]
+    hu = np.ascontiguousarray(base.hu[box])
+    return BaseCT(
+        base.name, hu, Grid(hu.shape, affine), base.vertebra[box], base.names, base.source
+    )
+
+
+def _narrowed(base, half_width_mm: float):
+    """``base`` with its field of view cut to ``half_width_mm`` either side of the column (a
+    lumbar spine CT is reconstructed on 150-200 mm)."""
     x = base.grid.to_patient(np.array([[0, 0, c] for c in range(base.grid.shape[2])], float))[:, 0]
     mid = float(np.median(base.grid.to_patient(np.argwhere(base.vertebra > 0))[:, 0]))
     keep = np.nonzero(np.abs(x - mid) <= half_width_mm)[0]
-    c0, c1 = int(keep[0]), int(keep[-1]) + 1
-    affine = base.grid.affine.copy()
-    affine[:3, 3] = base.grid.to_patient(np.array([[0.0, 0.0, c0]]))[0]
-    hu = np.ascontiguousarray(base.hu[:, :, c0:c1])
-    return BaseCT(
-        base.name, hu, Grid(hu.shape, affine), base.vertebra[:, :, c0:c1], base.names, base.source
-    )
+    return _cropped(base, columns=slice(int(keep[0]), int(keep[-1]) + 1))
 
 
 @pytest.mark.parametrize("half_width_mm", [90.0, 75.0])

@@ -28,6 +28,12 @@ def _counted(level: str, shift: int) -> str:
     return f"{VERTEBRAE[VERTEBRAE.index(up) + shift]}-{VERTEBRAE[VERTEBRAE.index(lo) + shift]}"
 
 
+def _off_deg(disc, level: dict) -> float:
+    """Degrees between a found disc's plane and the truth's."""
+    cos = min(1.0, abs(float(disc.frame[:, 2] @ np.array(level["normal_lps"]))))
+    return float(np.degrees(np.arccos(cos)))
+
+
 def _judge(args: tuple[int, int]) -> dict:
     seed, index = args
     vol, truth = phantom_volume(seed, index)  # the series' volume, not written and read back
@@ -43,8 +49,7 @@ def _judge(args: tuple[int, int]) -> dict:
         miss = angle = None
         if d is not None:
             miss = float(np.linalg.norm(d.centre - np.array(lv["centre_lps"])))
-            cos = min(1.0, abs(float(d.frame[:, 2] @ np.array(lv["normal_lps"]))))
-            angle = float(np.degrees(np.arccos(cos)))
+            angle = _off_deg(d, lv)
         levels.append((lv["level"], miss, angle))
     return {
         "index": index,
@@ -122,8 +127,7 @@ def _planes(args: tuple[int, int]) -> list[float | None]:
         if not near:
             out.append(None)
             continue
-        cos = min(1.0, abs(float(near[0].frame[:, 2] @ np.array(lv["normal_lps"]))))
-        out.append(float(np.degrees(np.arccos(cos))))
+        out.append(_off_deg(near[0], lv))
     return out
 
 

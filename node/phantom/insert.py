@@ -574,9 +574,7 @@ def _one_variant(
     lesions = {les.level: les for les in plan_lesions(levels, rng)}
     entries = []
     for code, lv in enumerate(levels, start=1):
-        les = lesions.get(lv.level) or Lesion(
-            lv.level, Disc(lv.level, True, 0, 1, (DiscClass.NORMAL,))
-        )
+        les = lesions.get(lv.level) or _scanned(lv.level)
         m, ext, les = _insert_checked(base, hu, lv, les, disc_level, disc_class, code, rng)
         inserted = les.disc.morphology is not DiscClass.NORMAL or les.node_into_upper is not None
         morph = les.disc.morphology
@@ -666,6 +664,11 @@ def _one_variant(
     return folder
 
 
+def _scanned(level: str) -> Lesion:
+    """No lesion: the level as scanned (its truth `unknown`)."""
+    return Lesion(level, Disc(level, True, 0, 1, (DiscClass.NORMAL,)))
+
+
 #: Draws of a lesion at one level before the level is left as scanned: on a real disc the
 #: measured share of the circumference can contradict the class drawn (a wide protrusion on
 #: a small or irregular disc reads over 25%, a narrow bulge under it).
@@ -687,11 +690,10 @@ def _insert_checked(
     is drawn again with new sizes, up to `DRAWS` times, and then the level is left as scanned
     (its truth `unknown`), with a warning."""
     kind = "+".join(c.value for c in les.disc.classes if c is not DiscClass.NORMAL)
-    scanned = Lesion(lv.level, Disc(lv.level, True, 0, 1, (DiscClass.NORMAL,)))
     for attempt in range(DRAWS + 1):
         if attempt == DRAWS:
             log.warning("%s: no %s drawn there measures as one; left as scanned", lv.level, kind)
-            les = scanned
+            les = _scanned(lv.level)
         before = None
         if attempt < DRAWS and les.disc.morphology in (DiscClass.BULGE, DiscClass.PROTRUSION):
             # only these can measure against their class: keep what the draw will change
