@@ -731,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="VOTE",
         help="with --studies: the 25%% rule decides a disc's shape where the model's vote is "
-        "under VOTE (default 0.4; above 1 the rule alone, wherever it can be read)",
+        "under VOTE (default 0.4, and 0.55 where the disc's margin reads bulge or protrusion; "
+        "0: the model alone; above 1: the rule alone, wherever it can be read)",
     )
     e.set_defaults(func=cmd_evaluate)
 

@@ -438,6 +438,40 @@ def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsur
     assert [(f.cls, f.by_rule) for f in out] == [(DiscClass.PROTRUSION, True)]
 
 
+def test_a_margin_read_abnormal_needs_a_surer_vote_to_be_overruled():
+    """Where the disc's margin in the CT reads bulge or protrusion, the model's other shape
+    stands only from `RULE_HOLDS_VOTE`; where it reads normal, from `RULE_BELOW_VOTE` as
+    before. With a node seen in the CT, a vote between the two leaves the node alone."""
+    from node.analysis.endplate import NodeInCT
+    from node.analysis.fusion import Finding
+    from node.analysis.measure import Measurements
+    from node.analysis.study import RULE_BELOW_VOTE, RULE_HOLDS_VOTE, _apply_rule
+
+    def read(cls: DiscClass) -> Measurements:
+        m = Measurements(8.0, tissue_arc_deg=120.0, tissue_extension_mm=6.0)
+        return replace(m, tissue_class=cls)
+
+    vote = (RULE_BELOW_VOTE + RULE_HOLDS_VOTE) / 2
+    votes = {"normal": 0.0, "bulge": 0.1, "protrusion": vote}
+    says = [Finding(DiscClass.PROTRUSION, vote, 3)]
+
+    def run(m: Measurements, v: dict, node: NodeInCT | None = None) -> list[DiscClass]:
+        out = _apply_rule(says, v, m, [], RULE_BELOW_VOTE, node, 0.3, RULE_HOLDS_VOTE)
+        return [f.cls for f in out]
+
+    bulge = read(DiscClass.BULGE)
+    assert run(bulge, votes) == [DiscClass.BULGE]
+    assert run(read(DiscClass.NORMAL), votes) == [DiscClass.PROTRUSION]
+    sure = {"normal": 0.0, "bulge": 0.1, "protrusion": RULE_HOLDS_VOTE}
+    assert run(bulge, sure) == [DiscClass.PROTRUSION]
+    node = NodeInCT(1, np.zeros(3), 3.0, ())
+    assert run(bulge, votes, node) == [DiscClass.SCHMORL]
+    assert run(bulge, sure, node) == [DiscClass.PROTRUSION, DiscClass.SCHMORL]
+    # without the second threshold, as before: the model's vote stands from RULE_BELOW_VOTE
+    out = _apply_rule(says, votes, bulge, [], RULE_BELOW_VOTE)
+    assert [f.cls for f in out] == [DiscClass.PROTRUSION]
+
+
 def test_extension_measured_against_the_vertebral_edge():
     yy, xx = np.mgrid[0:200, 0:200]
     edge = (xx - 100) ** 2 + (yy - 100) ** 2 <= 60**2

@@ -212,16 +212,18 @@ def evaluate_studies(
     (``none`` when the level was not found or not named, or found more than
     ``centre_tolerance_mm`` away). Schmorl's nodes, which may sit beside a bulge or a
     protrusion, are also scored on their own as present or absent. ``rule_below_vote``
-    overrides the analysis' `RULE_BELOW_VOTE` (see `analyze_volume`).
+    overrides both of the analysis' vote thresholds, `RULE_BELOW_VOTE` and `RULE_HOLDS_VOTE`
+    (see `analyze_volume`): 0 measures the model alone, above 1 the rule alone.
     """
     from tqdm import tqdm
 
-    from node.analysis.study import RULE_BELOW_VOTE, analyze_volume
+    from node.analysis.study import RULE_BELOW_VOTE, RULE_HOLDS_VOTE, analyze_volume
     from node.analysis.volume import VolumeError, load_folder
     from node.inference.model import load_model
     from node.phantom.generate import SERIES_DIR, TRUTH_FILE
 
     below = RULE_BELOW_VOTE if rule_below_vote is None else rule_below_vote
+    holds = RULE_HOLDS_VOTE if rule_below_vote is None else rule_below_vote
     model = load_model(model_dir, device)
     rows = []
     refused = []
@@ -232,6 +234,7 @@ def evaluate_studies(
                 load_folder(folder / SERIES_DIR),
                 model,
                 rule_below_vote=below,
+                rule_holds_vote=holds,
             )
         except VolumeError as exc:
             refused.append({"study": folder.name, "reason": str(exc)})
@@ -280,6 +283,7 @@ def evaluate_studies(
         "schmorl_present_vs_absent": compute(node_cm[::-1, ::-1], ["present", "absent"]).to_dict(),
         "refused": refused,
         "rule_below_vote": below,
+        "rule_holds_vote": holds,
     }
     if keep_rows:
         extra["discs"] = rows
