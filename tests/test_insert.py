@@ -316,7 +316,11 @@ def test_the_real_ct_cut_a_few_slices_shorter_is_still_named_from_the_sacrum(
     bone of the pelvis 80 mm to the side; its dark stretches under L5-S1 were taken for discs,
     the sacrum was then not among the lowest sites, and every level was named one too high
     from the ribs (top 3 and top 7). The line now stops `spine.BEYOND_REACH_MM` past the
-    canals. Every disc found is named right; T12-L1, 12-18 mm under the edge, may be missed."""
+    canals. Every disc found is named right and lies within 10 mm of its place. T12-L1, 13-19
+    mm under the edge where it is in view (top 1, 3 and 5), leaves no dip in the rim profile:
+    it is found a spacing above L1-L2 (`spine.BEYOND_SPACINGS`: a full one starts inside T12's
+    body), in the disc's plane moved as far from the line as L1-L2's endplates move L1-L2
+    (the line runs 10 mm in front of the disc there)."""
     from node.analysis import spine
 
     cut = _cropped(abdomen_base, slice(bottom, abdomen_base.grid.shape[0] - top))
@@ -327,7 +331,8 @@ def test_the_real_ct_cut_a_few_slices_shorter_is_still_named_from_the_sacrum(
         assert d.level in truth, (d.level, sorted(truth))
         miss = float(np.linalg.norm(d.centre - truth[d.level].centre))
         assert miss < 10.0, (d.level, round(miss, 1))
-    assert {"L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"} <= {d.level for d in found.discs}
+    lumbar = {"L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"}
+    assert lumbar | ({"T12-L1"} if top < 6 else set()) <= {d.level for d in found.discs}
 
 
 def _cropped(base, slices: slice = slice(None), columns: slice = slice(None)):

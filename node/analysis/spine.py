@@ -59,6 +59,10 @@ SHOULDER_MM = 12.0
 BEYOND_MM = 4.0
 EDGE_BODY_MM = 12.0
 BEYOND_IN_VIEW_MM = 8.0  # a disc looked for past the last one found lies this far in view
+#: ... one spacing (the last one's) past it, or a tenth or a fifth nearer: toward the
+#: thorax the bodies shorten (the abdomen CT: L1-L2 to L2-L3 36.5 mm, T12-L1 to L1-L2
+#: 32.5 mm), and a full spacing then starts the search inside the body past the disc
+BEYOND_SPACINGS = (1.0, 0.9, 0.8)
 BEYOND_SHIFT_MM = 8.0
 BEYOND_MAX_HEIGHT_MM = 15.0
 EDGE_DEPTH_RATIO = 0.7
@@ -862,28 +866,41 @@ def _level_offset(a: str, b: str) -> int:
 def _disc_beyond(
     vol: Volume, line: np.ndarray, tang: np.ndarray, sites: list[_Site], *, bottom: bool
 ) -> _Site | None:
-    """The disc one spacing (the last one's) below the lowest site found, or above the
-    highest, where the centre line goes on `BEYOND_IN_VIEW_MM` past it: kept only where its
-    endplates are found there (`refine_site`), no further than `BEYOND_SHIFT_MM` from the line
-    and no higher than `BEYOND_MAX_HEIGHT_MM` (inside a body, the nearest cortices are
-    its own endplates, a body's height apart).
+    """The disc one spacing (the last one's, `BEYOND_SPACINGS`) below the lowest site found,
+    or above the highest, where the centre line goes on `BEYOND_IN_VIEW_MM` past it: kept only
+    where its endplates are found there (`refine_site`), no further than `BEYOND_SHIFT_MM`
+    from the line and no higher than `BEYOND_MAX_HEIGHT_MM` (inside a body, the nearest
+    cortices are its own endplates, a body's height apart).
 
     Near the edge of the field of view the endplates' footprint is cut short on the side the
-    disc tilts away to, so the site keeps the line's place in the disc's plane and takes only
-    the plane (normal and height) from the endplates.
+    disc tilts away to, so the site takes only the plane (normal and height) from its own
+    endplates; in the disc's plane it lies where the line does, moved as far as the nearest
+    disc's endplates move that disc from the line (the line runs through the front of the
+    bodies, 8-12 mm in front of the disc centres at the abdomen CT's L2-L3 to T12-L1).
     """
     if len(sites) < 2:
         return None
     near, next_ = (sites[-1], sites[-2]) if bottom else (sites[0], sites[1])
-    at = near[3] + (near[3] - next_[3])
     margin = int(BEYOND_IN_VIEW_MM / STEP_MM)
-    if not margin <= at < len(line) - margin:
-        return None
-    c, f, h, ok = refine_site(vol.hu, vol.grid, line[at], frame_from_normal(tang[at]), near[2])
-    if not ok or h > BEYOND_MAX_HEIGHT_MM or float(np.linalg.norm(c - line[at])) > BEYOND_SHIFT_MM:
+    for share in BEYOND_SPACINGS:
+        at = near[3] + round(share * (near[3] - next_[3]))
+        if not margin <= at < len(line) - margin:
+            continue
+        c, f, h, ok = refine_site(vol.hu, vol.grid, line[at], frame_from_normal(tang[at]), near[2])
+        if (
+            ok
+            and h <= BEYOND_MAX_HEIGHT_MM
+            and float(np.linalg.norm(c - line[at])) <= BEYOND_SHIFT_MM
+        ):
+            break
+    else:
         return None
     n = f[:, 2]
-    return (line[at] + float((c - line[at]) @ n) * n, f, h, at, True)
+    c_near, f_near, _, near_ok = refine_site(vol.hu, vol.grid, near[0], near[1], near[2])
+    off = c_near - line[near[3]] if near_ok else np.zeros(3)
+    off = off - float(off @ f_near[:, 2]) * f_near[:, 2]  # in the nearest disc's plane ...
+    off = off - float(off @ n) * n  # ... and in this one's
+    return (line[at] + float((c - line[at]) @ n) * n + off, f, h, at, True)
 
 
 def find_spine(vol: Volume) -> Spine:
