@@ -64,6 +64,9 @@ BEYOND_IN_VIEW_MM = 8.0  # a disc looked for past the last one found lies this f
 #: 32.5 mm), and a full spacing then starts the search inside the body past the disc
 BEYOND_SPACINGS = (1.0, 0.9, 0.8)
 BEYOND_SHIFT_MM = 8.0
+#: A site refined to an offset from the centre line this far from its neighbours' is
+#: measured again from theirs (`_refine_sites`)
+NEIGHBOUR_OFFSET_MM = 6.0
 BEYOND_MAX_HEIGHT_MM = 15.0
 EDGE_DEPTH_RATIO = 0.7
 BEYOND_DROP_HU = 30.0
@@ -903,6 +906,42 @@ def _disc_beyond(
     return (line[at] + float((c - line[at]) @ n) * n + off, f, h, at, True)
 
 
+def _refine_sites(
+    vol: Volume, sites: list[_Site]
+) -> list[tuple[np.ndarray, np.ndarray, float, bool]]:
+    """Each site measured on its own endplates (`refine_site`), from the centre line's point;
+    a site whose offset from the line (in its plane) then differs by more than
+    `NEIGHBOUR_OFFSET_MM` from the mean of its measured neighbours' is measured again from
+    where theirs put it, and kept so only where it then agrees with them. The line runs
+    through the front of the bodies (8-12 mm in front of the disc centres at the abdomen
+    CT's upper levels), and from the front of a disc its endplates can lead the plane
+    astray."""
+    measured = [
+        (c, f, h, True) if done else refine_site(vol.hu, vol.grid, c, f, h)
+        for c, f, h, _, done in sites
+    ]
+
+    def offset(k: int, centre: np.ndarray) -> np.ndarray:
+        n = sites[k][1][:, 2]
+        d = centre - sites[k][0]
+        return d - float(d @ n) * n
+
+    for i, (c, f, h, _, done) in enumerate(sites):
+        near = [k for k in (i - 1, i + 1) if 0 <= k < len(sites) and measured[k][3]]
+        if done or not near:
+            continue
+        want = np.mean([offset(k, measured[k][0]) for k in near], axis=0)
+        if (
+            measured[i][3]
+            and np.linalg.norm(offset(i, measured[i][0]) - want) <= NEIGHBOUR_OFFSET_MM
+        ):
+            continue
+        again = refine_site(vol.hu, vol.grid, c + want, f, h)
+        if again[3] and np.linalg.norm(offset(i, again[0]) - want) <= NEIGHBOUR_OFFSET_MM:
+            measured[i] = again
+    return measured
+
+
 def find_spine(vol: Volume) -> Spine:
     """Disc sites of a CT volume, with their levels named from the sacrum and the ribs.
 
@@ -1016,10 +1055,11 @@ def find_spine(vol: Volume) -> Spine:
                 f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed"
             )
     discs = []
-    thin = vol.grid.spacing[0] <= THIN_SLICE_MM
-    for i, ((c_, f_, h_, _, done), n) in enumerate(zip(sites, names)):
-        if thin and not done:  # on the disc's own endplates
-            c_, f_, h_, _refined = refine_site(vol.hu, vol.grid, c_, f_, h_)
+    if vol.grid.spacing[0] <= THIN_SLICE_MM:  # on the disc's own endplates
+        measured = _refine_sites(vol, sites)
+    else:
+        measured = [(c_, f_, h_, done) for c_, f_, h_, _, done in sites]
+    for i, ((c_, f_, h_, _), n) in enumerate(zip(measured, names)):
         discs.append(DiscSite(i, n, c_, f_, h_))
     named = tuple(d for d in discs if d.level)
     if named:
