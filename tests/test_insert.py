@@ -300,11 +300,7 @@ def test_thick_slices_of_the_real_ct_are_still_named_from_the_sacrum(abdomen_bas
     assert thick.grid.spacing[0] == pytest.approx(6.0)
     found = spine.find_spine(thick.volume())
     assert found.sacrum_found, found.warnings
-    named = {d.level: d for d in found.discs}
-    for lv in base_levels(abdomen_base)[1:]:
-        assert lv.level in named, (lv.level, sorted(named))
-        miss = float(np.linalg.norm(named[lv.level].centre - lv.centre))
-        assert miss < 10.0, (lv.level, round(miss, 1))
+    _in_place(found, base_levels(abdomen_base)[1:])
 
 
 @pytest.mark.parametrize("top, bottom", [(3, 0), (7, 0), (1, 0), (5, 10)])
@@ -360,8 +356,14 @@ def test_the_real_ct_resampled_to_1_mm_voxels_keeps_every_disc_in_place(abdomen_
     assert fine.grid.spacing == pytest.approx((1.0, 1.0, 1.0))
     found = spine.find_spine(fine)
     assert found.sacrum_found, found.warnings
+    _in_place(found, base_levels(abdomen_base))
+
+
+def _in_place(found, levels) -> None:
+    """Each of the labelled ``levels`` is among the ``found`` spine's discs, named so and
+    within 10 mm of its centre."""
     named = {d.level: d for d in found.discs}
-    for lv in base_levels(abdomen_base):
+    for lv in levels:
         assert lv.level in named, (lv.level, sorted(named))
         miss = float(np.linalg.norm(named[lv.level].centre - lv.centre))
         assert miss < 10.0, (lv.level, round(miss, 1))
@@ -405,11 +407,7 @@ def test_a_lumbar_field_of_view_still_names_the_levels_from_the_sacrum(abdomen_b
     found = spine.find_spine(base.volume())
     assert found.skip_reason is None, found.skip_reason
     assert found.sacrum_found, found.warnings
-    named = {d.level: d for d in found.discs}
-    for lv in base_levels(abdomen_base):
-        assert lv.level in named, (lv.level, sorted(named))
-        miss = float(np.linalg.norm(named[lv.level].centre - lv.centre))
-        assert miss < 10.0, (lv.level, round(miss, 1))
+    _in_place(found, base_levels(abdomen_base))
 
 
 def test_the_pelvis_is_no_rib(abdomen_base):
