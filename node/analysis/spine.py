@@ -901,9 +901,13 @@ def _disc_beyond(
     n = f[:, 2]
     c_near, f_near, _, near_ok = refine_site(vol.hu, vol.grid, near[0], near[1], near[2])
     off = c_near - line[near[3]] if near_ok else np.zeros(3)
-    off = off - float(off @ f_near[:, 2]) * f_near[:, 2]  # in the nearest disc's plane ...
-    off = off - float(off @ n) * n  # ... and in this one's
+    off = _in_plane(_in_plane(off, f_near[:, 2]), n)  # in the nearest disc's plane and this one's
     return (line[at] + float((c - line[at]) @ n) * n + off, f, h, at, True)
+
+
+def _in_plane(d: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """``d`` without its part along the unit ``normal``: its part in that plane."""
+    return d - float(d @ normal) * normal
 
 
 def _refine_sites(
@@ -922,9 +926,7 @@ def _refine_sites(
     ]
 
     def offset(k: int, centre: np.ndarray) -> np.ndarray:
-        n = sites[k][1][:, 2]
-        d = centre - sites[k][0]
-        return d - float(d @ n) * n
+        return _in_plane(centre - sites[k][0], sites[k][1][:, 2])
 
     for i, (c, f, h, _, done) in enumerate(sites):
         near = [k for k in (i - 1, i + 1) if 0 <= k < len(sites) and measured[k][3]]
