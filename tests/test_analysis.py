@@ -409,9 +409,9 @@ def test_a_node_in_an_endplate_slice_counts_only_over_the_central_endplate():
 def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsure_of():
     """A Schmorl's node seen in the CT (`find_node`) is a finding where the model found none;
     where the model's vote on the disc's shape is weak too, the node alone is the level's
-    finding and the margin rule's call is only a warning. A sure vote keeps its shape (a sure
-    "normal" gives way to the node, as in `fuse`), and without a node in the CT the rule
-    decides as before."""
+    finding and the margin rule's protrusion is only a warning (its bulge stays beside the
+    node). A sure vote keeps its shape (a sure "normal" gives way to the node, as in `fuse`),
+    and without a node in the CT the rule decides as before."""
     from node.analysis.endplate import NodeInCT
     from node.analysis.fusion import Finding
     from node.analysis.measure import Measurements
@@ -436,12 +436,22 @@ def test_a_node_seen_in_the_ct_stands_for_a_level_whose_shape_the_model_is_unsur
     assert [f.cls for f in out] == [DiscClass.SCHMORL]  # as `fuse` does for its own nodes
     out = _apply_rule(shape, unsure, m, [], RULE_BELOW_VOTE)
     assert [(f.cls, f.by_rule) for f in out] == [(DiscClass.PROTRUSION, True)]
+    # a margin that reads bulge is rare on untouched real discs: it stays beside the node
+    wide = replace(m, tissue_arc_deg=120.0, tissue_class=DiscClass.BULGE)
+    warnings = []
+    out = _apply_rule(shape, unsure, wide, warnings, RULE_BELOW_VOTE, node, 0.3)
+    assert [(f.cls, f.by_rule, f.in_ct) for f in out] == [
+        (DiscClass.BULGE, True, False),
+        (DiscClass.SCHMORL, True, True),
+    ]
+    assert any("the node and the 25% rule's bulge are the level's findings" in w for w in warnings)
 
 
 def test_a_margin_read_abnormal_needs_a_surer_vote_to_be_overruled():
     """Where the disc's margin in the CT reads bulge or protrusion, the model's other shape
     stands only from `RULE_HOLDS_VOTE`; where it reads normal, from `RULE_BELOW_VOTE` as
-    before. With a node seen in the CT, a vote between the two leaves the node alone."""
+    before. With a node seen in the CT, a vote between the two leaves the node and the
+    margin's bulge (`NODE_KEEPS`), or the node alone where the margin reads protrusion."""
     from node.analysis.endplate import NodeInCT
     from node.analysis.fusion import Finding
     from node.analysis.measure import Measurements
@@ -465,7 +475,8 @@ def test_a_margin_read_abnormal_needs_a_surer_vote_to_be_overruled():
     sure = {"normal": 0.0, "bulge": 0.1, "protrusion": RULE_HOLDS_VOTE}
     assert run(bulge, sure) == [DiscClass.PROTRUSION]
     node = NodeInCT(1, np.zeros(3), 3.0, ())
-    assert run(bulge, votes, node) == [DiscClass.SCHMORL]
+    assert run(bulge, votes, node) == [DiscClass.BULGE, DiscClass.SCHMORL]
+    assert run(read(DiscClass.PROTRUSION), votes, node) == [DiscClass.SCHMORL]
     assert run(bulge, sure, node) == [DiscClass.PROTRUSION, DiscClass.SCHMORL]
     # without the second threshold, as before: the model's vote stands from RULE_BELOW_VOTE
     out = _apply_rule(says, votes, bulge, [], RULE_BELOW_VOTE)
