@@ -873,7 +873,10 @@ def _disc_beyond(
     or above the highest, where the centre line goes on `BEYOND_IN_VIEW_MM` past it: kept only
     where its endplates are found there (`refine_site`), no further than `BEYOND_SHIFT_MM`
     from the line and no higher than `BEYOND_MAX_HEIGHT_MM` (inside a body, the nearest
-    cortices are its own endplates, a body's height apart).
+    cortices are its own endplates, a body's height apart). The search starts on the line's
+    own tangent at each spacing, then on the nearest disc's plane: at the edge of the field
+    of view the line can bend 30-40 degrees away from the discs (the abdomen CT's top, on
+    1 mm voxels stacked from the top down), further than a site may turn while refined.
 
     Near the edge of the field of view the endplates' footprint is cut short on the side the
     disc tilts away to, so the site takes only the plane (normal and height) from its own
@@ -884,12 +887,14 @@ def _disc_beyond(
     if len(sites) < 2:
         return None
     near, next_ = (sites[-1], sites[-2]) if bottom else (sites[0], sites[1])
+    c_near, f_near, _, near_ok = refine_site(vol.hu, vol.grid, near[0], near[1], near[2])
     margin = int(BEYOND_IN_VIEW_MM / STEP_MM)
-    for share in BEYOND_SPACINGS:
-        at = near[3] + round(share * (near[3] - next_[3]))
-        if not margin <= at < len(line) - margin:
-            continue
-        c, f, h, ok = refine_site(vol.hu, vol.grid, line[at], frame_from_normal(tang[at]), near[2])
+    ats = [near[3] + round(share * (near[3] - next_[3])) for share in BEYOND_SPACINGS]
+    ats = [at for at in ats if margin <= at < len(line) - margin]
+    tries = [(at, frame_from_normal(tang[at])) for at in ats]
+    tries += [(at, f_near) for at in ats] if near_ok else []
+    for at, start in tries:
+        c, f, h, ok = refine_site(vol.hu, vol.grid, line[at], start, near[2])
         if (
             ok
             and h <= BEYOND_MAX_HEIGHT_MM
@@ -899,7 +904,6 @@ def _disc_beyond(
     else:
         return None
     n = f[:, 2]
-    c_near, f_near, _, near_ok = refine_site(vol.hu, vol.grid, near[0], near[1], near[2])
     off = c_near - line[near[3]] if near_ok else np.zeros(3)
     off = _in_plane(_in_plane(off, f_near[:, 2]), n)  # in the nearest disc's plane and this one's
     return (line[at] + float((c - line[at]) @ n) * n + off, f, h, at, True)
