@@ -195,6 +195,22 @@ def test_the_last_disc_above_the_edge_of_the_field_of_view_is_found_and_named(ch
     assert not any(d.level == "L3-L4" for d in found.discs)  # nothing below the last disc
 
 
+def test_the_chest_ct_cut_shorter_is_named_from_its_ribs_not_a_sacrum(chest_base):
+    """The chest CT with 6 of its 2.5 mm slices cut off at the bottom (another field of view):
+    beside its lowest disc the lowest ribs lie 45-90 mm to either side, more bone below the
+    disc than above, as the ilia lie against the sacrum; that disc was taken for L5-S1 and
+    every level named four too low. L5-S1 lies at least `spine.SACRUM_BELOW_RIB_MM` below
+    the lowest rib: the levels are named from the ribs, each found within 10 mm."""
+    from node.analysis import spine
+
+    cut = _cropped(chest_base, slice(6, None))
+    found = spine.find_spine(cut.volume())
+    assert not found.sacrum_found, found.warnings
+    truth = {lv.level: lv for lv in base_levels(chest_base)}
+    _in_place(found, [truth["T12-L1"], truth["L1-L2"]])
+    assert {d.level for d in found.discs} <= set(truth)
+
+
 @pytest.fixture(scope="module")
 def abdomen_base():
     return load_base(

@@ -80,6 +80,9 @@ WING_BONE_HU = 150.0
 WING_SHARE = 0.7
 WING_RISE = 0.4
 WING_SEEN = 0.5  # ... of what the field of view shows there, where it shows half of it
+#: L5-S1 lies at least this far below the lowest rib (four lumbar bodies and their discs,
+#: with 13 rib pairs): lateral bone higher up is ribs, not the ilia against the sacrum
+SACRUM_BELOW_RIB_MM = 80.0
 SACRAL_REMNANTS = 2  # dark lines below L5-S1 taken for discs (S1-S2; in a narrow view, iliac bone)
 RIB_MEDIAL_MM = 30.0
 RIB_REACH_MM = 68.0
@@ -767,17 +770,26 @@ def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray
 
 
 def _lumbosacral(
-    mask: np.ndarray, smooth: np.ndarray, grid: Grid, sites: list[_Site]
+    mask: np.ndarray,
+    smooth: np.ndarray,
+    grid: Grid,
+    sites: list[_Site],
+    rib_z: float | None = None,
 ) -> int | None:
     """Index of the L5-S1 disc among the lowest `SACRAL_REMNANTS` + 1 sites, or None without
     a sacrum.
 
     Under L5-S1 the bone in front of the canal (S1 with its alae) is much wider than the body
     above; or, where the alae are too dark to count as body, the ilia lie against the sacrum
-    on both sides there (`_wings`), and not beside L5.
+    on both sides there (`_wings`), and not beside L5. Where the lowest rib is in view (at
+    ``rib_z``), a site less than `SACRUM_BELOW_RIB_MM` below it is not L5-S1: the bone beside
+    the column there is the lowest ribs (a chest CT cut 15 mm under its L1-L2 read them as
+    the ilia, and every level was named four too low).
     """
     for j in reversed(range(max(0, len(sites) - 1 - SACRAL_REMNANTS), len(sites))):
         centre, frame, height = sites[j][:3]
+        if rib_z is not None and centre[2] > rib_z - SACRUM_BELOW_RIB_MM:
+            continue
         below = centre - frame[:, 2] * (height / 2 + 10.0)
         above = centre + frame[:, 2] * (height / 2 + 10.0)
         w_below, w_above = (
@@ -990,11 +1002,11 @@ def find_spine(vol: Volume) -> Spine:
     # it, or the ilia lie against it; the lowest dark lines may be the rudimentary S1-S2
     # disc or iliac bone (`SACRAL_REMNANTS`), so the ones above them are tried too, and what
     # lies below L5-S1 is dropped
-    lumbosacral = _lumbosacral(mask, smooth, grid, sites)
+    lumbosacral = _lumbosacral(mask, smooth, grid, sites, rib_z)
     if lumbosacral is None and faint is not None:
         # no sacrum under the discs found: a faint valley below them may be L5-S1 over it
         with_faint = [*sites, site(*faint)]
-        lumbosacral = _lumbosacral(mask, smooth, grid, with_faint)
+        lumbosacral = _lumbosacral(mask, smooth, grid, with_faint, rib_z)
         if lumbosacral is not None:
             sites = with_faint
     sacrum = lumbosacral is not None
