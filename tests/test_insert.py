@@ -420,13 +420,16 @@ def _narrowed(base, half_width_mm: float):
     return _cropped(base, columns=slice(int(keep[0]), int(keep[-1]) + 1))
 
 
-@pytest.mark.parametrize("half_width_mm", [90.0, 75.0])
+@pytest.mark.parametrize("half_width_mm", [90.0, 75.0, 60.0, 45.0])
 def test_a_lumbar_field_of_view_still_names_the_levels_from_the_sacrum(abdomen_base, half_width_mm):
-    """The abdomen-pelvis CT cut to a lumbar spine CT's field of view (180 and 150 mm): the
-    ilia are cut off at the side, so the share of bone beside the sacrum is read on what is in
-    view; the pelvis, cut into rib-like pieces, is no rib (`lowest_rib`); and the iliac bone
-    that the line's end now meets leaves two dark lines under L5-S1. All six levels are named
-    from the sacrum, as on the whole CT. Before: refused ("ribs down to the lowest vertebra")."""
+    """The abdomen-pelvis CT cut to a lumbar spine CT's field of view (180, 150, 120 and 90
+    mm): the ilia are cut off at the side, so the share of bone beside the sacrum is read on
+    what is in view; the pelvis, cut into rib-like pieces, is no rib (`lowest_rib`); and the
+    iliac bone that the line's end now meets leaves two dark lines under L5-S1. All six
+    levels are named from the sacrum, as on the whole CT. Before: refused ("ribs down to the
+    lowest vertebra"). At 120 and 90 mm the ilia are out of view and the alae's cortex runs
+    to the edge as a thin band that the bodies' mask (opened) loses: the sacrum's width is
+    read on all bone (`spine._lumbosacral`); before, no level was named."""
     from node.analysis import spine
 
     base = _narrowed(abdomen_base, half_width_mm)

@@ -82,6 +82,7 @@ WING_RISE = 0.4
 WING_SEEN = 0.5  # ... of what the field of view shows there, where it shows half of it
 #: L5-S1 lies at least this far below the lowest rib (four lumbar bodies and their discs,
 #: with 13 rib pairs): lateral bone higher up is ribs, not the ilia against the sacrum
+#: (`_lumbosacral`)
 SACRUM_BELOW_RIB_MM = 80.0
 SACRAL_REMNANTS = 2  # dark lines below L5-S1 taken for discs (S1-S2; in a narrow view, iliac bone)
 RIB_MEDIAL_MM = 30.0
@@ -728,14 +729,14 @@ def _faint_disc_below(
 _Site = tuple[np.ndarray, np.ndarray, float, int, bool]
 
 
-def _front_width(mask: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray) -> float:
+def _front_width(bone: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray) -> float:
     """Lateral extent of bone in front of the canal in the plane through ``centre``."""
     u = np.arange(-80.0, 80.0 + 1e-6, 1.0)
     v = np.arange(-20.0, 6.0 + 1e-6, 2.0)
     uu, vv = np.meshgrid(u, v)
     pts = centre + uu.ravel()[:, None] * frame[:, 0] + vv.ravel()[:, None] * frame[:, 1]
     hit = ndimage.map_coordinates(
-        mask.astype(np.uint8), grid.to_index(pts).T, order=0, mode="constant"
+        bone.astype(np.uint8), grid.to_index(pts).T, order=0, mode="constant"
     )
     cols = hit.reshape(uu.shape).any(axis=0)
     if not cols.any():
@@ -752,7 +753,7 @@ def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray
     """Share of `WING_MM` to the left and to the right of the column where bone (the
     brightest HU 40 mm in front of and behind ``centre``, over `WING_BONE_HU`) lies, in the
     plane through ``centre``: of the part in the field of view, where that is at least
-    `WING_SEEN` of it (else 0)."""
+    `WING_SEEN` of it (else NaN: too little of that side is in view)."""
     u = np.arange(-WING_MM[1], WING_MM[1] + 1e-6, 1.0)
     v = np.arange(-40.0, 40.0 + 1e-6, 2.0)
     uu, vv = np.meshgrid(u, v)
@@ -765,7 +766,7 @@ def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray
     for side in (u <= -WING_MM[0], u >= WING_MM[0]):
         # the share of what the field of view shows there (a small one cuts the ilia off)
         n = int((side & seen).sum())
-        out.append(float(bone[side & seen].sum()) / n if n >= WING_SEEN * side.sum() else 0.0)
+        out.append(float(bone[side & seen].sum()) / n if n >= WING_SEEN * side.sum() else np.nan)
     return np.array(out)
 
 
@@ -781,31 +782,40 @@ def _lumbosacral(
 
     Under L5-S1 the bone in front of the canal (S1 with its alae) is much wider than the body
     above; or, where the alae are too dark to count as body, the ilia lie against the sacrum
-    on both sides there (`_wings`), and not beside L5. Where the lowest rib is in view (at
-    ``rib_z``), a site less than `SACRUM_BELOW_RIB_MM` below it is not L5-S1: the bone beside
-    the column there is the lowest ribs (a chest CT cut 15 mm under its L1-L2 read them as
-    the ilia, and every level was named four too low).
+    on both sides there (`_wings`), and not beside L5. Where the field of view is too narrow
+    to show the ilia (cut 50-65 mm to either side of the column), the alae's cortex runs to
+    its edge as a thin band that the bodies' ``mask`` loses to its opening: there the width
+    is read on all bone over `BONE_HU`. Where the lowest rib is in view (at ``rib_z``), the
+    ilia are not looked for less than `SACRUM_BELOW_RIB_MM` below it: the bone beside the
+    column there is the lowest ribs (a chest CT cut 15 mm under its L1-L2 read them as the
+    ilia, and every level was named four too low).
     """
+    bone = smooth > BONE_HU
+
+    def wider_below(m: np.ndarray, centre: np.ndarray, frame: np.ndarray, height: float) -> bool:
+        below = _front_width(m, grid, centre - frame[:, 2] * (height / 2 + 10.0), frame)
+        above = _front_width(m, grid, centre + frame[:, 2] * (height / 2 + 10.0), frame)
+        return above > 0 and below > SACRUM_WIDTH_RATIO * above
+
     for j in reversed(range(max(0, len(sites) - 1 - SACRAL_REMNANTS), len(sites))):
         centre, frame, height = sites[j][:3]
-        if rib_z is not None and centre[2] > rib_z - SACRUM_BELOW_RIB_MM:
-            continue
-        below = centre - frame[:, 2] * (height / 2 + 10.0)
-        above = centre + frame[:, 2] * (height / 2 + 10.0)
-        w_below, w_above = (
-            _front_width(mask, grid, below, frame),
-            _front_width(mask, grid, above, frame),
-        )
-        if w_above > 0 and w_below > SACRUM_WIDTH_RATIO * w_above:
+        if wider_below(mask, centre, frame, height):
             return j
-        wings = [
-            _wings(smooth, grid, centre + side * frame[:, 2] * (height / 2 + d), frame)
-            for side in (-1.0, 1.0)
-            for d in WING_BELOW_MM
-        ]
-        under = (wings[0] + wings[1]) / 2
-        over = (wings[2] + wings[3]) / 2
-        if np.all(under >= WING_SHARE) and np.all(under - over >= WING_RISE):
+        wings = np.array(
+            [
+                _wings(smooth, grid, centre + side * frame[:, 2] * (height / 2 + d), frame)
+                for side in (-1.0, 1.0)
+                for d in WING_BELOW_MM
+            ]
+        )
+        unseen = bool(np.isnan(wings[:2]).any())  # the ilia's side of the view cut off
+        seen = np.nan_to_num(wings)  # a side out of view shows no bone
+        under = (seen[0] + seen[1]) / 2
+        over = (seen[2] + seen[3]) / 2
+        near_rib = rib_z is not None and centre[2] > rib_z - SACRUM_BELOW_RIB_MM
+        if not near_rib and np.all(under >= WING_SHARE) and np.all(under - over >= WING_RISE):
+            return j
+        if unseen and wider_below(bone, centre, frame, height):
             return j
     return None
 
