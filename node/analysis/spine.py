@@ -790,7 +790,6 @@ def _lumbosacral(
     column there is the lowest ribs (a chest CT cut 15 mm under its L1-L2 read them as the
     ilia, and every level was named four too low).
     """
-    bone = smooth > BONE_HU
 
     def wider_below(m: np.ndarray, centre: np.ndarray, frame: np.ndarray, height: float) -> bool:
         below = _front_width(m, grid, centre - frame[:, 2] * (height / 2 + 10.0), frame)
@@ -815,7 +814,7 @@ def _lumbosacral(
         near_rib = rib_z is not None and centre[2] > rib_z - SACRUM_BELOW_RIB_MM
         if not near_rib and np.all(under >= WING_SHARE) and np.all(under - over >= WING_RISE):
             return j
-        if unseen and wider_below(bone, centre, frame, height):
+        if unseen and wider_below(smooth > BONE_HU, centre, frame, height):
             return j
     return None
 

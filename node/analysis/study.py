@@ -236,31 +236,29 @@ def _apply_rule(
             # as in `fuse`: a node makes the level abnormal, the disc itself stays unnamed
             findings = [f for f in findings if f.cls is not DiscClass.NORMAL]
             findings += [Finding(DiscClass.SCHMORL, node_vote, slices, by_rule=True, in_ct=True)]
-        if vote < below:
-            rule = m.tissue_class
-            node = [f for f in findings if f.cls is DiscClass.SCHMORL]
-            if rule in NODE_KEEPS:
-                warnings.append(
-                    f"a Schmorl's node is seen in the CT ({seen}) and the model is unsure of "
-                    f"the disc's shape (vote {vote:.2f}): the node and the 25% rule's "
-                    f"{rule.value} are the level's findings"
-                )
-                morph = next((f for f in findings if f.cls is not DiscClass.SCHMORL), None)
-                slices = morph.slices if morph else 0
-                return [Finding(rule, votes.get(rule.value, 0.0), slices, by_rule=True)] + node
-            unsaid = (
-                f"; the 25% rule's {rule.value} is not reported: on real CT it calls most "
-                "untouched discs abnormal"
-                if rule is not None and rule is not DiscClass.NORMAL
-                else ""
-            )
-            warnings.append(
-                f"a Schmorl's node is seen in the CT ({seen}) and the model is unsure of the "
-                f"disc's shape (vote {vote:.2f}): the node is the level's finding{unsaid}"
-            )
-            return node
     morph = next((f for f in findings if f.cls is not DiscClass.SCHMORL), None)
     node = [f for f in findings if f.cls is DiscClass.SCHMORL]
+    if ct_node is not None and vote < below:
+        rule = m.tissue_class
+        if rule in NODE_KEEPS:
+            warnings.append(
+                f"a Schmorl's node is seen in the CT ({seen}) and the model is unsure of "
+                f"the disc's shape (vote {vote:.2f}): the node and the 25% rule's "
+                f"{rule.value} are the level's findings"
+            )
+            slices = morph.slices if morph else 0
+            return [Finding(rule, votes.get(rule.value, 0.0), slices, by_rule=True)] + node
+        unsaid = (
+            f"; the 25% rule's {rule.value} is not reported: on real CT it calls most "
+            "untouched discs abnormal"
+            if rule is not None and rule is not DiscClass.NORMAL
+            else ""
+        )
+        warnings.append(
+            f"a Schmorl's node is seen in the CT ({seen}) and the model is unsure of the "
+            f"disc's shape (vote {vote:.2f}): the node is the level's finding{unsaid}"
+        )
+        return node
     model_says = morph.cls if morph else DiscClass.NORMAL
     if m.tissue_class is not None:
         rule = m.tissue_class
