@@ -796,6 +796,7 @@ def _lumbosacral(
         above = _front_width(m, grid, centre + frame[:, 2] * (height / 2 + 10.0), frame)
         return above > 0 and below > SACRUM_WIDTH_RATIO * above
 
+    all_bone: np.ndarray | None = None  # thresholded once, where a site needs it
     for j in reversed(range(max(0, len(sites) - 1 - SACRAL_REMNANTS), len(sites))):
         centre, frame, height = sites[j][:3]
         if wider_below(mask, centre, frame, height):
@@ -814,8 +815,11 @@ def _lumbosacral(
         near_rib = rib_z is not None and centre[2] > rib_z - SACRUM_BELOW_RIB_MM
         if not near_rib and np.all(under >= WING_SHARE) and np.all(under - over >= WING_RISE):
             return j
-        if unseen and wider_below(smooth > BONE_HU, centre, frame, height):
-            return j
+        if unseen:
+            if all_bone is None:
+                all_bone = smooth > BONE_HU
+            if wider_below(all_bone, centre, frame, height):
+                return j
     return None
 
 
