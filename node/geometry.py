@@ -27,6 +27,12 @@ class Grid:
         cols = self.affine[:3, :3]
         return tuple(float(np.linalg.norm(cols[:, i])) for i in range(3))  # type: ignore[return-value]
 
+    @property
+    def slice_axis(self) -> int:
+        """The index axis that runs most nearly head to foot (a DICOM series' k)."""
+        cols = self.affine[:3, :3]
+        return int(np.argmax(np.abs(cols[2]) / np.linalg.norm(cols, axis=0)))
+
     def to_patient(self, index: np.ndarray) -> np.ndarray:
         """Map ``(..., 3)`` indices (k, r, c) to LPS."""
         index = np.asarray(index, dtype=float)

@@ -12,8 +12,11 @@ import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
+from scipy import ndimage
 
+import node.analysis.grain as grain_module
 from node.analysis.fusion import SliceDetections, fuse
+from node.analysis.grain import soften
 from node.analysis.measure import disc_extension
 from node.analysis.spine import find_spine
 from node.analysis.views import disc_plane
@@ -231,6 +234,46 @@ def test_real_contrast_chest_ct_levels_are_named_from_the_ribs(shared_data):
         assert miss < 10.0, f"{level} is {miss:.1f} mm from the labelled disc"
     # the levels the node reports (L2-L3, 16 mm above the last slice, found on its endplates)
     assert [d.level for d in spine.discs] == ["T12-L1", "L1-L2", "L2-L3"]
+
+
+def _grainy(vol, sd_hu: float, seed: int = 7):
+    """``vol`` with the grain of a sharp kernel added in each axial slice: noise whose power
+    lies between 0.35 and 1.2 mm (a band of Gaussian widths), ``sd_hu`` in SD; air left as is."""
+    ax = vol.grid.slice_axis
+    widths = [(0.0 if i == ax else 1.0 / s) for i, s in enumerate(vol.grid.spacing)]  # per mm
+    w = np.random.default_rng(seed).normal(size=vol.hu.shape).astype(np.float32)
+    band = ndimage.gaussian_filter(w, [x * 0.35 for x in widths]) - ndimage.gaussian_filter(
+        w, [x * 1.2 for x in widths]
+    )
+    band *= sd_hu / band.std()
+    return replace(vol, hu=np.where(vol.hu < -900, vol.hu, vol.hu + band).astype(np.float32))
+
+
+def test_a_grainy_chest_ct_is_smoothed_before_its_discs_are_found(shared_data):
+    vol, labels = _chest_ct(shared_data)
+    same, grain = soften(vol)  # a soft kernel, as received
+    assert same is vol and not grain.smoothed and grain.before_hu < grain_module.MAX_HU
+    soft, grain = soften(_grainy(vol, 60.0))
+    assert grain.smoothed and grain.before_hu > grain_module.MAX_HU
+    assert grain.after_hu <= grain_module.TARGET_HU and grain.sigma_mm <= 1.0
+    assert "grainy" in grain.warning()
+    named = {d.level: d for d in find_spine(soft).discs}
+    for upper, lower in (("T12", "L1"), ("L1", "L2"), ("L2", "L3")):
+        level = f"{upper}-{lower}"
+        assert level in named, f"{level} not found: {sorted(named)}"
+        miss = np.linalg.norm(
+            named[level].centre - _labelled_disc_centre(vol, labels, upper, lower)
+        )
+        assert miss < 10.0, f"{level} is {miss:.1f} mm from the labelled disc"
+
+
+def test_a_grainy_series_of_coarse_voxels_is_left_as_it_is(shared_data):
+    crop = load_nifti(
+        shared_data / "real" / "lumbar_ct_crop_l2_l4" / "sub-ct_label-22_ct.nii.gz"
+    )  # 1.5 mm voxels: its voxels average the grain; a blur would erase its cortex
+    same, grain = soften(crop)
+    assert grain.before_hu > grain_module.MAX_HU and grain.pixel_mm >= grain_module.FINE_PIXEL_MM
+    assert same is crop and not grain.smoothed
 
 
 def test_a_series_with_ribs_down_to_its_lowest_vertebra_names_no_lumbar_level(shared_data):

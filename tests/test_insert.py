@@ -439,6 +439,60 @@ def test_a_lumbar_field_of_view_still_names_the_levels_from_the_sacrum(abdomen_b
     _in_place(found, base_levels(abdomen_base))
 
 
+def _targeted(base, diameter_mm: float, outside_hu: float):
+    """``base`` as a targeted reconstruction: square slices ``diameter_mm`` across about its
+    discs, and ``outside_hu`` (air, or a scanner's padding) outside the circle inscribed in
+    them, where a scanner has no data."""
+    from node.geometry import Grid
+    from node.phantom.insert import BaseCT
+
+    # centred on the discs, as a lumbar reconstruction is
+    mid = base.grid.to_index(np.median([lv.centre for lv in base_levels(base)], axis=0))
+    n = int(round(diameter_mm / base.grid.spacing[2]))
+    r0, c0 = (int(round(mid[i] - n / 2)) for i in (1, 2))
+    assert r0 >= 0 and c0 >= 0 and r0 + n <= base.hu.shape[1] and c0 + n <= base.hu.shape[2]
+    box = (slice(None), slice(r0, r0 + n), slice(c0, c0 + n))
+    hu = np.array(base.hu[box], dtype=np.float32)
+    rr, cc = np.mgrid[:n, :n]
+    hu[:, np.hypot(rr - (n - 1) / 2, cc - (n - 1) / 2) > n / 2] = outside_hu
+    affine = base.grid.affine.copy()
+    affine[:3, 3] = base.grid.to_patient(np.array([[0.0, r0, c0]]))[0]
+    return BaseCT(
+        base.name, hu, Grid(hu.shape, affine), base.vertebra[box], base.names, base.source
+    )
+
+
+@pytest.mark.parametrize("outside_hu", [-1024.0, -3024.0])
+def test_a_targeted_reconstruction_is_named_from_the_sacrum(abdomen_base, outside_hu):
+    """A lumbar CT reconstructed on 140 mm about its discs: the ilia leave the circle, and
+    what bone lies beside the column inside it is the pelvis, not a rib. Outside the circle
+    the scanner has no data (`spine.outside_circle`), so the bone beside the sacrum is read
+    on what the circle shows, and the pelvis's pieces, which leave the circle where a lower
+    rib would have to show (`spine.rib_band_in_view`), are not taken for the lowest ribs.
+    All six levels are named from the sacrum. Before: none named (at 150-180 and 120-130 mm
+    they were; over 32 views of 100-250 mm centred 0-15 mm off the middle disc, with padding
+    or air outside the circle, 138 and 140 of 192 levels were named right before, 156 and 164
+    now)."""
+    from node.analysis import spine
+
+    found = spine.find_spine(_targeted(abdomen_base, 140.0, outside_hu).volume())
+    assert found.sacrum_found, found.warnings
+    _in_place(found, base_levels(abdomen_base))
+
+
+@pytest.mark.parametrize("outside_hu", [-1024.0, -3024.0])
+def test_ribs_cut_off_by_a_narrow_reconstruction_name_no_level(chest_base, outside_hu):
+    """The chest CT reconstructed on 160 mm about the column: the lowest ribs run forward as
+    they go out and leave the circle, and the lowest rib that still reaches far enough to the
+    side is a higher one. Before, every level was named three too low from it; now the
+    levels are not named, with the reason."""
+    from node.analysis import spine
+
+    found = spine.find_spine(_targeted(chest_base, 160.0, outside_hu).volume())
+    assert found.discs and not found.named, [d.level for d in found.discs]
+    assert any("no level is named from the ribs" in w for w in found.warnings), found.warnings
+
+
 def test_the_pelvis_is_no_rib(abdomen_base):
     """In the 180 mm field of view the iliac wings fall into pieces that start beside the
     column and reach far to the side, as ribs do; they are plates (far more bone per mm of

@@ -95,6 +95,19 @@ RIB_MAX_SECTION_MM2 = 200.0
 #: ... and the lowest one lies within this of the next one up (the rib cage; bone this far
 #: below all the others is the pelvis, cut by a small field of view into rib-like pieces)
 RIB_CAGE_GAP_MM = 80.0
+#: The lowest rib found names the levels (and keeps the ilia from being looked for) only
+#: where the field of view shows at least this share of where a rib under it would have to
+#: reach to be found (`rib_band_in_view`), down to `RIB_VIEW_BELOW_MM` under it: a view cut
+#: close about the column (a 160 mm reconstruction circle) cuts off the lowest ribs, which
+#: run forward as they go out, and a higher rib, or the pelvis, was taken for the twelfth.
+RIB_VIEW_SHARE = 0.9
+RIB_VIEW_BELOW_MM = 60.0
+#: Below this is a reconstruction circle's padding, outside the field of view (no tissue or
+#: air reads so low; scanners pad with -1500 to -3024).
+OUT_OF_VIEW_HU = -1200.0
+#: What the working volume holds outside the circle a square image is reconstructed in
+#: (`outside_circle`), where the scanner wrote air there instead of padding.
+PADDING_HU = -3024.0
 CORTEX_HU = 200.0
 CANAL_RING_HU = (200.0, 120.0)  # the ring round the canal: cortex, or any bone (thin cortex)
 CANAL_MM2 = (60.0, 700.0)
@@ -759,7 +772,7 @@ def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray
     uu, vv = np.meshgrid(u, v)
     pts = centre + uu.ravel()[:, None] * frame[:, 0] + vv.ravel()[:, None] * frame[:, 1]
     hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=np.nan)
-    hu = hu.reshape(uu.shape)
+    hu = np.where(hu > OUT_OF_VIEW_HU, hu, np.nan).reshape(uu.shape)  # a circle's padding
     seen = np.isfinite(hu).any(axis=0)
     bone = np.where(seen, np.nan_to_num(hu, nan=-1000.0).max(axis=0), -1000.0) > WING_BONE_HU
     out = []
@@ -873,6 +886,48 @@ def lowest_rib(
     return lows[0] if lows else None
 
 
+def outside_circle(source: Grid, grid: Grid) -> np.ndarray | None:
+    """Voxels of ``grid`` (the working grid of a volume on ``source``) whose centre lies
+    outside the circle inscribed in ``source``'s square slices: a CT is reconstructed in
+    that circle, and some scanners write air (-1024) rather than padding outside it. None
+    where the slices are not square (a crop or a resampled volume: no such circle)."""
+    axis = source.slice_axis
+    plane = [i for i in range(3) if i != axis]
+    n = [source.shape[i] for i in plane]
+    sp = [source.spacing[i] for i in plane]
+    if n[0] != n[1] or abs(sp[0] - sp[1]) > 1e-3 * sp[0]:
+        return None
+    # the working grid's voxels in one slice, in the source's pixels
+    idx = np.zeros((grid.shape[plane[0]], grid.shape[plane[1]], 3))
+    idx[..., plane[0]] = np.arange(grid.shape[plane[0]])[:, None]
+    idx[..., plane[1]] = np.arange(grid.shape[plane[1]])[None, :]
+    src = source.to_index(grid.to_patient(idx))
+    centre = (n[0] - 1) / 2
+    out = np.hypot(src[..., plane[0]] - centre, src[..., plane[1]] - centre) > n[0] / 2
+    return np.expand_dims(out, axis)
+
+
+def rib_band_in_view(smooth: np.ndarray, grid: Grid, line: np.ndarray, rib_z: float) -> float:
+    """Share of where a rib under ``rib_z`` would have to reach to be found (`lowest_rib`:
+    `RIB_REACH_MM` to either side of the column, from 30 mm in front of it to 60 mm behind;
+    from ``rib_z`` down `RIB_VIEW_BELOW_MM`) that lies in the field of view: inside the
+    volume and over `OUT_OF_VIEW_HU`. 1 where the line does not go below ``rib_z``."""
+    low = max(rib_z - RIB_VIEW_BELOW_MM, float(line[:, 2].min()))
+    if low >= rib_z:
+        return 1.0
+    zs = np.linspace(low, rib_z, 8)
+    xs = np.array([-RIB_REACH_MM, RIB_REACH_MM])  # where a rib must reach, either side
+    ys = np.arange(-30.0, 60.0 + 1e-6, 3.0)
+    z, x, y = (a.ravel() for a in np.meshgrid(zs, xs, ys, indexing="ij"))
+    rev = line[::-1]
+    pts = np.stack(
+        [np.interp(z, rev[:, 2], rev[:, 0]) + x, np.interp(z, rev[:, 2], rev[:, 1]) + y, z],
+        axis=1,
+    )
+    hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=np.nan)
+    return float(np.mean(np.isfinite(hu) & (np.nan_to_num(hu, nan=-np.inf) > OUT_OF_VIEW_HU)))
+
+
 def _names_from(anchor_disc: int, anchor_level: str, n: int) -> list[str]:
     """Level names of ``n`` discs (cranial first) given that disc ``anchor_disc`` is ``anchor_level``."""
     k0 = VERTEBRAE.index(anchor_level.split("-")[0]) - anchor_disc
@@ -984,12 +1039,25 @@ def find_spine(vol: Volume) -> Spine:
     """
     small, grid = resample_iso(vol.hu, vol.grid)
     smooth = smoothed(small)
+    outside = outside_circle(vol.grid, grid)
+    if outside is not None:  # no data there: what the view shows is read against it
+        smooth = np.where(outside, np.float32(PADDING_HU), smooth)
     mask = body_mask(small, grid, smooth)
     line = centre_line(small, grid, mask, smooth)
     rib_z = None
     faint = None
+    unseen_ribs = ""
     if line is not None:
         rib_z = lowest_rib(small, grid, line, smooth)
+        # a rib is the lowest only where the view shows where a lower one would reach: in a
+        # view cut close about the column, bone beside it may be a higher rib or the ilia
+        shown = 1.0 if rib_z is None else rib_band_in_view(smooth, grid, line, rib_z)
+        if shown < RIB_VIEW_SHARE:
+            rib_z = None
+            unseen_ribs = (
+                f"the field of view shows only {shown:.0%} of where a rib under the lowest "
+                "one found would reach: no level is named from the ribs"
+            )
         profile = column_profile(vol, line)
         prominence = ENDPLATE_PROMINENCE_HU * min(1.0, THIN_SLICE_MM / vol.grid.spacing[0])
         spans = disc_spans(profile, prominence=prominence)
@@ -1008,7 +1076,7 @@ def find_spine(vol: Volume) -> Spine:
         return ((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2, False)
 
     sites = [site(a, b) for a, b in spans]
-    warnings: list[str] = []
+    warnings: list[str] = [unseen_ribs] if unseen_ribs else []
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))
     # the sacrum: the bone under L5-S1 (S1 with its alae) is much wider than the body above

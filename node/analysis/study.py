@@ -18,6 +18,7 @@ from node.analysis.fusion import (
     node_confidences,
     node_near_disc,
 )
+from node.analysis.grain import soften
 from node.analysis.measure import Measurements, measure
 from node.analysis.spine import DiscSite, find_spine
 from node.analysis.views import disc_plane, native_plane, onto_view
@@ -301,11 +302,15 @@ def analyze_volume(
     the disc's margin reads bulge or protrusion."""
     t: dict[str, float] = {}
     t0 = time.perf_counter()
+    vol, grain = soften(vol)
+    t["grain"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     spine = find_spine(vol)
     t["spine"] = time.perf_counter() - t0
     if spine.skip_reason:
         raise VolumeError(f"no lumbar spine to analyse: {spine.skip_reason}")
-    warnings = list(vol.warnings) + list(spine.warnings)
+    warnings = list(vol.warnings) + ([grain.warning()] if grain.smoothed else [])
+    warnings += list(spine.warnings)
     t0 = time.perf_counter()
     views = cut_views(vol, spine.discs, model)
     t["views"] = time.perf_counter() - t0

@@ -35,7 +35,8 @@ def main() -> None:
             f"model {model.card.name} on {model.device}: loaded and warmed up in {load_s:.2f} s (once per process)"
         )
         print(
-            f"{'read':>8} {'spine':>8} {'views':>8} {'infer':>8} {'fuse':>8} {'total':>8}  levels"
+            f"{'read':>8} {'grain':>8} {'spine':>8} {'views':>8} {'infer':>8} {'fuse':>8} "
+            f"{'total':>8}  levels"
         )
         totals = []
         for _ in range(args.repeat):
@@ -47,8 +48,9 @@ def main() -> None:
             total = read_s + sum(t.values())
             totals.append(total)
             print(
-                f"{read_s:>8.2f} {t['spine']:>8.2f} {t['views']:>8.2f} {t['inference']:>8.2f} "
-                f"{t['fusion+measure']:>8.2f} {total:>8.2f}  {len(result.discs)}"
+                f"{read_s:>8.2f} {t['grain']:>8.2f} {t['spine']:>8.2f} {t['views']:>8.2f} "
+                f"{t['inference']:>8.2f} {t['fusion+measure']:>8.2f} {total:>8.2f}  "
+                f"{len(result.discs)}"
             )
             del vol
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
