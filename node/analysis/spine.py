@@ -1037,6 +1037,7 @@ def find_spine(vol: Volume) -> Spine:
     or 13 rib pairs), the sacrum names the levels and a warning says by how much the ribs
     disagree; with one anchor the levels are named from it, and the warning says so.
     """
+    slice_mm = vol.grid.spacing[vol.grid.slice_axis]  # k for a DICOM series
     small, grid = resample_iso(vol.hu, vol.grid)
     smooth = smoothed(small)
     outside = outside_circle(vol.grid, grid)
@@ -1059,7 +1060,7 @@ def find_spine(vol: Volume) -> Spine:
                 "one found would reach: no level is named from the ribs"
             )
         profile = column_profile(vol, line)
-        prominence = ENDPLATE_PROMINENCE_HU * min(1.0, THIN_SLICE_MM / vol.grid.spacing[0])
+        prominence = ENDPLATE_PROMINENCE_HU * min(1.0, THIN_SLICE_MM / slice_mm)
         spans = disc_spans(profile, prominence=prominence)
         faint = _faint_disc_below(profile, spans, prominence)
     else:
@@ -1154,7 +1155,7 @@ def find_spine(vol: Volume) -> Spine:
                 f"{gap:.0f} mm between disc spaces {i + 1} and {i + 2}: one may be missed"
             )
     discs = []
-    if vol.grid.spacing[0] <= THIN_SLICE_MM:  # on the disc's own endplates
+    if slice_mm <= THIN_SLICE_MM:  # on the disc's own endplates
         measured = _refine_sites(vol, sites)
     else:
         measured = [(c_, f_, h_, done) for c_, f_, h_, _, done in sites]
