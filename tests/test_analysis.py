@@ -14,9 +14,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from scipy import ndimage
 
-import node.analysis.grain as grain_module
 from node.analysis.fusion import SliceDetections, fuse
-from node.analysis.grain import soften
+from node.analysis.grain import FINE_PIXEL_MM, MAX_HU, TARGET_HU, soften
 from node.analysis.measure import disc_extension
 from node.analysis.spine import find_spine
 from node.analysis.views import disc_plane
@@ -252,10 +251,10 @@ def _grainy(vol, sd_hu: float, seed: int = 7):
 def test_a_grainy_chest_ct_is_smoothed_before_its_discs_are_found(shared_data):
     vol, labels = _chest_ct(shared_data)
     same, grain = soften(vol)  # a soft kernel, as received
-    assert same is vol and not grain.smoothed and grain.before_hu < grain_module.MAX_HU
+    assert same is vol and not grain.smoothed and grain.before_hu < MAX_HU
     soft, grain = soften(_grainy(vol, 60.0))
-    assert grain.smoothed and grain.before_hu > grain_module.MAX_HU
-    assert grain.after_hu <= grain_module.TARGET_HU and grain.sigma_mm <= 1.0
+    assert grain.smoothed and grain.before_hu > MAX_HU
+    assert grain.after_hu <= TARGET_HU and grain.sigma_mm <= 1.0
     assert "grainy" in grain.warning()
     named = {d.level: d for d in find_spine(soft).discs}
     for upper, lower in (("T12", "L1"), ("L1", "L2"), ("L2", "L3")):
@@ -272,7 +271,7 @@ def test_a_grainy_series_of_coarse_voxels_is_left_as_it_is(shared_data):
         shared_data / "real" / "lumbar_ct_crop_l2_l4" / "sub-ct_label-22_ct.nii.gz"
     )  # 1.5 mm voxels: its voxels average the grain; a blur would erase its cortex
     same, grain = soften(crop)
-    assert grain.before_hu > grain_module.MAX_HU and grain.pixel_mm >= grain_module.FINE_PIXEL_MM
+    assert grain.before_hu > MAX_HU and grain.pixel_mm >= FINE_PIXEL_MM
     assert same is crop and not grain.smoothed
 
 

@@ -3,9 +3,9 @@
 Spine CT is often reconstructed with a bone (sharp) kernel: at sub-millimetre pixels its
 soft tissue carries noise of 40-80 HU from pixel to pixel, where a soft kernel carries 5-15.
 The disc finder, the endplates, the disc's margin and the model were all set on softer
-images (the phantoms' sharpest kernel at their lowest dose reads up to about 25 HU here, the
-real CTs 9-12 HU at sub-millimetre pixels), and on such grain they fail: the chest CT with
-fine-grained noise of 60 HU added finds 11 of 27 levels instead of 27. Such a series is
+images (the phantoms read at most 21 HU here, the chest and abdomen CTs 10), and on such
+grain they fail: the chest CT with fine-grained noise of 60 HU added finds 11 of 27 levels
+instead of 27. Such a series is
 smoothed in each slice's plane, the least that brings its grain to `TARGET_HU`, before it is
 analysed; the SEG, SR and key images still show and reference the series as received.
 
@@ -87,11 +87,6 @@ def _grain(slices: list[np.ndarray], widths: tuple[float, float] = (0.0, 0.0)) -
         return 0.0
     r = np.concatenate(res)
     return float(1.4826 * np.median(np.abs(r)))
-
-
-def grain_hu(hu: np.ndarray, axis: int) -> float:
-    """The series' grain (`_grain`) over `SLICES_READ` slices along ``axis``."""
-    return _grain(_sample(hu, axis))
 
 
 def soften(vol: Volume) -> tuple[Volume, Grain]:

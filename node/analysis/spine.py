@@ -762,6 +762,13 @@ def _front_width(bone: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.nda
     return float(xs.max() - xs.min())
 
 
+def _in_view(smooth: np.ndarray, grid: Grid, pts: np.ndarray) -> np.ndarray:
+    """``smooth`` at the LPS points ``pts``; NaN where they lie outside the field of view
+    (outside the volume, or in a reconstruction circle's padding, under `OUT_OF_VIEW_HU`)."""
+    hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=np.nan)
+    return np.where(hu > OUT_OF_VIEW_HU, hu, np.nan)
+
+
 def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """Share of `WING_MM` to the left and to the right of the column where bone (the
     brightest HU 40 mm in front of and behind ``centre``, over `WING_BONE_HU`) lies, in the
@@ -771,8 +778,7 @@ def _wings(smooth: np.ndarray, grid: Grid, centre: np.ndarray, frame: np.ndarray
     v = np.arange(-40.0, 40.0 + 1e-6, 2.0)
     uu, vv = np.meshgrid(u, v)
     pts = centre + uu.ravel()[:, None] * frame[:, 0] + vv.ravel()[:, None] * frame[:, 1]
-    hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=np.nan)
-    hu = np.where(hu > OUT_OF_VIEW_HU, hu, np.nan).reshape(uu.shape)  # a circle's padding
+    hu = _in_view(smooth, grid, pts).reshape(uu.shape)
     seen = np.isfinite(hu).any(axis=0)
     bone = np.where(seen, np.nan_to_num(hu, nan=-1000.0).max(axis=0), -1000.0) > WING_BONE_HU
     out = []
@@ -910,8 +916,8 @@ def outside_circle(source: Grid, grid: Grid) -> np.ndarray | None:
 def rib_band_in_view(smooth: np.ndarray, grid: Grid, line: np.ndarray, rib_z: float) -> float:
     """Share of where a rib under ``rib_z`` would have to reach to be found (`lowest_rib`:
     `RIB_REACH_MM` to either side of the column, from 30 mm in front of it to 60 mm behind;
-    from ``rib_z`` down `RIB_VIEW_BELOW_MM`) that lies in the field of view: inside the
-    volume and over `OUT_OF_VIEW_HU`. 1 where the line does not go below ``rib_z``."""
+    from ``rib_z`` down `RIB_VIEW_BELOW_MM`) that lies in the field of view (`_in_view`). 1
+    where the line does not go below ``rib_z``."""
     low = max(rib_z - RIB_VIEW_BELOW_MM, float(line[:, 2].min()))
     if low >= rib_z:
         return 1.0
@@ -924,8 +930,7 @@ def rib_band_in_view(smooth: np.ndarray, grid: Grid, line: np.ndarray, rib_z: fl
         [np.interp(z, rev[:, 2], rev[:, 0]) + x, np.interp(z, rev[:, 2], rev[:, 1]) + y, z],
         axis=1,
     )
-    hu = ndimage.map_coordinates(smooth, grid.to_index(pts).T, order=1, cval=np.nan)
-    return float(np.mean(np.isfinite(hu) & (np.nan_to_num(hu, nan=-np.inf) > OUT_OF_VIEW_HU)))
+    return float(np.mean(np.isfinite(_in_view(smooth, grid, pts))))
 
 
 def _names_from(anchor_disc: int, anchor_level: str, n: int) -> list[str]:
@@ -1047,7 +1052,7 @@ def find_spine(vol: Volume) -> Spine:
     line = centre_line(small, grid, mask, smooth)
     rib_z = None
     faint = None
-    unseen_ribs = ""
+    warnings: list[str] = []
     if line is not None:
         rib_z = lowest_rib(small, grid, line, smooth)
         # a rib is the lowest only where the view shows where a lower one would reach: in a
@@ -1055,7 +1060,7 @@ def find_spine(vol: Volume) -> Spine:
         shown = 1.0 if rib_z is None else rib_band_in_view(smooth, grid, line, rib_z)
         if shown < RIB_VIEW_SHARE:
             rib_z = None
-            unseen_ribs = (
+            warnings.append(
                 f"the field of view shows only {shown:.0%} of where a rib under the lowest "
                 "one found would reach: no level is named from the ribs"
             )
@@ -1077,7 +1082,6 @@ def find_spine(vol: Volume) -> Spine:
         return ((line[a] + line[b]) / 2, f, (b - a) * STEP_MM, (a + b) // 2, False)
 
     sites = [site(a, b) for a, b in spans]
-    warnings: list[str] = [unseen_ribs] if unseen_ribs else []
     if not sites:
         return Spine((), False, line, ("no disc space found along the column",))
     # the sacrum: the bone under L5-S1 (S1 with its alae) is much wider than the body above
