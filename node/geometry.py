@@ -33,6 +33,21 @@ class Grid:
         cols = self.affine[:3, :3]
         return int(np.argmax(np.abs(cols[2]) / np.linalg.norm(cols, axis=0)))
 
+    @property
+    def sheared(self) -> bool:
+        """Whether the index axes are not at right angles (a gantry-tilted stack, whose
+        slices shift sideways from one to the next)."""
+        cols = self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
+        return bool(np.abs(cols.T @ cols - np.eye(3)).max() > 1e-4)
+
+    def plane_spacing(self, axis: int) -> float:
+        """Distance in mm between successive planes of index ``axis`` (less than the step
+        along that axis where the grid is sheared)."""
+        cols = self.affine[:3, :3]
+        a, b = (cols[:, i] for i in range(3) if i != axis)
+        n = np.cross(a, b)
+        return float(abs(cols[:, axis] @ n) / np.linalg.norm(n))
+
     def to_patient(self, index: np.ndarray) -> np.ndarray:
         """Map ``(..., 3)`` indices (k, r, c) to LPS."""
         index = np.asarray(index, dtype=float)

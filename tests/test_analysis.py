@@ -19,7 +19,7 @@ from node.analysis.grain import FINE_PIXEL_MM, MAX_HU, TARGET_HU, soften
 from node.analysis.measure import disc_extension
 from node.analysis.spine import find_spine
 from node.analysis.views import disc_plane
-from node.analysis.volume import VolumeError, load_folder, load_nifti
+from node.analysis.volume import VolumeError, load_folder, load_nifti, load_series
 from node.classes import DiscClass
 from node.geometry import Grid, sample_plane
 from node.inference.interface import Detection, View, ViewSpec
@@ -162,9 +162,25 @@ def test_a_colour_image_in_a_ct_series_is_refused(phantom, tmp_path):
         load_folder(tmp_path / "rgb")
 
 
-def test_real_tilted_ge_head_ct_is_refused_with_the_reason(shared_data):
-    with pytest.raises(VolumeError, match="gantry tilt of 18.5 degrees"):
+def test_real_ge_head_ct_of_two_slice_spacings_is_refused_with_the_reason(shared_data):
+    """The head CT's 4 mm slices are followed by 7 mm ones: no one grid holds them."""
+    with pytest.raises(VolumeError, match=r"slice spacing varies \(1.08-7.00 mm\)"):
         load_folder(shared_data / "real" / "ge_head_ct_gantry_tilt")
+
+
+def test_the_tilted_slices_of_a_real_ge_ct_are_placed_as_acquired(shared_data):
+    """The first 14 slices of the GE head CT (4 mm apart, gantry tilted 18.5 degrees: the
+    images lie tilted, and each is 4.22 mm further along the table) load as a sheared grid
+    on which every slice lies where its ImagePositionPatient says."""
+    files = sorted((shared_data / "real" / "ge_head_ct_gantry_tilt").glob("*.dcm"))[:14]
+    vol = load_series(files)
+    assert vol.warnings == ("gantry tilt of 18.5 degrees: slices placed as acquired",)
+    assert vol.grid.sheared and vol.grid.plane_spacing(0) == pytest.approx(4.0, abs=0.01)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    where = {ds.SOPInstanceUID: [float(x) for x in ds.ImagePositionPatient] for ds in headers}
+    assert sorted(vol.sop_instance_uids) == sorted(where) and vol.slice_index == tuple(range(14))
+    for k, uid in enumerate(vol.sop_instance_uids):
+        assert np.allclose(vol.grid.to_patient(np.array([k, 0, 0])), where[uid], atol=0.01)
 
 
 def test_real_jpeg2000_series_with_blank_uids_is_decoded(shared_data):

@@ -65,10 +65,10 @@ def test_analyze_writes_only_the_objects_asked_for_and_rejects_unknown_ones(
     assert "unknown output object(s) pdf" in capsys.readouterr().err
 
 
-def test_analyze_refuses_the_tilted_series_without_a_traceback(shared_data, capsys):
+def test_analyze_refuses_a_series_of_two_slice_spacings_without_a_traceback(shared_data, capsys):
     rc = main(["analyze", str(shared_data / "real" / "ge_head_ct_gantry_tilt"), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert rc == 3 and "gantry tilt" in err and "Traceback" not in err
+    assert rc == 3 and "slice spacing varies" in err and "Traceback" not in err
 
 
 def test_analyze_refuses_a_short_thoracolumbar_series_with_the_reason(shared_data, capsys):

@@ -224,10 +224,11 @@ def test_ohif_opens_the_sr_seg_and_key_images_of_a_study(analysed, phantom, tmp_
 
 
 def test_ohif_shows_why_a_series_was_not_analysed(shared_data, tmp_path):
-    """The report of a series the node refused (a head CT with gantry tilt) opens as text."""
+    """The report of a series the node refused (a head CT of two slice spacings) opens as
+    text."""
     files = sorted((shared_data / "real" / "ge_head_ct_gantry_tilt").glob("*.dcm"))
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    reason = "cannot analyse: gantry tilt of 12.0 degrees (the node needs an untilted axial stack)"
+    reason = "cannot analyse: slice spacing varies (1.08-7.00 mm)"
     sr = build_not_analysed_sr(headers, reason, OutputSettings(), "idaics-v2")
     codes.declare_local_scheme(sr)
     sr_path = tmp_path / "sr.dcm"

@@ -179,39 +179,117 @@ def _taps(n: int, n_out: int, box: int, dtype: np.dtype) -> sparse.csr_matrix:
     return sparse.csr_matrix((wts.ravel().astype(dtype), (rows, idx.ravel())), shape=(n_out, n))
 
 
-def resample_iso(hu: np.ndarray, grid: Grid, mm: float = WORK_MM) -> tuple[np.ndarray, Grid]:
+def resample_iso(
+    hu: np.ndarray, grid: Grid, mm: float = WORK_MM, *, peaks: bool = False
+) -> tuple[np.ndarray, Grid]:
     """Average the volume down to roughly ``mm`` voxels (box mean, then linear zoom).
 
     Both are separable, so each axis is averaged and sampled in turn, as one sparse matrix
     of taps per axis: each pass works on the array the last one reduced (the same values as
     a box filter over the whole volume and a 3D zoom, to float rounding, in a twentieth of
-    the time).
+    the time). A sheared grid (a gantry-tilted stack) comes out at right angles to its
+    slices (`unsheared`, between the slices' pass and the in-plane ones). With ``peaks``
+    each voxel is instead the brightest of the voxels its taps reach (the same grid).
     """
-    factors = np.array(grid.spacing) / mm
+    spacing = list(grid.spacing)
+    if grid.sheared:  # the slices' own distance, not the longer step along the stack
+        spacing[0] = grid.plane_spacing(0)
+    factors = np.array(spacing) / mm
     # average before sampling, so that a 1 mm cortical shell is not skipped between samples
     box = [max(1, int(round(1 / f))) for f in factors]
-    shape = [int(round(n * f)) for n, f in zip(hu.shape, factors)]
     # slices first (the leading axis: no copy), then rows and columns slice by slice, each
     # slice small enough to stay in cache
-    slices, rows, cols = (
-        _taps(n, m, b, hu.dtype) if m != n or b > 1 else None  # None: the axis stays as it is
-        for n, m, b in zip(hu.shape, shape, box)
-    )
-    out = hu
-    if slices is not None:
-        out = (slices @ out.reshape(len(out), -1)).reshape((shape[0],) + out.shape[1:])
-    if rows is not None or cols is not None:
-        done = np.empty((out.shape[0], shape[1], shape[2]), dtype=out.dtype)
+    n = hu.shape[0]
+    m = int(round(n * factors[0]))
+    out, grid = hu, _scaled(grid, (n / m, 1.0, 1.0))
+    if m != n or box[0] > 1:
+        if peaks:
+            out = _brightest(np.ascontiguousarray(out), _axis_taps(n, m, box[0])[0], 0)
+        else:
+            taps = _taps(n, m, box[0], hu.dtype)
+            out = (taps @ out.reshape(n, -1)).reshape((m,) + out.shape[1:])
+    if grid.sheared:
+        out, grid = unsheared(out, grid)
+    shape = [int(round(n * f)) for n, f in zip(out.shape[1:], factors[1:])]
+    changed = [m != n or b > 1 for n, m, b in zip(out.shape[1:], shape, box[1:])]
+    if peaks:
+        for axis in (1, 2):
+            if changed[axis - 1]:
+                n, m, b = out.shape[axis], shape[axis - 1], box[axis]
+                out = _brightest(out, _axis_taps(n, m, b)[0], axis)
+    elif any(changed):
+        rows, cols = (
+            _taps(n, m, b, hu.dtype) if c else None  # None: the axis stays as it is
+            for n, m, b, c in zip(out.shape[1:], shape, box[1:], changed)
+        )
+        done = np.empty((out.shape[0], shape[0], shape[1]), dtype=out.dtype)
         for k in range(out.shape[0]):
             plane = out[k] if rows is None else rows @ out[k]
             done[k] = plane if cols is None else (cols @ plane.T).T
         out = done
-    out = np.ascontiguousarray(out)
-    scale = np.array(hu.shape) / np.array(out.shape)
+    if any(changed):
+        grid = _scaled(grid, (1.0, grid.shape[1] / shape[0], grid.shape[2] / shape[1]))
+    return np.ascontiguousarray(out), grid
+
+
+def _brightest(a: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
+    """Along ``axis``, the brightest of ``a`` over each output sample's taps (``idx``, one
+    row of input indices per output sample)."""
+    out = np.take(a, idx[:, 0], axis=axis)
+    for t in range(1, idx.shape[1]):
+        np.maximum(out, np.take(a, idx[:, t], axis=axis), out=out)
+    return out
+
+
+def _scaled(grid: Grid, scale: tuple[float, float, float]) -> Grid:
+    """The grid of a volume whose axes were zoomed by 1 / ``scale`` keeping their outer
+    edges (``grid_mode``)."""
+    s = np.array(scale)
     affine = grid.affine.copy()
-    affine[:3, :3] = grid.affine[:3, :3] * scale
-    affine[:3, 3] = grid.to_patient((scale - 1) / 2)  # grid_mode keeps the outer edges
-    return out, Grid(tuple(out.shape), affine)
+    affine[:3, :3] = grid.affine[:3, :3] * s
+    affine[:3, 3] = grid.to_patient((s - 1) / 2)
+    shape = tuple(int(round(n / f)) for n, f in zip(grid.shape, s))
+    return Grid(shape, affine)  # type: ignore[arg-type]
+
+
+def unsheared(hu: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
+    """A sheared volume (a gantry-tilted stack: each slice shifted sideways from the last)
+    on the grid at right angles to its slices, with the same slice planes and pixels: each
+    slice is moved back by its shift (linear interpolation at the slices' own pixel size),
+    and the slices are widened to hold all of every one; where no slice reaches is padding.
+    The leading axis is the slices'."""
+    cols = grid.affine[:3, :3]
+    normal = np.cross(cols[:, 1], cols[:, 2])
+    normal /= np.linalg.norm(normal)
+    across = normal * float(cols[:, 0] @ normal)  # one slice to the next at right angles
+    side = cols[:, 0] - across  # ... and the sideways shift of each slice, in its plane
+    drift = np.array([side @ cols[:, i] / (cols[:, i] @ cols[:, i]) for i in (1, 2)])
+    k = hu.shape[0] - 1
+    low = np.minimum(0.0, k * drift)
+    shape = (hu.shape[0], *(int(np.ceil(n + abs(k * d))) for n, d in zip(hu.shape[1:], drift)))
+    out = np.empty(shape, dtype=hu.dtype)
+    for i in range(hu.shape[0]):
+        ndimage.affine_transform(
+            hu[i],
+            np.eye(2),
+            offset=low - i * drift,
+            output_shape=shape[1:],
+            output=out[i],
+            order=1,
+            cval=PADDING_HU,
+        )
+    affine = grid.affine.copy()
+    affine[:3, 0] = across
+    affine[:3, 3] = grid.to_patient(np.array([0.0, *low]))
+    return out, Grid(shape, affine)
+
+
+def peaks_iso(hu: np.ndarray, grid: Grid, mm: float = WORK_MM) -> np.ndarray:
+    """The working volume of `resample_iso` from the brightest voxel each working voxel
+    reaches rather than their mean, smoothed as `smoothed`: the thin cortex of a rib's far
+    end, which the mean spreads under `CORTEX_HU` at working voxels, stays as bright as it
+    is."""
+    return smoothed(resample_iso(hu, grid, mm, peaks=True)[0])
 
 
 def smoothed(small: np.ndarray) -> np.ndarray:
@@ -903,12 +981,16 @@ def outside_circle(source: Grid, grid: Grid) -> np.ndarray | None:
     sp = [source.spacing[i] for i in plane]
     if n[0] != n[1] or abs(sp[0] - sp[1]) > 1e-3 * sp[0]:
         return None
+    centre = (n[0] - 1) / 2
+    if source.sheared:  # the circle moves sideways from slice to slice: every voxel is mapped
+        src = source.to_index(grid.to_patient(np.indices(grid.shape).reshape(3, -1).T))
+        far = np.hypot(src[:, plane[0]] - centre, src[:, plane[1]] - centre) > n[0] / 2
+        return far.reshape(grid.shape)
     # the working grid's voxels in one slice, in the source's pixels
     idx = np.zeros((grid.shape[plane[0]], grid.shape[plane[1]], 3))
     idx[..., plane[0]] = np.arange(grid.shape[plane[0]])[:, None]
     idx[..., plane[1]] = np.arange(grid.shape[plane[1]])[None, :]
     src = source.to_index(grid.to_patient(idx))
-    centre = (n[0] - 1) / 2
     out = np.hypot(src[..., plane[0]] - centre, src[..., plane[1]] - centre) > n[0] / 2
     return np.expand_dims(out, axis)
 
@@ -1042,8 +1124,8 @@ def find_spine(vol: Volume) -> Spine:
     or 13 rib pairs), the sacrum names the levels and a warning says by how much the ribs
     disagree; with one anchor the levels are named from it, and the warning says so.
     """
-    slice_mm = vol.grid.spacing[vol.grid.slice_axis]  # k for a DICOM series
-    small, grid = resample_iso(vol.hu, vol.grid)
+    slice_mm = vol.grid.plane_spacing(vol.grid.slice_axis)  # k for a DICOM series
+    small, grid = resample_iso(vol.hu, vol.grid)  # at right angles to a tilted stack's slices
     smooth = smoothed(small)
     outside = outside_circle(vol.grid, grid)
     if outside is not None:  # no data there: what the view shows is read against it
@@ -1054,7 +1136,10 @@ def find_spine(vol: Volume) -> Spine:
     faint = None
     warnings: list[str] = []
     if line is not None:
-        rib_z = lowest_rib(small, grid, line, smooth)
+        peaks = peaks_iso(vol.hu, vol.grid)
+        if outside is not None:
+            peaks[np.broadcast_to(outside, peaks.shape)] = PADDING_HU
+        rib_z = lowest_rib(small, grid, line, peaks)
         # a rib is the lowest only where the view shows where a lower one would reach: in a
         # view cut close about the column, bone beside it may be a higher rib or the ilia
         shown = 1.0 if rib_z is None else rib_band_in_view(smooth, grid, line, rib_z)

@@ -22,7 +22,14 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PIXEL_DATA = 0x7FE00010
 #: Relative spread of slice gaps above which a series is refused.
 MAX_GAP_SPREAD = 0.05
-MAX_TILT_DEG = 0.5
+#: A gantry tilt (slices shifted sideways along the stack: a sheared grid) is taken as
+#: acquired up to this angle, the most a CT gantry tilts; a larger one is refused.
+MAX_TILT_DEG = 30.0
+#: ... and below this it is rounding in the positions, not a tilt.
+TILT_NOTED_DEG = 0.5
+#: The slices' sideways shift must follow a straight line to within this (mm) plus 1% of
+#: the stack's length: a tilt shifts every slice by the same step.
+SHEAR_FIT_MM = 0.5
 MAX_OBLIQUE_DEG = 30.0
 #: Missing slices are filled by interpolation up to this share of the series and run length.
 MAX_MISSING_SHARE = 0.05
@@ -143,12 +150,6 @@ def load_series(paths: Iterable[Path]) -> Volume:
     iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    tilt_tag = max(abs(float(ds.get("GantryDetectorTilt", 0) or 0)) for ds in datasets)
-    if tilt_tag > MAX_TILT_DEG:
-        raise VolumeError(
-            f"gantry tilt of {tilt_tag:.1f} degrees is not supported; send a series "
-            "reconstructed without tilt"
-        )
     off_axis = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
     if off_axis > MAX_OBLIQUE_DEG:
         raise VolumeError(
@@ -166,12 +167,17 @@ def load_series(paths: Iterable[Path]) -> Volume:
         pos, along = pos[keep], along[keep]
     if len(datasets) < 2:
         raise VolumeError("fewer than two distinct slices")
-    shift = pos - np.outer(along - along[0], normal) - pos[0]
-    if np.abs(shift).max() > 0.05 * max(float(abs(along[-1] - along[0])), 1.0) + 0.5:
+    shear = _shear(pos, along, normal)
+    tilt = float(np.degrees(np.arctan(np.linalg.norm(shear))))
+    if tilt > MAX_TILT_DEG:
         raise VolumeError(
-            "slices are shifted sideways along the stack (gantry tilt); send a series "
-            "reconstructed without tilt"
+            f"gantry tilt of {tilt:.1f} degrees (slices shifted sideways along the stack); "
+            f"the node takes up to {MAX_TILT_DEG:g} degrees"
         )
+    if tilt > TILT_NOTED_DEG:
+        warnings.append(f"gantry tilt of {tilt:.1f} degrees: slices placed as acquired")
+    else:
+        shear = np.zeros(3)
     gaps = -np.diff(along)
     # the regular spacing: the gaps that are not a missing slice or more
     spacing = float(np.median(gaps[gaps < 1.5 * gaps.min()]))
@@ -210,7 +216,7 @@ def load_series(paths: Iterable[Path]) -> Volume:
         for k in range(a + 1, b):  # fill missing slices linearly
             w = (k - a) / (b - a)
             hu[k] = (1 - w) * hu[a] + w * hu[b]
-    step = -normal * spacing
+    step = -(normal + shear) * spacing  # along the stack, sideways too where it is sheared
     affine = np.eye(4)
     affine[:3, 0] = step
     affine[:3, 1] = col_dir * ps[0]
@@ -231,6 +237,25 @@ def load_series(paths: Iterable[Path]) -> Volume:
         instances=(_header(read[0]),) if multi else headers,
         frames=tuple(int(getattr(ds, "_frame_index", 0)) for ds in datasets),
     )
+
+
+def _shear(pos: np.ndarray, along: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The slices' sideways shift per millimetre along the slice normal (a gantry tilt's
+    shear: the tangent of the tilt angle, in the slice plane), fitted as a straight line
+    through the positions ``pos`` at distances ``along`` the normal."""
+    rel = along - along[0]
+    side = pos - pos[0] - np.outer(rel, normal)  # in the slice plane
+    span = float(abs(rel[-1]))
+    if span < 1e-6:
+        return np.zeros(3)
+    shear = np.linalg.lstsq(rel[:, None], side, rcond=None)[0][0]
+    off = float(np.abs(side - np.outer(rel, shear)).max())
+    if off > SHEAR_FIT_MM + 0.01 * span:
+        raise VolumeError(
+            f"slices are shifted sideways unevenly along the stack (up to {off:.1f} mm off a "
+            "straight line): they cannot be placed on one grid"
+        )
+    return shear
 
 
 def _frames(ds: Dataset) -> list[Dataset]:
