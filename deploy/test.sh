@@ -34,4 +34,6 @@ fi
 PY=${PYTHON:-python3}
 $PY -m pip install -q -e ".[test]"
 PYTHON=$PY bash deploy/check.sh  # ruff and mypy (deploy/check.sh says which modules)
-exec $PY -m pytest -q --durations=15 "$@"
+# two workers (pytest-xdist), each taking whole test files: most tests keep one core busy
+# while the other waits on a server or a peer; TEST_WORKERS=0 runs them in this process
+exec $PY -m pytest -q --durations=15 -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
