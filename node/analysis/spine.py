@@ -982,10 +982,18 @@ def outside_circle(source: Grid, grid: Grid) -> np.ndarray | None:
     if n[0] != n[1] or abs(sp[0] - sp[1]) > 1e-3 * sp[0]:
         return None
     centre = (n[0] - 1) / 2
-    if source.sheared:  # the circle moves sideways from slice to slice: every voxel is mapped
-        src = source.to_index(grid.to_patient(np.indices(grid.shape).reshape(3, -1).T))
-        far = np.hypot(src[:, plane[0]] - centre, src[:, plane[1]] - centre) > n[0] / 2
-        return far.reshape(grid.shape)
+    if source.sheared:
+        # the circle moves sideways from slice to slice: each slice of the working grid
+        # (stacked at right angles by `unsheared`, slices first) is mapped on its own
+        far = np.empty(grid.shape, dtype=bool)
+        idx = np.zeros((grid.shape[1], grid.shape[2], 3))
+        idx[..., 1] = np.arange(grid.shape[1])[:, None]
+        idx[..., 2] = np.arange(grid.shape[2])[None, :]
+        for k in range(grid.shape[0]):
+            idx[..., 0] = k
+            src = source.to_index(grid.to_patient(idx))
+            far[k] = np.hypot(src[..., plane[0]] - centre, src[..., plane[1]] - centre) > n[0] / 2
+        return far
     # the working grid's voxels in one slice, in the source's pixels
     idx = np.zeros((grid.shape[plane[0]], grid.shape[plane[1]], 3))
     idx[..., plane[0]] = np.arange(grid.shape[plane[0]])[:, None]
