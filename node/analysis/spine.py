@@ -930,7 +930,8 @@ def lowest_rib(
     piece that starts next to the column, reaches more than `RIB_REACH_MM` to the side and
     spans less than 120 mm along z (contrast-filled vessels run long along the spine,
     transverse processes stay short). The height is that of its medial end, raised by
-    `RIB_HEAD_RISE_MM` for the slope from the rib head to there.
+    `RIB_HEAD_RISE_MM` for the slope from the rib head to there. ``smooth`` is the volume
+    thresholded (`find_spine` gives `peaks_iso`'s, where slender ribs keep their reach).
     """
     idx = np.argwhere((smoothed(small) if smooth is None else smooth) > CORTEX_HU)
     p = grid.to_patient(idx)
@@ -982,25 +983,20 @@ def outside_circle(source: Grid, grid: Grid) -> np.ndarray | None:
     if n[0] != n[1] or abs(sp[0] - sp[1]) > 1e-3 * sp[0]:
         return None
     centre = (n[0] - 1) / 2
-    if source.sheared:
-        # the circle moves sideways from slice to slice: each slice of the working grid
-        # (stacked at right angles by `unsheared`, slices first) is mapped on its own
-        far = np.empty(grid.shape, dtype=bool)
-        idx = np.zeros((grid.shape[1], grid.shape[2], 3))
-        idx[..., 1] = np.arange(grid.shape[1])[:, None]
-        idx[..., 2] = np.arange(grid.shape[2])[None, :]
-        for k in range(grid.shape[0]):
-            idx[..., 0] = k
-            src = source.to_index(grid.to_patient(idx))
-            far[k] = np.hypot(src[..., plane[0]] - centre, src[..., plane[1]] - centre) > n[0] / 2
-        return far
-    # the working grid's voxels in one slice, in the source's pixels
-    idx = np.zeros((grid.shape[plane[0]], grid.shape[plane[1]], 3))
-    idx[..., plane[0]] = np.arange(grid.shape[plane[0]])[:, None]
-    idx[..., plane[1]] = np.arange(grid.shape[plane[1]])[None, :]
-    src = source.to_index(grid.to_patient(idx))
-    out = np.hypot(src[..., plane[0]] - centre, src[..., plane[1]] - centre) > n[0] / 2
-    return np.expand_dims(out, axis)
+
+    def far(k: int) -> np.ndarray:
+        """The working grid's slice ``k`` (along the slice axis) outside the circle."""
+        idx = np.zeros((grid.shape[plane[0]], grid.shape[plane[1]], 3))
+        idx[..., axis] = k
+        idx[..., plane[0]] = np.arange(grid.shape[plane[0]])[:, None]
+        idx[..., plane[1]] = np.arange(grid.shape[plane[1]])[None, :]
+        src = source.to_index(grid.to_patient(idx))
+        return np.hypot(src[..., plane[0]] - centre, src[..., plane[1]] - centre) > n[0] / 2
+
+    if not source.sheared:  # the same circle in every slice
+        return np.expand_dims(far(0), axis)
+    # a tilted stack's circle moves sideways from slice to slice: each is mapped on its own
+    return np.stack([far(k) for k in range(grid.shape[axis])], axis=axis)
 
 
 def rib_band_in_view(smooth: np.ndarray, grid: Grid, line: np.ndarray, rib_z: float) -> float:
@@ -1146,7 +1142,7 @@ def find_spine(vol: Volume) -> Spine:
     if line is not None:
         peaks = peaks_iso(vol.hu, vol.grid)
         if outside is not None:
-            peaks[np.broadcast_to(outside, peaks.shape)] = PADDING_HU
+            peaks = np.where(outside, np.float32(PADDING_HU), peaks)
         rib_z = lowest_rib(small, grid, line, peaks)
         # a rib is the lowest only where the view shows where a lower one would reach: in a
         # view cut close about the column, bone beside it may be a higher rib or the ilia
